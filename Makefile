@@ -1,0 +1,54 @@
+# nixeryd: `make serve` runs the registry, `make test` runs the test suite.
+# Both start with `make install`, which is idempotent and does everything a
+# fresh Debian machine needs.
+
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := nix-bin skopeo busybox-static git ca-certificates
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PORT ?= 8080
+STORAGE_PATH ?= $(CURDIR)/var
+
+.PHONY: install system-packages nix-settings serve test clean
+
+install: system-packages nix-settings $(STAMP)
+
+system-packages:
+	@missing=""; \
+	for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
+	fi
+	@command -v python3 >/dev/null || { echo "python3 is missing"; exit 1; }
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || { \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv </dev/null; }
+
+nix-settings:
+	@if ! cmp -s etc/nix/nix.conf /etc/nix/nix.conf; then \
+	  echo "writing /etc/nix/nix.conf"; \
+	  $(SUDO) install -D -m 0644 etc/nix/nix.conf /etc/nix/nix.conf; \
+	fi
+	@$(SUDO) mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles
+
+$(STAMP): setup.py
+	@[ -x $(PYTHON) ] || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	@touch $(STAMP)
+
+serve: install
+	@mkdir -p $(STORAGE_PATH)
+	NIXERY_STORAGE_BACKEND=filesystem STORAGE_PATH=$(STORAGE_PATH) PORT=$(PORT) \
+	  $(VENV)/bin/twistd --nodaemon --pidfile= nixeryd
+
+test: install
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

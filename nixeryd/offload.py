@@ -1,0 +1,32 @@
+"""Running blocking work off the reactor thread.
+
+Everything that blocks (tar, gzip, hashing, directory walks, the
+google-cloud-storage client) is handed to an ``Offload``: a thread pool in
+production, an inline call in unit tests.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+
+class Offload(Protocol):
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]": ...
+
+
+def inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
+    """Run ``fn`` at once on the calling thread; for tests."""
+    return maybeDeferred(fn, *args, **kwargs)
+
+
+def thread_pool(reactor: IReactorFromThreads, pool: ThreadPool) -> Offload:
+    """An Offload that runs work in ``pool`` and fires on the reactor thread."""
+
+    def offload(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
+        return deferToThreadPool(reactor, pool, fn, *args, **kwargs)
+
+    return offload
