@@ -1,0 +1,93 @@
+"""Single-flight work and the in-memory manifest cache.
+
+Pure of the reactor: time comes from an injected ``IReactorTime``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Generic, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[T]):
+    """Runs one piece of work per key at a time; every caller asking for a key
+    while its work runs gets its own Deferred for the same result.
+
+    Cancelling a caller's Deferred never cancels the shared work: a client that
+    goes away does not stop a build that others wait for.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[Deferred[T]]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._waiting
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def run(self, key: str, work: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        mine: Deferred[T] = Deferred(lambda d: self._forget(key, d))
+        waiters = self._waiting.get(key)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        self._waiting[key] = [mine]
+
+        async def call() -> T:
+            return await work()
+
+        Deferred.fromCoroutine(call()).addBoth(self._settle, key)
+        return mine
+
+    def _forget(self, key: str, d: Deferred[T]) -> None:
+        waiters = self._waiting.get(key)
+        if waiters is not None and d in waiters:
+            waiters.remove(d)
+
+    def _settle(self, result: T | Failure, key: str) -> None:
+        waiters = self._waiting.pop(key, [])
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+        # A failure with nobody left waiting ends here; the work logs its own failures.
+
+
+@dataclass(frozen=True)
+class _Entry:
+    digest: str
+    expires: float | None  # None: kept for good
+
+
+class ManifestCache:
+    """Image cache key -> manifest digest, bounded and least-recently-used first out."""
+
+    def __init__(self, clock: IReactorTime, max_entries: int = 4096) -> None:
+        self._clock = clock
+        self._max = max_entries
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires is not None and entry.expires <= self._clock.seconds():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry.digest
+
+    def put(self, key: str, digest: str, ttl: float | None) -> None:
+        expires = None if ttl is None else self._clock.seconds() + ttl
+        self._entries[key] = _Entry(digest, expires)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)

@@ -1,0 +1,161 @@
+"""``twistd nixeryd``: options and the wiring of every part. The only module,
+with ``cli.py``, that touches the global reactor and the process environment."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+
+from nixeryd.api import RegistryAPI
+from nixeryd.builder import ImageBuilder
+from nixeryd.config import Config, ConfigError
+from nixeryd.nix import NixBuilder
+from nixeryd.offload import thread_pool
+from nixeryd.popularity import Popularity, is_url, read_popularity_file, treq_fetch
+from nixeryd.storage.filesystem import FilesystemStorage
+from nixeryd.storage.interface import IStorage
+
+log = Logger()
+
+
+def default_nix_dir() -> str:
+    """The Nix expressions: beside the package in a checkout, else the installed copy."""
+    checkout = Path(__file__).resolve().parent.parent / "nix"
+    if (checkout / "build.nix").is_file():
+        return str(checkout)
+    return os.path.join(sys.prefix, "share", "nixeryd", "nix")
+
+
+class Options(usage.Options):
+    """Command-line options; each overrides the environment variable it names."""
+
+    optParameters = [
+        ["channel", None, None, "nixpkgs channel or commit (NIXERY_CHANNEL)."],
+        ["pkgs-repo", None, None, "git repository of the package set (NIXERY_PKGS_REPO)."],
+        ["pkgs-path", None, None, "local path of the package set (NIXERY_PKGS_PATH)."],
+        ["storage-path", None, None, "where the filesystem backend stores blobs (STORAGE_PATH)."],
+        ["nix-timeout", None, None, "seconds a Nix build may take (NIX_TIMEOUT)."],
+        ["popularity", None, None, "popularity data, a URL or a file (NIX_POPULARITY_URL)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on a Twisted endpoint, e.g. tcp:8080 (repeatable; default from PORT)."""
+        self["listen"].append(description)
+
+    def config(self, environ: dict[str, str], cwd: str) -> Config:
+        """The environment's settings with these options applied."""
+        env = dict(environ)
+        for option, variable in [
+            ("channel", "NIXERY_CHANNEL"),
+            ("pkgs-repo", "NIXERY_PKGS_REPO"),
+            ("pkgs-path", "NIXERY_PKGS_PATH"),
+            ("storage-path", "STORAGE_PATH"),
+            ("nix-timeout", "NIX_TIMEOUT"),
+            ("popularity", "NIX_POPULARITY_URL"),
+        ]:
+            if self[option] is not None:
+                env[variable] = self[option]
+        config = Config.from_env(env, cwd=cwd, cpu_count=os.cpu_count() or 1)
+        if self["listen"]:
+            config = config.with_overrides(listen=tuple(self["listen"]))
+        return config
+
+
+class ThreadPoolService(Service):
+    """Starts and stops the thread pool that blocking work runs in."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+def _storage(config: Config, offload: Any) -> IStorage:
+    if config.storage_backend == "filesystem":
+        return FilesystemStorage(config.storage_path, offload)
+    raise ConfigError(
+        f"NIXERY_STORAGE_BACKEND: the {config.storage_backend!r} backend is not available in this version"
+    )
+
+
+def _popularity(config: Config) -> Popularity:
+    location = config.popularity_url
+    if location is None:
+        return Popularity({})
+    if is_url(location):
+        import treq
+
+        return Popularity(url=location, fetch=treq_fetch(treq))
+    try:
+        return Popularity(read_popularity_file(location))
+    except ValueError as e:
+        raise ConfigError(f"NIX_POPULARITY_URL: {e}") from None
+
+
+def build_service(config: Config, reactor: Any) -> MultiService:
+    """Every part of a running nixeryd, wired from ``config``."""
+    top = MultiService()
+    pool = ThreadPool(minthreads=1, maxthreads=max(4, (os.cpu_count() or 1) * 2), name="nixeryd")
+    ThreadPoolService(pool).setServiceParent(top)
+    offload = thread_pool(reactor, pool)
+    storage = _storage(config, offload)
+    nix_dir = config.nix_dir or default_nix_dir()
+    if not os.path.isfile(os.path.join(nix_dir, "build.nix")):
+        raise ConfigError(f"NIXERY_NIX_DIR: no build.nix in {nix_dir}")
+    nix = NixBuilder(reactor, nix_dir, config.nix_timeout, config.child_environment)
+    builder = ImageBuilder(
+        nix=nix,
+        storage=storage,
+        offload=offload,
+        source=config.source,
+        clock=reactor,
+        popularity=_popularity(config),
+        layer_budget=config.layer_budget,
+        cache_ttl=config.cache_ttl,
+    )
+    api = RegistryAPI(builder, storage, config.base_packages)
+    site = Site(api.app.resource())
+    site.displayTracebacks = False
+    for description in config.listen:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--listen: bad endpoint {description!r}: {e}") from None
+        service = StreamServerEndpointService(endpoint, site)
+        service._raiseSynchronously = True
+        service.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """twistd's entry point. A bad setting ends start-up with one line naming it."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        config = options.config(dict(os.environ), os.getcwd())
+        return build_service(config, reactor)
+    except ConfigError as e:
+        # twistd has no way to refuse start-up without a traceback but to exit.
+        sys.stderr.write(f"nixeryd: {e}\n")
+        raise SystemExit(1)

@@ -1,0 +1,187 @@
+"""End to end: the real daemon, real Nix on the test package set, real skopeo."""
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.daemon import TWISTD, Daemon, daemon_environment
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    storage = tmp_path_factory.mktemp("storage")
+    d = Daemon(storage, daemon_environment(storage)).start()
+    yield d
+    d.stop()
+
+
+def skopeo_copy(daemon: Daemon, name: str, dest: Path) -> Path:
+    """Pull ``name`` with skopeo into an OCI layout at ``dest``."""
+    result = subprocess.run(
+        ["skopeo", "copy", "--src-tls-verify=false", "--retry-times=0",
+         f"docker://{daemon.registry}/{name}", f"oci:{dest}:pulled"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr + "".join(daemon.output[-40:])
+    return dest
+
+
+def unpack(layout: Path, rootfs: Path) -> dict[str, object]:
+    """Apply an OCI layout's layers in order into ``rootfs``; returns the image config."""
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
+    rootfs.mkdir()
+    for layer in manifest["layers"]:
+        blob = layout / "blobs" / "sha256" / layer["digest"].split(":")[1]
+        subprocess.run(["tar", "-xzf", str(blob), "-C", str(rootfs)], check=True)
+    config_blob = layout / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1]
+    config: dict[str, object] = json.loads(config_blob.read_text())
+    return config
+
+
+def test_skopeo_pulls_an_image_that_runs(daemon: Daemon, tmp_path: Path) -> None:
+    """An image pulled with skopeo unpacks into a root where its program and shell run."""
+    layout = skopeo_copy(daemon, "shell/hello/hello:latest", tmp_path / "oci")
+    rootfs = tmp_path / "rootfs"
+    config = unpack(layout, rootfs)
+    run = subprocess.run(["chroot", str(rootfs), "/bin/hello"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "Hello from nixeryd" in run.stdout
+    shell = subprocess.run(
+        ["chroot", str(rootfs), "/bin/bash", "-c", "ls /etc/ssl/certs/ca-bundle.crt && echo ok"],
+        capture_output=True, text=True,
+    )
+    assert shell.stdout.strip().endswith("ok"), shell.stderr
+    assert (rootfs / "usr" / "bin" / "env").is_symlink()
+    assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o1777
+    image_config = config["config"]
+    assert isinstance(image_config, dict)
+    assert image_config["Cmd"] == ["bash"]
+    assert "PATH=/bin" in image_config["Env"]
+    assert config["architecture"] == "amd64" and config["os"] == "linux"
+
+
+def test_shared_dependencies_become_shared_layers(daemon: Daemon) -> None:
+    """Two images with a common dependency list the same layer digest for it."""
+    layers = []
+    for name in ("alpha", "beta"):
+        status, _, body = daemon.request(f"/v2/{name}/manifests/latest")
+        assert status == 200, body
+        layers.append({layer["digest"] for layer in json.loads(body)["layers"]})
+    common = layers[0] & layers[1]
+    # cacert, iana-etc and libshared at least; the symlink layers differ.
+    assert len(common) >= 2
+    assert layers[0] != layers[1]
+
+
+def test_head_digest_is_sha256_of_get_body(daemon: Daemon) -> None:
+    """HEAD on a tag gives the digest of the body GET returns, which GET by digest returns too."""
+    status, head_headers, head_body = daemon.request("/v2/hello/manifests/latest", "HEAD")
+    assert status == 200 and head_body == b""
+    status, headers, body = daemon.request("/v2/hello/manifests/latest")
+    assert status == 200
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    assert head_headers["Docker-Content-Digest"] == digest == headers["Docker-Content-Digest"]
+    assert int(head_headers["Content-Length"]) == len(body)
+    assert headers["Content-Type"] == json.loads(body)["mediaType"]
+    status, _, by_digest = daemon.request(f"/v2/hello/manifests/{digest}")
+    assert status == 200 and by_digest == body
+
+
+def test_blobs_are_served_by_digest_with_ranges(daemon: Daemon) -> None:
+    """Every blob of a manifest is served by digest, whole and by byte range."""
+    _, _, body = daemon.request("/v2/hello/manifests/latest")
+    manifest = json.loads(body)
+    for descriptor in [manifest["config"], *manifest["layers"]]:
+        status, headers, blob = daemon.request(f"/v2/hello/blobs/{descriptor['digest']}")
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(blob).hexdigest() == descriptor["digest"]
+        assert len(blob) == descriptor["size"] == int(headers["Content-Length"])
+        assert headers["Docker-Content-Digest"] == descriptor["digest"]
+    layer = manifest["layers"][0]
+    status, headers, part = daemon.request(
+        f"/v2/hello/blobs/{layer['digest']}", headers={"Range": "bytes=0-9"}
+    )
+    _, _, whole = daemon.request(f"/v2/hello/blobs/{layer['digest']}")
+    assert status == 206 and part == whole[:10]
+
+
+def test_unknown_packages_are_404_naming_every_one(daemon: Daemon) -> None:
+    """Packages missing from the package set give MANIFEST_UNKNOWN naming each of them."""
+    status, headers, body = daemon.request("/v2/hello/nosuchthing/norsuchother/manifests/latest")
+    assert status == 404
+    assert headers["Content-Type"] == "application/json"
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert "nosuchthing" in error["message"] and "norsuchother" in error["message"]
+    assert "hello" not in error["detail"]["packages"]
+
+
+def test_a_failing_build_is_500_with_nix_output(daemon: Daemon) -> None:
+    """A package whose builder fails gives 500 UNKNOWN carrying the end of Nix's log."""
+    status, _, body = daemon.request("/v2/broken/manifests/latest")
+    assert status == 500
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "UNKNOWN"
+    assert "broken" in error["message"]
+    assert "Traceback" not in body.decode()
+
+
+def test_bad_names_and_references_get_registry_errors(daemon: Daemon) -> None:
+    """Malformed names, tags and digests are answered with the spec's codes before Nix runs."""
+    cases = {
+        "/v2/Hello/manifests/latest": (400, "NAME_INVALID"),
+        "/v2/hello/manifests/bad%20tag": (404, "MANIFEST_UNKNOWN"),
+        "/v2/hello/blobs/sha256:abc": (400, "DIGEST_INVALID"),
+        "/v2/hello/blobs/sha256:" + "0" * 64: (404, "BLOB_UNKNOWN"),
+    }
+    for path, (status, code) in cases.items():
+        got, _, body = daemon.request(path)
+        assert (got, daemon.error_codes(body)) == (status, [code]), path
+
+
+def test_push_is_refused(daemon: Daemon) -> None:
+    """Uploads are refused with 405 UNSUPPORTED."""
+    status, _, body = daemon.request("/v2/hello/blobs/uploads/", "POST")
+    assert status == 405 and daemon.error_codes(body) == ["UNSUPPORTED"]
+
+
+def test_two_fresh_instances_give_the_same_digest(daemon: Daemon, tmp_path: Path) -> None:
+    """The same image built by a second instance with its own storage has the same digest."""
+    _, first, _ = daemon.request("/v2/shell/alpha/manifests/latest")
+    other = Daemon(tmp_path / "other", daemon_environment(tmp_path / "other")).start()
+    try:
+        status, second, _ = other.request("/v2/shell/alpha/manifests/latest")
+    finally:
+        other.stop()
+    assert status == 200
+    assert first["Docker-Content-Digest"] == second["Docker-Content-Digest"]
+
+
+def test_twistd_lists_the_plugin() -> None:
+    """``twistd --help`` lists nixeryd among its commands."""
+    out = subprocess.run([str(TWISTD), "--help"], capture_output=True, text=True)
+    assert "nixeryd" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("NIX_TIMEOUT", "soon"), ("PORT", "99999"), ("NIXERY_STORAGE_BACKEND", "tape")],
+)
+def test_a_bad_setting_stops_start_up_with_one_line(tmp_path: Path, variable: str, value: str) -> None:
+    """A bad setting ends start-up with one line naming it, and no traceback."""
+    env = daemon_environment(tmp_path / "s", **{variable: value})
+    result = subprocess.run(
+        [str(TWISTD), "--nodaemon", "--pidfile=", "nixeryd"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and variable in lines[0], result.stderr
