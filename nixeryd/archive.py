@@ -1,0 +1,306 @@
+"""Deterministic layer archives, hashed while written. Blocking: run in a thread.
+
+Every archive is a PAX tar, gzip-compressed, with entries sorted bytewise by
+path, owner 0:0 without names, mtime 1 (as in the Nix store), and a gzip header
+without a file name and with mtime 0: the same input gives the same bytes on
+every machine. The digest (sha256 of the compressed stream), the diffID (sha256
+of the tar) and the size and MD5 of the compressed stream are computed while
+the stream is written, in one pass and in constant memory.
+
+Only regular files, symlinks and directories can be archived; anything else
+(devices, FIFOs, sockets) raises ``ValueError`` naming the path, since a Nix
+store path never holds one. Hard links are archived as regular files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Sequence, Union
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What is known of a written blob."""
+
+    digest: str  # "sha256:<hex>" of the bytes as stored (compressed for layers)
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar; equals digest for non-layer blobs
+    size: int  # bytes as stored
+    md5: str  # hex MD5 of the bytes as stored
+
+
+CHUNK = 1024 * 1024
+MTIME = 1
+PARENT_DIR_MODE = 0o555
+SYMLINK_LAYER_DIR_MODE = 0o755
+TMP_MODE = 0o1777
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+
+
+def blob_info(data: bytes) -> BlobInfo:
+    """Digest, size and MD5 of a small in-memory blob (config, manifest)."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return BlobInfo(digest=digest, diff_id=digest, size=len(data), md5=hashlib.md5(data).hexdigest())
+
+
+# --- entries -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dir:
+    name: str  # without leading or trailing "/"
+    mode: int
+
+
+@dataclass(frozen=True)
+class _File:
+    name: str
+    mode: int
+    size: int
+    source: str  # absolute path on the local disk
+
+
+@dataclass(frozen=True)
+class _Symlink:
+    name: str
+    target: str
+
+
+_Entry = Union[_Dir, _File, _Symlink]
+
+
+def _sort_key(entry: _Entry) -> bytes:
+    return os.fsencode(entry.name)
+
+
+def _entry_for(path: str, name: str) -> _Entry:
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        return _Dir(name, stat.S_IMODE(st.st_mode))
+    if stat.S_ISREG(st.st_mode):
+        return _File(name, stat.S_IMODE(st.st_mode), st.st_size, path)
+    if stat.S_ISLNK(st.st_mode):
+        return _Symlink(name, os.readlink(path))
+    raise ValueError(
+        "cannot archive {}: only regular files, symlinks and directories are allowed".format(path)
+    )
+
+
+def _walk(top: str) -> Iterable[_Entry]:
+    """Every entry at and below ``top`` (not following symlinks), named without the leading "/"."""
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        entry = _entry_for(path, path.lstrip("/"))
+        yield entry
+        if isinstance(entry, _Dir):
+            with os.scandir(path) as it:
+                stack.extend(os.path.join(path, child.name) for child in it)
+
+
+def _layer_entries(paths: Sequence[str]) -> list[_Entry]:
+    entries: dict[str, _Entry] = {}
+    for path in paths:
+        if not os.path.isabs(path):
+            raise ValueError("layer paths must be absolute, got {!r}".format(path))
+        path = os.path.normpath(path)
+        if path == "/":
+            raise ValueError("cannot archive the root directory")
+        parent = os.path.dirname(path)
+        while parent != "/":
+            entries.setdefault(parent.lstrip("/"), _Dir(parent.lstrip("/"), PARENT_DIR_MODE))
+            parent = os.path.dirname(parent)
+        for entry in _walk(path):
+            entries[entry.name] = entry
+    return sorted(entries.values(), key=_sort_key)
+
+
+# --- the hashed gzip stream ------------------------------------------------------
+
+
+class _HashedGzip:
+    """A gzip stream written to ``out``, hashing both sides as it goes."""
+
+    def __init__(self, out: BinaryIO, level: int) -> None:
+        if not 0 <= level <= 9:
+            raise ValueError("gzip level must be within 0..9, got {}".format(level))
+        self._out = out
+        self._tar_sha = hashlib.sha256()
+        self._tar_size = 0
+        self._crc = 0
+        self._sha = hashlib.sha256()
+        self._md5 = hashlib.md5()
+        self._size = 0
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
+        xfl = 2 if level == 9 else 4 if level == 1 else 0
+        # magic, deflate, no flags (no name), mtime 0, extra flags, OS "unknown".
+        self._emit(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + bytes([xfl, 255]))
+
+    @property
+    def tar_size(self) -> int:
+        return self._tar_size
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self._sha.update(data)
+            self._md5.update(data)
+            self._size += len(data)
+            self._out.write(data)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Add uncompressed tar bytes to the stream."""
+        self._tar_sha.update(data)
+        self._tar_size += len(data)
+        self._crc = zlib.crc32(data, self._crc)
+        self._emit(self._compressor.compress(data))
+
+    def finish(self) -> BlobInfo:
+        """End the gzip stream and say what was written."""
+        self._emit(self._compressor.flush(zlib.Z_FINISH))
+        self._emit(struct.pack("<II", self._crc & 0xFFFFFFFF, self._tar_size & 0xFFFFFFFF))
+        return BlobInfo(
+            digest="sha256:" + self._sha.hexdigest(),
+            diff_id="sha256:" + self._tar_sha.hexdigest(),
+            size=self._size,
+            md5=self._md5.hexdigest(),
+        )
+
+
+def _header(entry: _Entry) -> bytes:
+    info = tarfile.TarInfo(entry.name)
+    info.mtime = MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if isinstance(entry, _Dir):
+        info.type = tarfile.DIRTYPE
+        info.mode = entry.mode
+    elif isinstance(entry, _File):
+        info.type = tarfile.REGTYPE
+        info.mode = entry.mode
+        info.size = entry.size
+    else:
+        info.type = tarfile.SYMTYPE
+        info.mode = 0o777
+        info.linkname = entry.target
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _copy_file(entry: _File, stream: _HashedGzip) -> None:
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    remaining = entry.size
+    with open(entry.source, "rb") as f:
+        while remaining > 0:
+            n = f.readinto(view[: min(CHUNK, remaining)])
+            if not n:
+                raise ValueError("{} shrank while it was archived".format(entry.source))
+            stream.write(view[:n])
+            remaining -= n
+        if f.read(1):
+            raise ValueError("{} grew while it was archived".format(entry.source))
+    padding = -entry.size % _BLOCK
+    if padding:
+        stream.write(bytes(padding))
+
+
+def _write_entries(entries: Iterable[_Entry], out: BinaryIO, level: int) -> BlobInfo:
+    stream = _HashedGzip(out, level)
+    for entry in entries:
+        stream.write(_header(entry))
+        if isinstance(entry, _File):
+            _copy_file(entry, stream)
+    stream.write(bytes(2 * _BLOCK))  # end-of-archive marker
+    padding = -stream.tar_size % _RECORD
+    if padding:
+        stream.write(bytes(padding))
+    return stream.finish()
+
+
+# --- public ----------------------------------------------------------------------
+
+
+def write_layer(paths: Sequence[str], out: BinaryIO, *, level: int = 6) -> BlobInfo:
+    """Write one deterministic tar.gz of ``paths`` (absolute local paths) to ``out``.
+
+    Each path is archived under its absolute name without the leading "/"
+    (``nix/store/<hash>-foo/bin/foo``), after directory entries for its parents
+    (``nix/``, ``nix/store/``, mode 0o555). Modes of files and directories are
+    kept as on disk.
+    """
+    return _write_entries(_layer_entries(paths), out, level)
+
+
+class _Tree:
+    """A directory of the merged symlink tree."""
+
+    def __init__(self, mode: int = SYMLINK_LAYER_DIR_MODE) -> None:
+        self.mode = mode
+        self.children: dict[str, _Tree | str] = {}  # str: a symlink target
+
+
+def _merge_into(tree: _Tree, source: str, active: frozenset[str]) -> None:
+    """Merge directory ``source`` into ``tree``; earlier entries win conflicts."""
+    with os.scandir(source) as it:
+        children = sorted(it, key=lambda e: os.fsencode(e.name))
+    for child in children:
+        path = os.path.join(source, child.name)
+        existing = tree.children.get(child.name)
+        real = os.path.realpath(path)
+        if child.is_dir(follow_symlinks=True) and real not in active:
+            if existing is None:
+                existing = tree.children[child.name] = _Tree()
+            if isinstance(existing, _Tree):
+                _merge_into(existing, path, active | {real})
+        elif existing is None:
+            tree.children[child.name] = path
+
+
+def _tree_entries(tree: _Tree, prefix: str) -> Iterable[_Entry]:
+    for name, child in tree.children.items():
+        full = prefix + name
+        if isinstance(child, _Tree):
+            yield _Dir(full, child.mode)
+            yield from _tree_entries(child, full + "/")
+        else:
+            yield _Symlink(full, child)
+
+
+def _subtree(tree: _Tree, name: str) -> _Tree:
+    child = tree.children.get(name)
+    if not isinstance(child, _Tree):
+        child = tree.children[name] = _Tree()
+    return child
+
+
+def write_symlink_layer(
+    roots: Sequence[str],
+    out: BinaryIO,
+    *,
+    env_target: str | None = None,
+    level: int = 6,
+) -> BlobInfo:
+    """Write the merged tree of the top-level ``roots`` as one deterministic tar.gz.
+
+    Like Nix's ``buildEnv``: the directories of every root are merged into real
+    directories (0o755); every other entry becomes a symlink to its absolute
+    path in the root (``bin/git -> /nix/store/<hash>-git/bin/git``). A symlink
+    to a directory is followed and merged as a directory. When roots collide on
+    a non-directory, the first root in sorted order wins. A root that is not a
+    directory contributes nothing. ``tmp/`` (0o1777) is always there, and
+    ``usr/bin/env -> env_target`` when ``env_target`` is given.
+    """
+    tree = _Tree()
+    for root in sorted(set(roots), key=os.fsencode):
+        if not os.path.isabs(root):
+            raise ValueError("symlink layer roots must be absolute, got {!r}".format(root))
+        if os.path.isdir(root):
+            _merge_into(tree, root, frozenset([os.path.realpath(root)]))
+    _subtree(tree, "tmp").mode = TMP_MODE
+    if env_target is not None:
+        _subtree(_subtree(tree, "usr"), "bin").children["env"] = env_target
+    return _write_entries(sorted(_tree_entries(tree, ""), key=_sort_key), out, level)

@@ -1,0 +1,318 @@
+"""Tests for nixeryd.archive: deterministic, hashed-while-written layer archives."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from nixeryd.archive import BlobInfo, blob_info, write_layer, write_symlink_layer
+
+
+def make_package(store: Path, name: str) -> Path:
+    """A small store-path-like tree: a file, an executable, a symlink, an empty dir."""
+    pkg = store / name
+    (pkg / "bin").mkdir(parents=True)
+    (pkg / "share" / "empty").mkdir(parents=True)
+    (pkg / "bin" / name).write_bytes(b"#!/bin/sh\necho " + name.encode() + b"\n")
+    (pkg / "bin" / name).chmod(0o555)
+    (pkg / "share" / "README").write_bytes(b"read me\n" * 100)
+    (pkg / "share" / "README").chmod(0o444)
+    (pkg / "bin" / "alias").symlink_to(name)
+    return pkg
+
+
+def layer_bytes(paths: list[str], **kwargs: int) -> tuple[bytes, BlobInfo]:
+    out = io.BytesIO()
+    info = write_layer(paths, out, **kwargs)
+    return out.getvalue(), info
+
+
+def members(data: bytes) -> list[tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return tar.getmembers()
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Path:
+    s = tmp_path / "nix" / "store"
+    s.mkdir(parents=True)
+    return s
+
+
+def test_same_input_same_bytes(store: Path) -> None:
+    """Writing the same paths twice, in any order, gives identical bytes and digests."""
+    a = str(make_package(store, "aaaa-foo"))
+    b = str(make_package(store, "bbbb-bar"))
+    first, info1 = layer_bytes([a, b])
+    second, info2 = layer_bytes([b, a])
+    assert first == second
+    assert info1 == info2
+
+
+def test_hashes_match_written_bytes(store: Path) -> None:
+    """digest, md5 and size describe the compressed bytes; diff_id the gunzipped tar."""
+    data, info = layer_bytes([str(make_package(store, "aaaa-foo"))])
+    assert info.digest == sha(data)
+    assert info.md5 == hashlib.md5(data).hexdigest()
+    assert info.size == len(data)
+    assert info.diff_id == sha(gzip.decompress(data))
+    assert info.diff_id != info.digest
+
+
+def test_gzip_header_is_deterministic(store: Path) -> None:
+    """The gzip header has mtime 0 and no file name, whatever the output file is called."""
+    target = store.parent.parent / "named-output.tar.gz"
+    with open(target, "wb") as f:
+        info = write_layer([str(make_package(store, "aaaa-foo"))], f)
+    data = target.read_bytes()
+    assert info.digest == sha(data)
+    assert data[:3] == b"\x1f\x8b\x08"
+    assert data[3] == 0  # no FNAME, no other flags
+    assert data[4:8] == b"\x00\x00\x00\x00"  # mtime 0
+    assert b"named-output" not in data
+
+
+def test_compression_level_changes_output(store: Path) -> None:
+    """The level parameter is used: level 0 stores, level 9 compresses; both decompress to the same tar."""
+    path = str(make_package(store, "aaaa-foo"))
+    stored, info0 = layer_bytes([path], level=0)
+    best, info9 = layer_bytes([path], level=9)
+    assert len(stored) > len(best)
+    assert info0.diff_id == info9.diff_id
+    with pytest.raises(ValueError):
+        layer_bytes([path], level=10)
+
+
+def test_entry_properties(store: Path) -> None:
+    """Entries are sorted, owned by 0:0 without names, mtime 1, with parents first and store modes kept."""
+    a = make_package(store, "aaaa-foo")
+    prefix = str(store).lstrip("/")
+    data, _ = layer_bytes([str(a)])
+    entries = members(data)
+    names = [m.name for m in entries]
+    assert names == sorted(names, key=os.fsencode)
+    parts = prefix.split("/")
+    parents = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    assert names[: len(parents)] == parents
+    assert names[len(parents)] == prefix + "/aaaa-foo"
+    for m in entries:
+        assert (m.uid, m.gid, m.uname, m.gname, m.mtime) == (0, 0, "", "", 1)
+        assert m.type in (tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE)
+        assert not m.pax_headers or set(m.pax_headers) <= {"path", "linkpath", "size"}
+    by_name = {m.name: m for m in entries}
+    assert by_name[prefix + "/aaaa-foo/bin/aaaa-foo"].mode == 0o555
+    assert by_name[prefix + "/aaaa-foo/share/README"].mode == 0o444
+    assert by_name[prefix].mode == 0o555 and by_name[prefix].isdir()
+
+
+def test_parent_entries_written_once(store: Path) -> None:
+    """Several paths share one set of parent directory entries."""
+    data, _ = layer_bytes([str(make_package(store, "aaaa-foo")), str(make_package(store, "bbbb-bar"))])
+    names = [m.name for m in members(data)]
+    assert len(names) == len(set(names))
+    assert names.count(str(store).lstrip("/")) == 1
+
+
+def test_raw_tar_has_no_nondeterministic_pax_fields(store: Path) -> None:
+    """No atime, ctime or fractional mtime appears in the archive, even in PAX headers."""
+    pkg = make_package(store, "aaaa-foo")
+    long_dir = pkg / ("d" * 120)
+    long_dir.mkdir()
+    (long_dir / "f").write_bytes(b"x")
+    data, _ = layer_bytes([str(pkg)])
+    tar = gzip.decompress(data)
+    assert b"atime" not in tar and b"ctime" not in tar and b"mtime=" not in tar
+    assert b"uname" not in tar
+
+
+def test_long_and_unicode_names_round_trip(store: Path) -> None:
+    """Names past 100 characters and non-ASCII names come back exactly."""
+    pkg = store / "cccc-long"
+    deep = pkg / ("x" * 60) / ("y" * 60) / ("z" * 60)
+    deep.mkdir(parents=True)
+    (deep / "file.txt").write_bytes(b"deep")
+    (pkg / "naïve-файл-☃").write_bytes(b"unicode")
+    (pkg / ("l" * 150)).symlink_to("t" * 150)
+    data, _ = layer_bytes([str(pkg)])
+    prefix = str(pkg).lstrip("/")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        long_name = prefix + "/" + "x" * 60 + "/" + "y" * 60 + "/" + "z" * 60 + "/file.txt"
+        f = tar.extractfile(long_name)
+        assert f is not None and f.read() == b"deep"
+        u = tar.extractfile(prefix + "/naïve-файл-☃")
+        assert u is not None and u.read() == b"unicode"
+        assert tar.getmember(prefix + "/" + "l" * 150).linkname == "t" * 150
+
+
+def test_symlinks_and_empty_dirs_preserved(store: Path) -> None:
+    """Symlinks are stored as symlinks with their target; empty directories are kept."""
+    pkg = make_package(store, "aaaa-foo")
+    (pkg / "bin" / "abs").symlink_to("/nix/store/zzzz-other/bin/x")
+    prefix = str(pkg).lstrip("/")
+    by_name = {m.name: m for m in members(layer_bytes([str(pkg)])[0])}
+    assert by_name[prefix + "/bin/alias"].issym()
+    assert by_name[prefix + "/bin/alias"].linkname == "aaaa-foo"
+    assert by_name[prefix + "/bin/abs"].linkname == "/nix/store/zzzz-other/bin/x"
+    assert by_name[prefix + "/share/empty"].isdir()
+
+
+def test_file_contents_round_trip(store: Path) -> None:
+    """File contents extract byte for byte, including sizes not a multiple of 512."""
+    pkg = make_package(store, "aaaa-foo")
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    (pkg / "blob").write_bytes(payload)
+    with tarfile.open(fileobj=io.BytesIO(layer_bytes([str(pkg)])[0]), mode="r:gz") as tar:
+        f = tar.extractfile(str(pkg).lstrip("/") + "/blob")
+        assert f is not None and f.read() == payload
+
+
+def test_single_file_store_path(store: Path) -> None:
+    """A store path that is a single file is archived as that file."""
+    script = store / "dddd-script.sh"
+    script.write_bytes(b"#!/bin/sh\n")
+    script.chmod(0o555)
+    by_name = {m.name: m for m in members(layer_bytes([str(script)])[0])}
+    entry = by_name[str(script).lstrip("/")]
+    assert entry.isfile() and entry.mode == 0o555 and entry.size == 10
+
+
+def test_special_files_rejected(store: Path) -> None:
+    """A FIFO in a path raises ValueError naming it."""
+    pkg = make_package(store, "aaaa-foo")
+    os.mkfifo(pkg / "pipe")
+    with pytest.raises(ValueError, match="pipe"):
+        layer_bytes([str(pkg)])
+
+
+def test_relative_path_rejected() -> None:
+    """Layer paths must be absolute."""
+    with pytest.raises(ValueError, match="absolute"):
+        layer_bytes(["nix/store/aaaa-foo"])
+
+
+def test_constant_memory_for_big_file(store: Path) -> None:
+    """A 200 MB file is archived with Python allocations staying under 20 MB."""
+    pkg = store / "eeee-big"
+    pkg.mkdir()
+    with open(pkg / "sparse", "wb") as f:
+        f.truncate(200 * 1024 * 1024)
+
+    class Discard:
+        def write(self, data: bytes) -> int:
+            return len(data)
+
+    tracemalloc.start()
+    try:
+        info = write_layer([str(pkg)], Discard())  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024
+    assert info.size < 1024 * 1024  # zeros compress well
+
+
+def test_blob_info() -> None:
+    """blob_info hashes in-memory bytes; the diff_id equals the digest."""
+    data = b'{"schemaVersion": 2}'
+    info = blob_info(data)
+    assert info == BlobInfo(sha(data), sha(data), len(data), hashlib.md5(data).hexdigest())
+
+
+# --- the symlink layer -----------------------------------------------------------
+
+
+def symlink_layer(roots: list[str], env_target: str | None = None) -> dict[str, tarfile.TarInfo]:
+    out = io.BytesIO()
+    info = write_symlink_layer(roots, out, env_target=env_target)
+    data = out.getvalue()
+    assert info.digest == sha(data) and info.diff_id == sha(gzip.decompress(data))
+    entries = members(data)
+    names = [m.name for m in entries]
+    assert names == sorted(names, key=os.fsencode)
+    for m in entries:
+        assert (m.uid, m.gid, m.uname, m.gname, m.mtime) == (0, 0, "", "", 1)
+    return {m.name: m for m in entries}
+
+
+def test_symlink_layer_merges_roots(store: Path) -> None:
+    """Overlapping bin/ and share/ become real directories holding links into each root."""
+    git = make_package(store, "aaaa-git")
+    htop = make_package(store, "bbbb-htop")
+    (htop / "share" / "man").mkdir()
+    (htop / "share" / "man" / "htop.1").write_bytes(b"man")
+    tree = symlink_layer([str(htop), str(git)])
+    assert tree["bin"].isdir() and tree["bin"].mode == 0o755
+    assert tree["share"].isdir() and tree["share/man"].isdir()
+    assert tree["share/empty"].isdir()
+    assert tree["bin/aaaa-git"].linkname == str(git / "bin" / "aaaa-git")
+    assert tree["bin/bbbb-htop"].linkname == str(htop / "bin" / "bbbb-htop")
+    assert tree["share/man/htop.1"].linkname == str(htop / "share" / "man" / "htop.1")
+    assert tree["tmp"].isdir() and tree["tmp"].mode == 0o1777
+    assert "usr" not in tree
+
+
+def test_symlink_layer_conflict_first_sorted_root_wins(store: Path) -> None:
+    """Two roots providing the same file: the first in sorted order wins, whatever the given order."""
+    a = make_package(store, "aaaa-one")
+    b = make_package(store, "bbbb-two")
+    (a / "bin" / "tool").write_bytes(b"a")
+    (b / "bin" / "tool").write_bytes(b"b")
+    (b / "share" / "README").unlink()
+    (b / "share" / "README").mkdir()  # a directory against a file: still the first wins
+    for order in ([str(a), str(b)], [str(b), str(a)]):
+        tree = symlink_layer(order)
+        assert tree["bin/tool"].linkname == str(a / "bin" / "tool")
+        assert tree["bin/alias"].linkname == str(a / "bin" / "alias")
+        assert tree["share/README"].issym()
+    out1, out2 = io.BytesIO(), io.BytesIO()
+    write_symlink_layer([str(a), str(b)], out1)
+    write_symlink_layer([str(b), str(a)], out2)
+    assert out1.getvalue() == out2.getvalue()
+
+
+def test_symlink_layer_follows_symlinked_directories(store: Path) -> None:
+    """A root's symlink to a directory is merged as a directory, not linked."""
+    lib = make_package(store, "cccc-lib")
+    (lib / "lib").mkdir()
+    (lib / "lib" / "libz.so").write_bytes(b"")
+    (lib / "lib64").symlink_to("lib")
+    other = make_package(store, "dddd-other")
+    (other / "lib64").mkdir()
+    (other / "lib64" / "libq.so").write_bytes(b"")
+    tree = symlink_layer([str(lib), str(other)])
+    assert tree["lib64"].isdir()
+    assert tree["lib64/libz.so"].linkname == str(lib / "lib64" / "libz.so")
+    assert tree["lib64/libq.so"].linkname == str(other / "lib64" / "libq.so")
+
+
+def test_symlink_layer_survives_directory_cycles(store: Path) -> None:
+    """A symlink pointing back up its own tree becomes a link instead of recursing for ever."""
+    pkg = make_package(store, "eeee-loop")
+    (pkg / "share" / "self").symlink_to("..")
+    tree = symlink_layer([str(pkg)])
+    assert tree["share/self"].issym()
+
+
+def test_symlink_layer_usr_bin_env(store: Path) -> None:
+    """With env_target the layer holds usr/bin/env pointing at it, in real directories."""
+    coreutils = make_package(store, "ffff-coreutils")
+    target = str(coreutils / "bin" / "env")
+    tree = symlink_layer([str(coreutils)], env_target=target)
+    assert tree["usr"].isdir() and tree["usr/bin"].isdir()
+    assert tree["usr/bin"].mode == 0o755
+    assert tree["usr/bin/env"].issym() and tree["usr/bin/env"].linkname == target
+
+
+def test_symlink_layer_no_roots() -> None:
+    """With no roots the layer still holds tmp/."""
+    assert list(symlink_layer([])) == ["tmp"]
