@@ -1,0 +1,103 @@
+"""Media types, image configs and image manifests, as deterministic bytes.
+
+Pure: no I/O, no Twisted. JSON is written with sorted keys and compact
+separators, and the config holds no timestamps, so the same image gives the
+same bytes (and digests) on every machine. The config blob is the same for both
+manifest flavours; only the media types in the manifest's descriptors differ.
+"""
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from nixeryd.names import Arch
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+"""The media types of single-image manifests, the kind nixeryd writes."""
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A blob referenced from a manifest; its media type follows from the flavour."""
+
+    digest: str  # "sha256:<hex>"
+    size: int
+
+
+class Flavour(enum.Enum):
+    """Which family of media types a manifest is written with."""
+
+    OCI = (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER)
+    DOCKER = (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)
+
+    @property
+    def manifest_type(self) -> str:
+        return self.value[0]
+
+    @property
+    def config_type(self) -> str:
+        return self.value[1]
+
+    @property
+    def layer_type(self) -> str:
+        return self.value[2]
+
+
+def _dump(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def image_config(
+    arch: Arch, diff_ids: Sequence[str], *, env: Sequence[str], cmd: Sequence[str] | None
+) -> bytes:
+    """The image configuration blob: platform, layers' diffIDs (in order), Env and Cmd."""
+    container: dict[str, Any] = {"Env": list(env)}
+    if cmd is not None:
+        container["Cmd"] = list(cmd)
+    return _dump(
+        {
+            "architecture": arch.oci,
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+            "config": container,
+        }
+    )
+
+
+def image_manifest(flavour: Flavour, config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
+    """A schema 2 image manifest naming ``config`` and ``layers`` with ``flavour``'s media types."""
+    return _dump(
+        {
+            "schemaVersion": 2,
+            "mediaType": flavour.manifest_type,
+            "config": _descriptor(flavour.config_type, config),
+            "layers": [_descriptor(flavour.layer_type, layer) for layer in layers],
+        }
+    )
+
+
+def _descriptor(media_type: str, descriptor: Descriptor) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": descriptor.digest, "size": descriptor.size}
+
+
+def manifest_media_type(body: bytes) -> str:
+    """The ``mediaType`` of a stored manifest body; ``ValueError`` when it has none."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError("manifest is not JSON: {}".format(e)) from None
+    media_type = doc.get("mediaType") if isinstance(doc, dict) else None
+    if not isinstance(media_type, str) or not media_type:
+        raise ValueError("manifest has no mediaType")
+    return media_type

@@ -1,0 +1,243 @@
+"""The filesystem backend: the default, embedded store under one directory.
+
+Every object is first written under ``staging/``, fsynced, renamed into place
+with ``os.replace`` and its directory fsynced: a crash never leaves a partial
+object under a served key, only a leftover staging file, which the next start
+removes. All file I/O after start-up goes through the injected ``Offload``.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from nixeryd.archive import BlobInfo
+from nixeryd.offload import Offload
+from nixeryd.storage.interface import (
+    PREFIXES,
+    BlobLocation,
+    IStorage,
+    LocalFile,
+    StorageError,
+    blob_hex,
+    check_hex,
+    check_key,
+    storage_error,
+)
+
+log = Logger()
+
+STAGING = "staging"
+_COPY_CHUNK = 1024 * 1024
+_T = TypeVar("_T")
+
+
+@implementer(IStorage)
+class FilesystemStorage:
+    """Objects as files under ``root``; blobs are served from disk."""
+
+    backend = "filesystem"
+
+    def __init__(self, root: str, offload: Offload) -> None:
+        """Create the layout under ``root`` and remove leftovers of a crash.
+
+        Blocking, and meant for start-up: a root that cannot be created or
+        written raises ``ValueError`` naming the path.
+        """
+        self.root = os.path.abspath(root)
+        self._offload = offload
+        self._staging = os.path.join(self.root, STAGING)
+        removed = _prepare(self.root)
+        if removed:
+            log.info(
+                "removed {count} leftover staging files under {path}",
+                count=removed,
+                path=self._staging,
+                backend=self.backend,
+            )
+
+    # --- IStorage ----------------------------------------------------------------
+
+    def staging_path(self) -> str:
+        return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
+
+    def commit_blob(self, staged: str, info: BlobInfo) -> "Deferred[None]":
+        hexdigest = blob_hex(info)
+        return Deferred.fromCoroutine(
+            self._run("committing blob " + info.digest, self._commit, staged, hexdigest, info.size)
+        )
+
+    def discard(self, staged: str) -> None:
+        try:
+            os.unlink(staged)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warn("could not remove staged file {path}: {error}", path=staged, error=str(e))
+
+    def put(self, key: str, data: bytes, content_type: str) -> "Deferred[None]":
+        path = self._path(key)
+        return Deferred.fromCoroutine(self._run("writing " + key, self._write, path, bytes(data)))
+
+    def get(self, key: str) -> "Deferred[bytes | None]":
+        path = self._path(key)
+        return Deferred.fromCoroutine(self._run("reading " + key, _read, path))
+
+    def has(self, key: str) -> "Deferred[bool]":
+        path = self._path(key)
+        return Deferred.fromCoroutine(self._run("looking up " + key, _exists, path))
+
+    def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
+        path = self._path("layers/" + check_hex(hexdigest))
+        return Deferred.fromCoroutine(self._run("looking up blob " + hexdigest, _local_file, path))
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, check_key(key))
+
+    async def _run(self, action: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` through the offload; an ``OSError`` becomes a ``StorageError``."""
+        try:
+            result: _T = await self._offload(fn, *args)
+        except OSError as e:
+            error = storage_error(action + " in " + self.root, e)
+            log.error("{error}", error=str(error), backend=self.backend)
+            raise error from e
+        return result
+
+    def _temporary(self, kind: str) -> str:
+        return os.path.join(self._staging, kind + "-" + secrets.token_hex(16))
+
+    def _write(self, path: str, data: bytes) -> None:
+        """Blocking: write ``data`` to staging, make it durable, rename it to ``path``."""
+        tmp = self._temporary("put")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
+        finally:
+            _remove_quietly(tmp)
+
+    def _commit(self, staged: str, hexdigest: str, size: int) -> None:
+        """Blocking: move a staged blob to ``layers/<hexdigest>``; the staged file is gone after."""
+        target = os.path.join(self.root, "layers", hexdigest)
+        moving = staged
+        try:
+            if _exists(target):
+                return
+            actual = os.stat(staged).st_size
+            if actual != size:
+                raise StorageError(
+                    "staged blob sha256:{} has {} bytes, expected {}; not committed".format(
+                        hexdigest, actual, size
+                    )
+                )
+            if os.path.dirname(os.path.abspath(staged)) != self._staging:
+                # Elsewhere (perhaps another file system): copy into staging first.
+                moving = self._temporary("copy")
+                _copy(staged, moving)
+            _fsync_file(moving)
+            os.replace(moving, target)
+            _fsync_dir(os.path.dirname(target))
+        finally:
+            _remove_quietly(moving)
+            _remove_quietly(staged)
+
+
+def _prepare(root: str) -> int:
+    """Create the layout, check it is writable, empty staging; the number of leftovers removed."""
+    try:
+        for name in PREFIXES + (STAGING,):
+            os.makedirs(os.path.join(root, name), exist_ok=True)
+        staging = os.path.join(root, STAGING)
+        probe = os.path.join(staging, "probe-" + secrets.token_hex(8))
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+        removed = 0
+        with os.scandir(staging) as entries:
+            leftovers = [entry.path for entry in entries]
+        for path in leftovers:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed += 1
+    except OSError as e:
+        where = e.filename or root
+        raise ValueError(
+            "storage path {} is not usable: {} ({})".format(root, e.strerror or e, where)
+        ) from None
+    return removed
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _exists(path: str) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _local_file(path: str) -> LocalFile | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return LocalFile(path=path, size=st.st_size)
+
+
+def _copy(source: str, destination: str) -> None:
+    with open(source, "rb") as src, open(destination, "xb") as dst:
+        shutil.copyfileobj(src, dst, _COPY_CHUNK)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some file systems cannot fsync a directory; the rename itself has happened.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warn("could not remove {path}: {error}", path=path, error=str(e))

@@ -1,0 +1,138 @@
+"""What every storage backend offers, and where a blob can be served from.
+
+The object layout is shared by all backends, so that one bucket can serve many
+instances:
+
+- ``layers/<sha256hex>``: every blob (layers, configs, manifests);
+- ``manifests/<cachekey>``: the manifest record of a cacheable image;
+- ``builds/<layerkey>``: JSON describing an already built layer;
+- ``staging/<name>``: blobs being written, never served.
+
+Keys are checked by the storage itself (``check_key``): only the three served
+prefixes followed by exactly 64 lowercase hex characters are accepted, so no key
+can ever name anything outside the store. A malformed key is a programming
+error: every method raises ``ValueError`` for it at once, before any I/O, rather
+than returning a failed Deferred. Failures of the backend itself are
+``StorageError``, delivered through the returned Deferred.
+"""
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from nixeryd.archive import BlobInfo
+
+PREFIXES = ("layers", "manifests", "builds")
+_KEY = re.compile(r"(?:layers|manifests|builds)/[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """Serve the blob from this file on the local disk (Range-capable)."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """Serve these bytes."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Answer with a 307 to this URL."""
+
+    url: str
+
+
+BlobLocation = Union[LocalFile, InMemory, Redirect]
+
+
+class StorageError(Exception):
+    """The backend failed (disk full, I/O error, unreachable service): the API answers 503."""
+
+
+def check_key(key: str) -> str:
+    """``key`` itself when it is a valid object key; ``ValueError`` otherwise."""
+    if not isinstance(key, str) or _KEY.fullmatch(key) is None:
+        raise ValueError(
+            "invalid storage key {!r}: expected one of {} followed by '/' and 64 lowercase hex "
+            "characters".format(key, ", ".join(PREFIXES))
+        )
+    return key
+
+
+def check_hex(hexdigest: str) -> str:
+    """``hexdigest`` itself when it is 64 lowercase hex characters; ``ValueError`` otherwise."""
+    if not isinstance(hexdigest, str) or _HEX.fullmatch(hexdigest) is None:
+        raise ValueError("invalid blob digest {!r}: expected 64 lowercase hex characters".format(hexdigest))
+    return hexdigest
+
+
+def blob_hex(info: BlobInfo) -> str:
+    """The hex part of ``info.digest``, which must be ``sha256:<64 hex>``."""
+    if not isinstance(info.digest, str) or _DIGEST.fullmatch(info.digest) is None:
+        raise ValueError("invalid blob digest {!r}: expected sha256:<64 hex>".format(info.digest))
+    return info.digest[len("sha256:"):]
+
+
+def storage_error(action: str, error: OSError) -> StorageError:
+    """A ``StorageError`` for an ``OSError`` met while doing ``action``, saying what went wrong."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "the disk is full"
+    elif error.errno == errno.EROFS:
+        reason = "the file system is read-only"
+    elif error.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    else:
+        reason = error.strerror or str(error)
+    where = " ({})".format(error.filename) if error.filename else ""
+    return StorageError("{} failed: {}{}".format(action, reason, where))
+
+
+class IStorage(Interface):
+    """A store of blobs and small objects under validated keys."""
+
+    backend = Attribute("""The backend's name: "filesystem", "memory", "gcs".""")
+
+    def staging_path() -> str:
+        """A fresh local file path where a new blob may be written.
+
+        For the filesystem backend it lies on the same file system as the store,
+        so that committing is a rename; other backends use a private temporary
+        directory. Nothing is created: the caller writes the file.
+        """
+
+    def commit_blob(staged: str, info: BlobInfo) -> "Deferred[None]":
+        """Make the staged file the blob ``layers/<hex of info.digest>``.
+
+        The staged file is gone afterwards, whatever the outcome. Idempotent:
+        when the blob already exists the staged file is just discarded. The
+        size is checked against ``info.size`` (``StorageError`` on a mismatch);
+        a partial file is never left under ``layers/``.
+        """
+
+    def discard(staged: str) -> None:
+        """Remove a staged file that will not be committed; a missing file is fine."""
+
+    def put(key: str, data: bytes, content_type: str) -> "Deferred[None]":
+        """Atomically write a small object under ``key``, replacing any previous one."""
+
+    def get(key: str) -> "Deferred[bytes | None]":
+        """The object's bytes, or None when there is none."""
+
+    def has(key: str) -> "Deferred[bool]":
+        """Whether an object exists under ``key``."""
+
+    def locate_blob(hexdigest: str) -> "Deferred[BlobLocation | None]":
+        """Where ``layers/<hexdigest>`` can be served from, or None when it is absent."""

@@ -1,0 +1,104 @@
+"""The memory backend: objects in dicts, for tests and throw-away instances.
+
+Blobs are still written by the builder to a local file (``staging_path`` lies
+in a private temporary directory); ``commit_blob`` reads that file into memory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import secrets
+import tempfile
+import weakref
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from nixeryd.archive import BlobInfo
+from nixeryd.offload import Offload, inline
+from nixeryd.storage.interface import (
+    BlobLocation,
+    InMemory,
+    IStorage,
+    StorageError,
+    blob_hex,
+    check_hex,
+    check_key,
+    storage_error,
+)
+
+
+@implementer(IStorage)
+class MemoryStorage:
+    """Every object held in memory; blobs are served from the bytes."""
+
+    backend = "memory"
+
+    def __init__(self, offload: Offload = inline) -> None:
+        self._offload = offload
+        self._objects: dict[str, bytes] = {}
+        self._content_types: dict[str, str] = {}
+        self._staging = tempfile.mkdtemp(prefix="nixeryd-staging-")
+        weakref.finalize(self, shutil.rmtree, self._staging, True)
+
+    def content_type(self, key: str) -> str | None:
+        """The content type ``key`` was stored with, or None when absent."""
+        return self._content_types.get(check_key(key))
+
+    # --- IStorage ----------------------------------------------------------------
+
+    def staging_path(self) -> str:
+        return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
+
+    def commit_blob(self, staged: str, info: BlobInfo) -> "Deferred[None]":
+        key = "layers/" + blob_hex(info)
+        return Deferred.fromCoroutine(self._commit(staged, key, info))
+
+    def discard(self, staged: str) -> None:
+        try:
+            os.unlink(staged)
+        except FileNotFoundError:
+            pass
+
+    def put(self, key: str, data: bytes, content_type: str) -> "Deferred[None]":
+        self._store(check_key(key), bytes(data), content_type)
+        return succeed(None)
+
+    def get(self, key: str) -> "Deferred[bytes | None]":
+        return succeed(self._objects.get(check_key(key)))
+
+    def has(self, key: str) -> "Deferred[bool]":
+        return succeed(check_key(key) in self._objects)
+
+    def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
+        data = self._objects.get("layers/" + check_hex(hexdigest))
+        return succeed(None if data is None else InMemory(data))
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _store(self, key: str, data: bytes, content_type: str) -> None:
+        self._objects[key] = data
+        self._content_types[key] = content_type
+
+    async def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
+        try:
+            if key in self._objects:
+                return
+            try:
+                data: bytes = await self._offload(_read, staged)
+            except OSError as e:
+                raise storage_error("committing blob " + info.digest, e) from e
+            if len(data) != info.size:
+                raise StorageError(
+                    "staged blob {} has {} bytes, expected {}; not committed".format(
+                        info.digest, len(data), info.size
+                    )
+                )
+            self._store(key, data, "application/octet-stream")
+        finally:
+            self.discard(staged)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

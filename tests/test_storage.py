@@ -1,0 +1,341 @@
+"""Storage backends: one contract for every backend, then what only the filesystem does.
+
+A new backend (GCS on its emulator, say) joins the contract by adding one
+subclass of ``StorageContract`` with its own ``make_storage``.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import resource
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from nixeryd.archive import BlobInfo, blob_info
+from nixeryd.offload import inline
+from nixeryd.storage import BlobLocation, InMemory, IStorage, LocalFile, StorageError
+from nixeryd.storage.filesystem import FilesystemStorage
+from nixeryd.storage.memory import MemoryStorage
+
+HEX = "0123456789abcdef" * 4
+INVALID_KEYS = [
+    "../x",
+    "layers/../../etc/passwd",
+    "layers/ABC",
+    "layers/" + HEX.upper(),
+    "layers/" + HEX[:63],
+    "layers/" + HEX + "0",
+    "layers/" + HEX + "\n",
+    "other/" + HEX,
+    "staging/" + HEX,
+    "/layers/" + HEX,
+    "layers//" + HEX[:63],
+    "layers/" + HEX[:63] + "\x00",
+    "",
+]
+
+
+def key(prefix: str, name: str) -> str:
+    """A valid key: ``prefix`` and the sha256 of ``name``."""
+    return prefix + "/" + hashlib.sha256(name.encode()).hexdigest()
+
+
+class StorageContract:
+    """What every ``IStorage`` backend must do; mixed into one TestCase per backend."""
+
+    storage: IStorage
+
+    # Provided by SynchronousTestCase.
+    successResultOf: Callable[..., Any]
+    failureResultOf: Callable[..., Any]
+    assertRaises: Callable[..., Any]
+    assertEqual: Callable[..., Any]
+    assertIsNone: Callable[..., Any]
+    assertTrue: Callable[..., Any]
+    assertFalse: Callable[..., Any]
+    assertNotEqual: Callable[..., Any]
+    subTest: Callable[..., Any]
+
+    def make_storage(self) -> IStorage:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.storage = self.make_storage()
+
+    def result(self, d: "Deferred[Any]") -> Any:
+        return self.successResultOf(d)
+
+    def stage(self, data: bytes) -> tuple[str, BlobInfo]:
+        """Write ``data`` where the storage wants new blobs; the path and its BlobInfo."""
+        path = self.storage.staging_path()
+        with open(path, "wb") as f:
+            f.write(data)
+        return path, blob_info(data)
+
+    def located_bytes(self, location: BlobLocation | None) -> bytes:
+        """The bytes a client would be served from ``location``."""
+        if isinstance(location, LocalFile):
+            data = Path(location.path).read_bytes()
+            self.assertEqual(location.size, len(data))
+            return data
+        if isinstance(location, InMemory):
+            return location.data
+        raise AssertionError("unexpected location {!r}".format(location))
+
+    def test_provides_interface(self) -> None:
+        """The backend provides IStorage fully and names itself."""
+        self.assertTrue(verifyObject(IStorage, self.storage))
+        self.assertTrue(isinstance(self.storage.backend, str) and self.storage.backend)
+
+    def test_put_get_round_trip(self) -> None:
+        """What is put under a key of any prefix is got back unchanged."""
+        for prefix in ("layers", "manifests", "builds"):
+            k = key(prefix, "round trip")
+            data = b'{"digest":"sha256:...","built":1}' + prefix.encode()
+            self.result(self.storage.put(k, data, "application/json"))
+            self.assertEqual(self.result(self.storage.get(k)), data)
+
+    def test_put_replaces(self) -> None:
+        """A second put under the same key replaces the object."""
+        k = key("manifests", "replace")
+        self.result(self.storage.put(k, b"old", "application/json"))
+        self.result(self.storage.put(k, b"new", "application/json"))
+        self.assertEqual(self.result(self.storage.get(k)), b"new")
+
+    def test_put_empty(self) -> None:
+        """An empty object is stored and got back as empty bytes, not None."""
+        k = key("builds", "empty")
+        self.result(self.storage.put(k, b"", "application/json"))
+        self.assertEqual(self.result(self.storage.get(k)), b"")
+
+    def test_get_absent(self) -> None:
+        """Getting a key that was never put gives None."""
+        self.assertIsNone(self.result(self.storage.get(key("manifests", "absent"))))
+
+    def test_has(self) -> None:
+        """has is false before a put and true after it, for that key only."""
+        k = key("builds", "has")
+        self.assertFalse(self.result(self.storage.has(k)))
+        self.result(self.storage.put(k, b"{}", "application/json"))
+        self.assertTrue(self.result(self.storage.has(k)))
+        self.assertFalse(self.result(self.storage.has(key("manifests", "has"))))
+
+    def test_invalid_keys_rejected(self) -> None:
+        """Keys outside the three prefixes plus 64 lowercase hex raise ValueError at once."""
+        for bad in INVALID_KEYS:
+            with self.subTest(key=bad):
+                self.assertRaises(ValueError, self.storage.put, bad, b"x", "text/plain")
+                self.assertRaises(ValueError, self.storage.get, bad)
+                self.assertRaises(ValueError, self.storage.has, bad)
+
+    def test_invalid_blob_digests_rejected(self) -> None:
+        """locate_blob and commit_blob refuse digests that are not 64 lowercase hex."""
+        for bad in ["../" + HEX[:61], HEX.upper(), HEX[:63], "sha256:" + HEX, HEX[:63] + "\x00"]:
+            with self.subTest(digest=bad):
+                self.assertRaises(ValueError, self.storage.locate_blob, bad)
+        path, info = self.stage(b"blob")
+        bad_info = BlobInfo(info.digest.removeprefix("sha256:"), info.diff_id, info.size, info.md5)
+        self.assertRaises(ValueError, self.storage.commit_blob, path, bad_info)
+        self.storage.discard(path)
+
+    def test_commit_then_locate(self) -> None:
+        """A committed blob is located with its bytes and size, and is gettable by key."""
+        data = b"layer bytes " * 1000
+        path, info = self.stage(data)
+        self.result(self.storage.commit_blob(path, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.assertEqual(self.located_bytes(self.result(self.storage.locate_blob(hexdigest))), data)
+        self.assertEqual(self.result(self.storage.get("layers/" + hexdigest)), data)
+        self.assertTrue(self.result(self.storage.has("layers/" + hexdigest)))
+
+    def test_commit_removes_staged_file(self) -> None:
+        """After a commit the staged file no longer exists."""
+        path, info = self.stage(b"gone afterwards")
+        self.result(self.storage.commit_blob(path, info))
+        self.assertFalse(os.path.exists(path))
+
+    def test_commit_twice_is_idempotent(self) -> None:
+        """Committing the same blob again keeps it and just discards the new staged file."""
+        data = b"the same layer"
+        first, info = self.stage(data)
+        self.result(self.storage.commit_blob(first, info))
+        second, _ = self.stage(data)
+        self.result(self.storage.commit_blob(second, info))
+        self.assertFalse(os.path.exists(second))
+        location = self.result(self.storage.locate_blob(info.digest.removeprefix("sha256:")))
+        self.assertEqual(self.located_bytes(location), data)
+
+    def test_commit_wrong_size(self) -> None:
+        """A staged file whose size is not the announced one is refused and not served."""
+        path, info = self.stage(b"truncated")
+        wrong = BlobInfo(info.digest, info.diff_id, info.size + 1, info.md5)
+        self.failureResultOf(self.storage.commit_blob(path, wrong), StorageError)
+        self.assertIsNone(self.result(self.storage.locate_blob(info.digest.removeprefix("sha256:"))))
+        self.assertFalse(os.path.exists(path))
+
+    def test_put_blob_is_locatable(self) -> None:
+        """A small blob written with put (a config, a manifest) is located like a committed one."""
+        data = b'{"schemaVersion":2}'
+        info = blob_info(data)
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.result(self.storage.put("layers/" + hexdigest, data, "application/octet-stream"))
+        self.assertEqual(self.located_bytes(self.result(self.storage.locate_blob(hexdigest))), data)
+
+    def test_locate_unknown(self) -> None:
+        """Locating a blob that was never stored gives None."""
+        self.assertIsNone(self.result(self.storage.locate_blob(HEX)))
+
+    def test_staged_files_are_not_visible(self) -> None:
+        """A staged, uncommitted blob is neither located nor found by key."""
+        path, info = self.stage(b"not yet")
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.assertIsNone(self.result(self.storage.locate_blob(hexdigest)))
+        self.assertFalse(self.result(self.storage.has("layers/" + hexdigest)))
+        self.assertIsNone(self.result(self.storage.get("layers/" + hexdigest)))
+        self.assertRaises(ValueError, self.storage.get, "staging/" + os.path.basename(path))
+        self.storage.discard(path)
+
+    def test_discard(self) -> None:
+        """discard removes a staged file and accepts one that is already gone."""
+        path, info = self.stage(b"unwanted")
+        self.storage.discard(path)
+        self.assertFalse(os.path.exists(path))
+        self.storage.discard(path)
+        self.assertIsNone(self.result(self.storage.locate_blob(info.digest.removeprefix("sha256:"))))
+
+    def test_staging_paths_are_fresh(self) -> None:
+        """Each staging path is new, absent and in an existing directory."""
+        first, second = self.storage.staging_path(), self.storage.staging_path()
+        self.assertNotEqual(first, second)
+        for path in (first, second):
+            self.assertFalse(os.path.exists(path))
+            self.assertTrue(os.path.isdir(os.path.dirname(path)))
+
+
+class MemoryStorageTests(StorageContract, SynchronousTestCase):
+    def make_storage(self) -> IStorage:
+        return MemoryStorage()
+
+
+class FilesystemStorageTests(StorageContract, SynchronousTestCase):
+    def make_storage(self) -> IStorage:
+        self.root = Path(self.mktemp()).absolute()
+        return FilesystemStorage(str(self.root), inline)
+
+    def test_located_file_is_under_layers(self) -> None:
+        """A committed blob is served from root/layers/<hex>."""
+        path, info = self.stage(b"on disk")
+        self.result(self.storage.commit_blob(path, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        location = self.result(self.storage.locate_blob(hexdigest))
+        self.assertEqual(location, LocalFile(str(self.root / "layers" / hexdigest), len(b"on disk")))
+
+
+class FilesystemOnlyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).absolute()
+
+    def listing(self, name: str) -> list[str]:
+        return sorted(os.listdir(self.root / name))
+
+    def test_layout_created(self) -> None:
+        """Starting creates the four directories of the layout under the root."""
+        FilesystemStorage(str(self.root), inline)
+        self.assertEqual(sorted(os.listdir(self.root)), ["builds", "layers", "manifests", "staging"])
+
+    def test_crash_leftovers_removed_at_start(self) -> None:
+        """Staging files left by a crash are removed at the next start; served objects stay."""
+        storage = FilesystemStorage(str(self.root), inline)
+        kept = key("manifests", "kept")
+        self.successResultOf(storage.put(kept, b"record", "application/json"))
+        # A crash while a layer was being written, before it was renamed into place.
+        partial = storage.staging_path()
+        Path(partial).write_bytes(b"half a lay")
+        (self.root / "staging" / "leftover-dir").mkdir()
+        (self.root / "staging" / "leftover-dir" / "f").write_bytes(b"x")
+
+        again = FilesystemStorage(str(self.root), inline)
+        self.assertEqual(self.listing("staging"), [])
+        self.assertEqual(self.listing("layers"), [])
+        self.assertEqual(self.successResultOf(again.get(kept)), b"record")
+        hexdigest = hashlib.sha256(b"half a lay").hexdigest()
+        self.assertIsNone(self.successResultOf(again.locate_blob(hexdigest)))
+
+    def test_root_not_creatable(self) -> None:
+        """A root that cannot be created is a ValueError naming the path."""
+        blocker = self.root.parent / "a-file"
+        blocker.write_bytes(b"")
+        root = blocker / "store"
+        with self.assertRaises(ValueError) as raised:
+            FilesystemStorage(str(root), inline)
+        self.assertIn(str(root), str(raised.exception))
+
+    def test_offload_failure_is_storage_error(self) -> None:
+        """An OSError from the offload becomes a StorageError that says the disk is full."""
+
+        def full(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        storage = FilesystemStorage(str(self.root), full)
+        failure = self.failureResultOf(storage.put(key("builds", "full"), b"{}", "application/json"), StorageError)
+        self.assertIn("disk is full", str(failure.value))
+        self.assertEqual(self.listing("builds"), [])
+
+    def test_write_failure_leaves_nothing_partial(self) -> None:
+        """A write that fails half-way gives StorageError and leaves no object and no staging file."""
+        storage = FilesystemStorage(str(self.root), inline)
+        k = key("layers", "too big")
+        with _file_size_limit(4096):
+            d = storage.put(k, b"x" * 100_000, "application/octet-stream")
+        self.failureResultOf(d, StorageError)
+        self.assertIsNone(self.successResultOf(storage.get(k)))
+        self.assertEqual(self.listing("layers"), [])
+        self.assertEqual(self.listing("staging"), [])
+
+    def test_commit_failure_leaves_nothing_partial(self) -> None:
+        """A commit from outside staging that fails while copying leaves nothing under layers/."""
+        storage = FilesystemStorage(str(self.root), inline)
+        outside = self.root.parent / "outside-blob"
+        data = b"y" * 100_000
+        outside.write_bytes(data)
+        info = blob_info(data)
+        with _file_size_limit(4096):
+            d = storage.commit_blob(str(outside), info)
+        self.failureResultOf(d, StorageError)
+        self.assertEqual(self.listing("layers"), [])
+        self.assertEqual(self.listing("staging"), [])
+        self.assertFalse(outside.exists())
+
+    def test_commit_from_outside_staging(self) -> None:
+        """A blob staged elsewhere is copied in, committed, and its staged file removed."""
+        storage = FilesystemStorage(str(self.root), inline)
+        outside = self.root.parent / "elsewhere"
+        outside.write_bytes(b"from elsewhere")
+        info = blob_info(b"from elsewhere")
+        self.successResultOf(storage.commit_blob(str(outside), info))
+        self.assertFalse(outside.exists())
+        self.assertEqual(self.listing("staging"), [])
+        location = self.successResultOf(storage.locate_blob(info.digest.removeprefix("sha256:")))
+        self.assertEqual(Path(location.path).read_bytes(), b"from elsewhere")
+
+
+class _file_size_limit:
+    """Within the block, writing a file past ``limit`` bytes fails with EFBIG (even as root)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def __enter__(self) -> None:
+        self.saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+        self.handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.saved[1]))
+
+    def __exit__(self, *exc: object) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)
+        signal.signal(signal.SIGXFSZ, self.handler)
