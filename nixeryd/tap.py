@@ -91,7 +91,10 @@ class ThreadPoolService(Service):
 
 def _storage(config: Config, offload: Any) -> IStorage:
     if config.storage_backend == "filesystem":
-        return FilesystemStorage(config.storage_path, offload)
+        try:
+            return FilesystemStorage(config.storage_path, offload)
+        except ValueError as e:
+            raise ConfigError(f"STORAGE_PATH: {e}") from None
     raise ConfigError(
         f"NIXERY_STORAGE_BACKEND: the {config.storage_backend!r} backend is not available in this version"
     )
