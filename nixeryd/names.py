@@ -4,7 +4,9 @@ Pure: no I/O, no Twisted.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -35,3 +37,87 @@ class NameInvalid(ValueError):
 
 class ReferenceInvalid(ValueError):
     """The tag or digest breaks the registry grammar (400/404 with a registry error)."""
+
+
+class TagInvalid(ReferenceInvalid):
+    """A tag outside the registry grammar."""
+
+
+class DigestInvalid(ReferenceInvalid):
+    """A digest that is not ``sha256:`` and 64 lowercase hex digits (400 DIGEST_INVALID)."""
+
+
+@dataclass(frozen=True)
+class Tag:
+    value: str
+
+
+@dataclass(frozen=True)
+class Digest:
+    hex: str
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hex
+
+
+MAX_NAME_LENGTH = 255
+DEFAULT_BASE_PACKAGES: tuple[str, ...] = ("cacert", "iana-etc")
+SHELL_PACKAGES: tuple[str, ...] = ("bashInteractive", "coreutils", "moreutils", "nano")
+
+_COMPONENT = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_SHA256 = re.compile(r"[a-f0-9]{64}")
+_ALGORITHM = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")
+
+
+def parse_name(name: str, base_packages: Sequence[str] = DEFAULT_BASE_PACKAGES) -> Image:
+    """The image a repository name asks for; ``NameInvalid`` if it breaks the grammar."""
+    if not name:
+        raise NameInvalid("the repository name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise NameInvalid(f"the repository name is longer than {MAX_NAME_LENGTH} characters")
+    components = name.split("/")
+    for component in components:
+        if not _COMPONENT.fullmatch(component):
+            shown = component if component.isprintable() else repr(component)
+            raise NameInvalid(
+                f"invalid path component {shown!r}: components are lowercase letters and digits, "
+                "separated by single '.', '_' or '-'"
+            )
+    shell = False
+    arch = AMD64
+    rest = components
+    while rest and rest[0] in ("shell", "arm64"):
+        if rest[0] == "shell":
+            shell = True
+        else:
+            arch = ARM64
+        rest = rest[1:]
+    packages = set(rest) | set(base_packages)
+    if shell:
+        packages |= set(SHELL_PACKAGES)
+    return Image(name=name, packages=tuple(sorted(packages)), arch=arch, shell=shell)
+
+
+def parse_digest(value: str) -> Digest:
+    """A ``sha256:<hex>`` digest; ``DigestInvalid`` for anything else."""
+    algorithm, sep, hexdigest = value.partition(":")
+    if not sep or not _ALGORITHM.fullmatch(algorithm):
+        raise DigestInvalid("invalid digest: expected sha256:<64 hex digits>")
+    if algorithm != "sha256":
+        raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}: only sha256 is served")
+    if not _SHA256.fullmatch(hexdigest):
+        raise DigestInvalid("invalid sha256 digest: expected 64 lowercase hex digits")
+    return Digest(hexdigest)
+
+
+def parse_reference(ref: str) -> Tag | Digest:
+    """A manifest reference: a digest when it has a ':', else a tag."""
+    if ":" in ref:
+        return parse_digest(ref)
+    if not _TAG.fullmatch(ref):
+        raise TagInvalid(
+            "invalid tag: up to 128 letters, digits, '_', '.' and '-', not starting with '.' or '-'"
+        )
+    return Tag(ref)

@@ -1,0 +1,144 @@
+"""Settings: the environment (with the Go Nixery's names) and option overrides.
+
+The only module that interprets environment variables; it is handed the mapping
+and never reads the process environment itself. Pure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, TypeVar
+
+from nixeryd.names import DEFAULT_BASE_PACKAGES
+from nixeryd.pkgsource import ChannelSource, GitSource, PackageSource, PathSource
+
+BACKENDS = ("filesystem", "gcs")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A missing or bad setting; ``str()`` is one line naming it."""
+
+
+def _int(variable: str, raw: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{variable}: must be a whole number {bound}, got {raw!r}")
+    return value
+
+
+def _seconds(variable: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{variable}: must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _packages(raw: str) -> tuple[str, ...]:
+    names = tuple(p for p in re.split(r"[\s,]+", raw) if p)
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", name):
+            raise ConfigError(f"NIXERY_BASE_PACKAGES: {name!r} is not a package attribute name")
+    return names
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything nixeryd is configured with."""
+
+    listen: tuple[str, ...] = ("tcp:8080",)
+    source: PackageSource = ChannelSource("nixos-unstable")
+    storage_backend: str = "filesystem"
+    storage_path: str = "var"
+    gcs_bucket: str | None = None
+    google_credentials: str | None = None
+    nix_timeout: float = 60.0
+    popularity_url: str | None = None
+    base_packages: tuple[str, ...] = DEFAULT_BASE_PACKAGES
+    layer_budget: int = 94
+    cache_ttl: float = 6 * 3600.0
+    max_builds: int = 2
+    build_queue: int = 64
+    nix_dir: str | None = None
+    child_environment: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("--listen: at least one endpoint is needed")
+        if self.storage_backend not in BACKENDS:
+            raise ConfigError(
+                f"NIXERY_STORAGE_BACKEND: must be one of {', '.join(BACKENDS)}, "
+                f"got {self.storage_backend!r}"
+            )
+        if self.storage_backend == "gcs" and not self.gcs_bucket:
+            raise ConfigError("GCS_BUCKET: must be set when NIXERY_STORAGE_BACKEND is gcs")
+        if not (self.nix_timeout > 0 and math.isfinite(self.nix_timeout)):
+            raise ConfigError(f"NIX_TIMEOUT: must be a positive number of seconds, got {self.nix_timeout!r}")
+        if not 2 <= self.layer_budget <= 125:
+            raise ConfigError(f"NIXERY_LAYER_BUDGET: must be between 2 and 125, got {self.layer_budget}")
+        if self.max_builds < 1:
+            raise ConfigError(f"NIXERY_MAX_BUILDS: must be at least 1, got {self.max_builds}")
+        if self.build_queue < 0:
+            raise ConfigError(f"NIXERY_BUILD_QUEUE: must be at least 0, got {self.build_queue}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], *, cwd: str = ".", cpu_count: int = 2) -> Config:
+        """The settings in ``environ``; relative paths are taken against ``cwd``."""
+
+        def get(variable: str) -> str | None:
+            value = environ.get(variable)
+            return value if value not in (None, "") else None
+
+        def parsed(variable: str, parse: Callable[[str, str], T], default: T) -> T:
+            raw = get(variable)
+            return default if raw is None else parse(variable, raw)
+
+        def absolute(path: str) -> str:
+            return os.path.normpath(os.path.join(cwd, path))
+
+        port = parsed("PORT", lambda v, raw: _int(v, raw, 1, 65535), 8080)
+        repo, path = get("NIXERY_PKGS_REPO"), get("NIXERY_PKGS_PATH")
+        if repo and path:
+            raise ConfigError("NIXERY_PKGS_REPO, NIXERY_PKGS_PATH: set at most one of them")
+        source: PackageSource
+        if path:
+            source = PathSource(absolute(path))
+        elif repo:
+            source = GitSource(repo)
+        else:
+            source = ChannelSource(get("NIXERY_CHANNEL") or "nixos-unstable")
+        raw_base = environ.get("NIXERY_BASE_PACKAGES")
+        credentials = get("GOOGLE_APPLICATION_CREDENTIALS")
+        nix_dir = get("NIXERY_NIX_DIR")
+        return cls(
+            listen=(f"tcp:{port}",),
+            source=source,
+            storage_backend=get("NIXERY_STORAGE_BACKEND") or "filesystem",
+            storage_path=absolute(get("STORAGE_PATH") or "var"),
+            gcs_bucket=get("GCS_BUCKET"),
+            google_credentials=absolute(credentials) if credentials else None,
+            nix_timeout=parsed("NIX_TIMEOUT", _seconds, 60.0),
+            popularity_url=get("NIX_POPULARITY_URL"),
+            base_packages=DEFAULT_BASE_PACKAGES if raw_base is None else _packages(raw_base),
+            layer_budget=parsed("NIXERY_LAYER_BUDGET", lambda v, raw: _int(v, raw, 2, 125), 94),
+            cache_ttl=parsed("NIXERY_CACHE_TTL", _seconds, 6 * 3600.0),
+            max_builds=parsed("NIXERY_MAX_BUILDS", lambda v, raw: _int(v, raw, 1), max(1, cpu_count)),
+            build_queue=parsed("NIXERY_BUILD_QUEUE", lambda v, raw: _int(v, raw, 0), 64),
+            nix_dir=absolute(nix_dir) if nix_dir else None,
+            child_environment=dict(environ),
+        )
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """These settings with some replaced, checked by the same rules."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,95 @@
+"""Where packages come from: a nixpkgs channel or commit, a git repository, a path.
+
+Each source says what to hand the Nix expression, whether an image built from
+it at a tag can be cached for good, and what identifies it in cache keys. Pure.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+_REV = re.compile(r"[0-9a-f]{40}")
+
+
+def is_rev(value: str) -> bool:
+    """A full 40-hex git commit."""
+    return _REV.fullmatch(value) is not None
+
+
+class PackageSource(Protocol):
+    def nix_source(self, tag: str) -> dict[str, str]:
+        """The source as handed to nix/build.nix (``--argstr source <json>``)."""
+
+    def pinned(self, tag: str) -> bool:
+        """Whether the package set at ``tag`` can never change."""
+
+    def identity(self, tag: str) -> str:
+        """What the package set at ``tag`` is, for cache keys."""
+
+    def describe(self) -> str:
+        """One line for people."""
+
+
+@dataclass(frozen=True)
+class ChannelSource:
+    """A nixpkgs channel (``nixos-unstable``) or commit; the tag is ignored."""
+
+    channel: str
+
+    def nix_source(self, tag: str) -> dict[str, str]:
+        if is_rev(self.channel):
+            return {"type": "channel", "rev": self.channel}
+        return {"type": "channel", "channel": self.channel}
+
+    def pinned(self, tag: str) -> bool:
+        return is_rev(self.channel)
+
+    def identity(self, tag: str) -> str:
+        return "channel:" + self.channel
+
+    def describe(self) -> str:
+        kind = "nixpkgs commit" if is_rev(self.channel) else "nixpkgs channel"
+        return f"{kind} {self.channel}"
+
+
+@dataclass(frozen=True)
+class GitSource:
+    """A git repository; the tag is a ref, a 40-hex revision, or ``latest`` for HEAD."""
+
+    url: str
+
+    def nix_source(self, tag: str) -> dict[str, str]:
+        if tag == "latest":
+            return {"type": "git", "url": self.url}
+        if is_rev(tag):
+            return {"type": "git", "url": self.url, "rev": tag}
+        return {"type": "git", "url": self.url, "ref": tag}
+
+    def pinned(self, tag: str) -> bool:
+        return is_rev(tag)
+
+    def identity(self, tag: str) -> str:
+        return f"git:{self.url}@{tag}"
+
+    def describe(self) -> str:
+        return f"git repository {self.url} (tags are refs or revisions)"
+
+
+@dataclass(frozen=True)
+class PathSource:
+    """A package set on local disk: a moving target, never cached for good."""
+
+    path: str
+
+    def nix_source(self, tag: str) -> dict[str, str]:
+        return {"type": "path", "path": self.path}
+
+    def pinned(self, tag: str) -> bool:
+        return False
+
+    def identity(self, tag: str) -> str:
+        return "path:" + self.path
+
+    def describe(self) -> str:
+        return f"local package set {self.path}"

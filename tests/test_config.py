@@ -1,0 +1,80 @@
+"""Settings from the environment, and their errors."""
+from __future__ import annotations
+
+import pytest
+
+from nixeryd.config import Config, ConfigError
+from nixeryd.pkgsource import ChannelSource, GitSource, PathSource
+
+
+def test_defaults() -> None:
+    """An empty environment gives the documented defaults."""
+    config = Config.from_env({}, cwd="/srv", cpu_count=8)
+    assert config.listen == ("tcp:8080",)
+    assert config.source == ChannelSource("nixos-unstable")
+    assert (config.storage_backend, config.storage_path) == ("filesystem", "/srv/var")
+    assert (config.nix_timeout, config.layer_budget, config.cache_ttl) == (60, 94, 21600)
+    assert config.base_packages == ("cacert", "iana-etc")
+    assert (config.max_builds, config.build_queue) == (8, 64)
+
+
+def test_every_variable() -> None:
+    """Each variable sets its setting."""
+    env = {
+        "PORT": "9000", "NIXERY_PKGS_REPO": "https://git.internal/p.git",
+        "STORAGE_PATH": "data", "NIX_TIMEOUT": "2.5", "NIX_POPULARITY_URL": "pop.json",
+        "NIXERY_BASE_PACKAGES": "cacert zlib, openssl", "NIXERY_LAYER_BUDGET": "10",
+        "NIXERY_CACHE_TTL": "60", "NIXERY_MAX_BUILDS": "3", "NIXERY_BUILD_QUEUE": "0",
+        "NIXERY_NIX_DIR": "/opt/nix",
+    }
+    config = Config.from_env(env, cwd="/srv")
+    assert config.listen == ("tcp:9000",)
+    assert config.source == GitSource("https://git.internal/p.git")
+    assert config.storage_path == "/srv/data"
+    assert config.nix_timeout == 2.5 and config.popularity_url == "pop.json"
+    assert config.base_packages == ("cacert", "zlib", "openssl")
+    assert (config.layer_budget, config.cache_ttl, config.max_builds, config.build_queue) == (10, 60, 3, 0)
+    assert config.nix_dir == "/opt/nix"
+    assert config.child_environment["PORT"] == "9000"
+
+
+def test_path_source_and_empty_base() -> None:
+    """A relative package path is made absolute; an empty base list means none."""
+    config = Config.from_env({"NIXERY_PKGS_PATH": "pkgs", "NIXERY_BASE_PACKAGES": ""}, cwd="/srv")
+    assert config.source == PathSource("/srv/pkgs") and config.base_packages == ()
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "0"}, "PORT"),
+        ({"PORT": "65536"}, "PORT"),
+        ({"NIX_TIMEOUT": "abc"}, "NIX_TIMEOUT"),
+        ({"NIX_TIMEOUT": "0"}, "NIX_TIMEOUT"),
+        ({"NIX_TIMEOUT": "inf"}, "NIX_TIMEOUT"),
+        ({"NIXERY_STORAGE_BACKEND": "s3"}, "NIXERY_STORAGE_BACKEND"),
+        ({"NIXERY_STORAGE_BACKEND": "gcs"}, "GCS_BUCKET"),
+        ({"NIXERY_LAYER_BUDGET": "1"}, "NIXERY_LAYER_BUDGET"),
+        ({"NIXERY_LAYER_BUDGET": "126"}, "NIXERY_LAYER_BUDGET"),
+        ({"NIXERY_CACHE_TTL": "-5"}, "NIXERY_CACHE_TTL"),
+        ({"NIXERY_MAX_BUILDS": "0"}, "NIXERY_MAX_BUILDS"),
+        ({"NIXERY_BUILD_QUEUE": "-1"}, "NIXERY_BUILD_QUEUE"),
+        ({"NIXERY_BASE_PACKAGES": "ok, ${evil}"}, "NIXERY_BASE_PACKAGES"),
+        ({"NIXERY_PKGS_REPO": "r", "NIXERY_PKGS_PATH": "p"}, "NIXERY_PKGS_PATH"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
+    """A bad setting is a one-line ConfigError naming the variable."""
+    with pytest.raises(ConfigError) as error:
+        Config.from_env(env)
+    message = str(error.value)
+    assert variable in message and "\n" not in message
+
+
+def test_overrides_are_checked() -> None:
+    """Overrides replace settings and obey the same rules."""
+    config = Config.from_env({})
+    assert config.with_overrides(listen=("tcp:1",)).listen == ("tcp:1",)
+    with pytest.raises(ConfigError):
+        config.with_overrides(layer_budget=500)

@@ -1,0 +1,36 @@
+"""Package sources: what Nix is handed, what is pinned, what keys a cache."""
+from __future__ import annotations
+
+from nixeryd.pkgsource import ChannelSource, GitSource, PathSource
+
+REV = "a" * 40
+
+
+def test_channel() -> None:
+    """A channel name moves; a channel commit is pinned; the tag is ignored."""
+    moving = ChannelSource("nixos-unstable")
+    assert moving.nix_source("v1") == {"type": "channel", "channel": "nixos-unstable"}
+    assert not moving.pinned(REV)
+    assert moving.identity("a") == moving.identity("b")
+    pinned = ChannelSource(REV)
+    assert pinned.nix_source("latest") == {"type": "channel", "rev": REV}
+    assert pinned.pinned("latest")
+
+
+def test_git_tags() -> None:
+    """latest is HEAD, a 40-hex tag is a revision, anything else a ref."""
+    source = GitSource("https://git.internal/pkgs.git")
+    assert source.nix_source("latest") == {"type": "git", "url": source.url}
+    assert source.nix_source(REV) == {"type": "git", "url": source.url, "rev": REV}
+    assert source.nix_source("release-1") == {"type": "git", "url": source.url, "ref": "release-1"}
+    assert source.pinned(REV) and not source.pinned("release-1") and not source.pinned("latest")
+    assert source.identity("a") != source.identity("b")
+
+
+def test_path() -> None:
+    """A path is never pinned and ignores the tag."""
+    source = PathSource("/srv/pkgs")
+    assert source.nix_source("x") == {"type": "path", "path": "/srv/pkgs"}
+    assert not source.pinned(REV)
+    assert source.identity("a") == source.identity("b") == "path:/srv/pkgs"
+    assert "/srv/pkgs" in source.describe()
