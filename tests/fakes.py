@@ -42,6 +42,7 @@ class FakeNix:
     hold: bool = False
     calls: list[tuple[str, ...]] = field(default_factory=list)
     pending: list[Deferred[NixBuild]] = field(default_factory=list)
+    _results: list[NixBuild] = field(default_factory=list)
 
     def build(self, source: Mapping[str, str], packages: Sequence[str], system: str,
               *, label: str = "") -> Deferred[NixBuild]:
@@ -58,8 +59,6 @@ class FakeNix:
         self.pending.append(d)
         self._results.append(result)
         return d
-
-    _results: list[NixBuild] = field(default_factory=list)
 
     def release(self) -> None:
         """Fire every held build."""

@@ -1,0 +1,274 @@
+"""Running Nix: nix-build of the image's packages, then the runtime closure.
+
+Nix runs as a child process through ``reactor.spawnProcess``; both pipes stream
+into a ``NixProcessProtocol`` that logs stderr lines as they arrive and keeps
+the tail for error messages. Every child runs in its own process group, so a
+build past its deadline is killed whole: SIGTERM, then SIGKILL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from nixeryd.layers import PathInfo
+
+log = Logger()
+
+NOT_FOUND_MARKER = re.compile(r"nixeryd-not-found: (\[.*\])")
+TAIL_LINES = 40
+MESSAGE_LINES = 12
+SETSID = "setsid"
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class NixBuild:
+    """What a build gives: the top-level paths and their whole runtime closure."""
+
+    roots: tuple[str, ...]
+    closure: Mapping[str, PathInfo]
+
+
+class NixError(Exception):
+    """Nix did not give the image."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = log_tail
+
+
+class PackagesNotFound(NixError):
+    """Some packages are not in the package set."""
+
+    def __init__(self, message: str, log_tail: str, packages: Sequence[str]) -> None:
+        super().__init__(message, log_tail)
+        self.packages = tuple(packages)
+
+
+class NixBuildFailed(NixError):
+    """Evaluation, a build, or the closure query failed."""
+
+
+class NixTimedOut(NixError):
+    """The build ran past its deadline and was killed."""
+
+
+@dataclass(frozen=True)
+class NixExit:
+    """How a Nix process ended."""
+
+    exit_code: int | None  # None when killed by a signal
+    signal: int | None
+    stdout: bytes
+    tail: tuple[str, ...]  # the last stderr lines
+    not_found: tuple[str, ...] | None  # names from the not-found marker, when Nix printed it
+
+
+class NixProcessProtocol(ProcessProtocol):
+    """Collects stdout, streams stderr lines into the log, keeps the tail."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.ended: Deferred[NixExit] = Deferred()
+        self._stdout: list[bytes] = []
+        self._partial = b""
+        self._tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._not_found: tuple[str, ...] | None = None
+
+    def outReceived(self, data: bytes) -> None:
+        self._stdout.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._line(line)
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        if not line.strip():
+            return
+        self._tail.append(line)
+        log.info("{line}", line=line, image=self.label, log_source="nix")
+        match = NOT_FOUND_MARKER.search(line)
+        if match:
+            try:
+                names = json.loads(match.group(1))
+                self._not_found = tuple(str(n) for n in names)
+            except ValueError:
+                pass
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = b""
+        exit_code: int | None = 0
+        sig: int | None = None
+        if isinstance(reason.value, ProcessTerminated):
+            exit_code = reason.value.exitCode
+            sig = reason.value.signal
+        elif not isinstance(reason.value, ProcessDone):
+            exit_code = None
+        self.ended.callback(
+            NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._not_found)
+        )
+
+
+def _tail_text(lines: Sequence[str], count: int = MESSAGE_LINES) -> str:
+    return "\n".join(lines[-count:])
+
+
+def parse_closure(data: bytes) -> dict[str, PathInfo]:
+    """``nix path-info --json --recursive`` output, as a list (Nix 2.8) or an object."""
+    doc: Any = json.loads(data)
+    entries: list[tuple[str, Any]]
+    if isinstance(doc, list):
+        entries = [(item["path"], item) for item in doc]
+    elif isinstance(doc, dict):
+        entries = list(doc.items())
+    else:
+        raise ValueError("unexpected path-info output")
+    closure = {}
+    for path, item in entries:
+        closure[path] = PathInfo(
+            path=path,
+            references=tuple(sorted(item.get("references") or ())),
+            nar_size=int(item["narSize"]),
+        )
+    return closure
+
+
+class NixBuilder:
+    """Builds package lists with Nix, within a deadline."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        nix_dir: str,
+        timeout: float,
+        environ: Mapping[str, str],
+        *,
+        kill_grace: float = 5.0,
+        killpg: Callable[[int, int], None] = os.killpg,
+    ) -> None:
+        self._reactor = reactor
+        self._build_nix = os.path.join(nix_dir, "build.nix")
+        self._timeout = timeout
+        self._environ = dict(environ)
+        self._environ.setdefault("PATH", DEFAULT_PATH)
+        self._kill_grace = kill_grace
+        self._killpg = killpg
+
+    async def build(
+        self, source: Mapping[str, str], packages: Sequence[str], system: str, *, label: str = ""
+    ) -> NixBuild:
+        """Build ``packages`` from ``source`` for ``system``; the closure comes with them."""
+        deadline = self._reactor.seconds() + self._timeout
+        built = await self.run(
+            [
+                "nix-build", self._build_nix, "--no-out-link",
+                "--argstr", "source", json.dumps(dict(source), sort_keys=True),
+                "--argstr", "packages", json.dumps(list(packages)),
+                "--argstr", "system", system,
+            ],
+            label,
+            deadline,
+        )
+        if built.exit_code != 0:
+            if built.not_found:
+                raise PackagesNotFound(
+                    "packages not found: " + ", ".join(built.not_found),
+                    _tail_text(built.tail),
+                    built.not_found,
+                )
+            raise NixBuildFailed(
+                "Nix failed to build the image:\n" + _tail_text(built.tail), _tail_text(built.tail)
+            )
+        roots = tuple(sorted({line for line in built.stdout.decode().split() if line}))
+        if not roots:
+            raise NixBuildFailed("Nix built nothing for this image")
+        queried = await self.run(
+            ["nix", "path-info", "--extra-experimental-features", "nix-command",
+             "--json", "--recursive", *roots],
+            label,
+            deadline,
+        )
+        if queried.exit_code != 0:
+            raise NixBuildFailed(
+                "Nix could not list the image's closure:\n" + _tail_text(queried.tail),
+                _tail_text(queried.tail),
+            )
+        try:
+            closure = parse_closure(queried.stdout)
+        except (ValueError, KeyError, TypeError) as e:
+            raise NixBuildFailed(f"unreadable closure from Nix: {e}") from None
+        return NixBuild(roots=roots, closure=closure)
+
+    async def run(self, argv: Sequence[str], label: str, deadline: float) -> NixExit:
+        """Run one Nix command in its own process group, killed at ``deadline``."""
+        protocol = NixProcessProtocol(label)
+        transport = self._reactor.spawnProcess(
+            protocol, SETSID, [SETSID, *argv], env=self._environ, usePTY=False
+        )
+        killer = _Killer(self._reactor, self._killpg, transport.pid, self._kill_grace)
+        timer = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), killer.start)
+        try:
+            result = await protocol.ended
+        finally:
+            if timer.active():
+                timer.cancel()
+            killer.stop()
+        if killer.fired:
+            log.warn("Nix ran past its deadline and was killed", image=label)
+            raise NixTimedOut(
+                f"the build took longer than {self._timeout:g} seconds and was stopped\n"
+                + _tail_text(result.tail),
+                _tail_text(result.tail),
+            )
+        return result
+
+
+class _Killer:
+    """Ends a process group: SIGTERM, then SIGKILL after a grace period."""
+
+    def __init__(
+        self, reactor: Any, killpg: Callable[[int, int], None], pid: int, grace: float
+    ) -> None:
+        self._reactor = reactor
+        self._killpg = killpg
+        self._pid = pid
+        self._grace = grace
+        self._hard: Any = None
+        self.fired = False
+
+    def start(self) -> None:
+        self.fired = True
+        self._signal(signal.SIGTERM)
+        self._hard = self._reactor.callLater(self._grace, self._signal, signal.SIGKILL)
+
+    def stop(self) -> None:
+        # The group leader has exited; whatever is left of the group goes too.
+        if self.fired:
+            self._signal(signal.SIGKILL)
+        if self._hard is not None and self._hard.active():
+            self._hard.cancel()
+
+    def _signal(self, sig: int) -> None:
+        try:
+            self._killpg(self._pid, sig)
+        except ProcessLookupError:
+            pass
+        except OSError as e:
+            log.warn("cannot signal Nix's process group: {error}", error=str(e))

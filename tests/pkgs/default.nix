@@ -1,0 +1,138 @@
+# A small package set for nixeryd's tests. It builds offline in seconds:
+# every builder is the host's /bin/sh (the Nix sandbox is off) and every
+# program is the static busybox from Debian's busybox-static, so images made
+# of these packages run in a chroot that holds nothing else.
+#
+# The `system` argument is accepted and ignored: derivations always build for
+# the machine running the tests, so `arm64/...` images can be built here too.
+{ system ? builtins.currentSystem, ... }:
+
+let
+  mk = name: script: derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-e" "-c" script ];
+    PATH = "/usr/bin:/bin";
+  };
+
+  busyboxBinary = builtins.path { path = /bin/busybox; name = "busybox-static-binary"; };
+
+  # A package of busybox applets: bin/<applet> -> busybox.
+  applets = name: list: mk name ''
+    mkdir -p $out/bin
+    for applet in ${builtins.concatStringsSep " " list}; do
+      ln -s ${busybox}/bin/busybox $out/bin/$applet
+    done
+  '';
+
+  # A script run by busybox's shell.
+  script = name: text: mk name ''
+    mkdir -p $out/bin
+    printf '#!${busybox}/bin/sh\n%s\n' '${text}' > $out/bin/${name}
+    chmod 0555 $out/bin/${name}
+  '';
+
+  busybox = mk "busybox-1.35" ''
+    mkdir -p $out/bin
+    cp ${busyboxBinary} $out/bin/busybox
+    chmod 0555 $out/bin/busybox
+    ln -s busybox $out/bin/sh
+  '';
+
+  libshared = mk "libshared-1.0" ''
+    mkdir -p $out/lib
+    echo "shared library data" > $out/lib/libshared.txt
+  '';
+
+  gamma = mk "gamma-0.3" ''
+    mkdir -p $out/share/gamma
+    echo "gamma data" > $out/share/gamma/data.txt
+  '';
+in
+{
+  inherit busybox libshared gamma;
+
+  bashInteractive = mk "bash-interactive-5.2" ''
+    mkdir -p $out/bin
+    printf '#!${busybox}/bin/sh\nexec ${busybox}/bin/busybox sh "$@"\n' > $out/bin/bash
+    chmod 0555 $out/bin/bash
+    ln -s ${busybox}/bin/busybox $out/bin/sh
+  '';
+
+  coreutils = applets "coreutils-9.1" [ "env" "ls" "cat" "echo" "true" "false" "mkdir" "rm" "cp" "mv" "id" "uname" "head" "wc" "stat" ];
+  moreutils = applets "moreutils-0.67" [ "ts" ];
+  nano = applets "nano-7.2" [ "vi" ];
+
+  cacert = mk "nss-cacert-3.92" ''
+    mkdir -p $out/etc/ssl/certs
+    echo "# test certificate bundle" > $out/etc/ssl/certs/ca-bundle.crt
+  '';
+
+  iana-etc = mk "iana-etc-20230316" ''
+    mkdir -p $out/etc
+    printf 'ip\t0\tIP\ntcp\t6\tTCP\n' > $out/etc/protocols
+    printf 'http\t80/tcp\n' > $out/etc/services
+  '';
+
+  hello = script "hello" "echo Hello from nixeryd";
+  git = script "git" "echo git version 2.40.1-test";
+  htop = script "htop" "echo htop 3.2.2-test";
+
+  alpha = mk "alpha-1.0" ''
+    mkdir -p $out/bin
+    printf '#!${busybox}/bin/sh\ncat ${libshared}/lib/libshared.txt\n' > $out/bin/alpha
+    chmod 0555 $out/bin/alpha
+  '';
+
+  beta = mk "beta-2.0" ''
+    mkdir -p $out/bin
+    printf '#!${busybox}/bin/sh\ncat ${libshared}/lib/libshared.txt ${gamma}/share/gamma/data.txt\n' > $out/bin/beta
+    chmod 0555 $out/bin/beta
+  '';
+
+  big = mk "big-1.0" ''
+    mkdir -p $out/share/big
+    head -c 110000000 /dev/zero > $out/share/big/blob
+    echo "big ${busybox}" > $out/share/big/README
+  '';
+
+  oddnames = mk "oddnames-1.0" ''
+    d=$out/share/odd
+    mkdir -p "$d/with space" "$d/empty dir" "$d/ünïcødé"
+    echo spaced > "$d/with space/file name.txt"
+    echo unicode > "$d/ünïcødé/日本語.txt"
+    long=$(printf 'n%.0s' $(seq 1 150))
+    echo long > "$d/$long"
+    deep="$d/aaaaaaaaaaaaaaaaaaaaaaaaa/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb/cccccccccccccccccccccccccccccc/dddddddddddddddddddddddddddddd"
+    mkdir -p "$deep"
+    echo deep > "$deep/file.txt"
+    ln -s "with space/file name.txt" "$d/link to spaced"
+    printf '#!/bin/sh\necho run\n' > "$d/run.sh"
+    chmod 0755 "$d/run.sh"
+  '';
+
+  broken = mk "broken-1.0" ''
+    echo "broken-1.0: this package is meant to fail to build" >&2
+    exit 3
+  '';
+
+  hangs = mk "hangs-1.0" ''
+    echo "hangs-1.0: sleeping for good" >&2
+    sleep 100000
+  '';
+
+  pythonPackages = {
+    requests = mk "python-requests-2.31" ''
+      mkdir -p $out/lib/python
+      echo "requests" > $out/lib/python/requests.py
+    '';
+  };
+
+  libX11 = mk "libX11-1.8" ''
+    mkdir -p $out/lib
+    echo "x11" > $out/lib/libX11.txt
+  '';
+
+  _1password = script "1password" "echo 1password-test";
+}
