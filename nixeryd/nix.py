@@ -101,7 +101,7 @@ class NixProcessProtocol(ProcessProtocol):
         if not line.strip():
             return
         self._tail.append(line)
-        log.info("{line}", line=line, image=self.label, log_source="nix")
+        log.info("{line}", line=line, image=self.label, build_log=True)
         match = NOT_FOUND_MARKER.search(line)
         if match:
             try:

@@ -1,0 +1,273 @@
+"""The Nix boundary: the process protocol, deadlines, and real nix-build on tests/pkgs."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import provider
+
+from nixeryd.nix import (
+    NixBuild,
+    NixBuildFailed,
+    NixBuilder,
+    NixProcessProtocol,
+    NixTimedOut,
+    PackagesNotFound,
+    parse_closure,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+NIX_DIR = str(ROOT / "nix")
+PKGS = str(ROOT / "tests" / "pkgs")
+PATH_SOURCE = {"type": "path", "path": PKGS}
+SYSTEM = "x86_64-linux"
+
+
+class FakeProcessTransport:
+    """Stands for a spawned process: only its pid is used."""
+
+    pid = 4242
+
+
+class ProcessReactor(Clock):
+    """A Clock that records spawned processes instead of starting them (the OS edge)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[NixProcessProtocol, list[str]]] = []
+
+    def spawnProcess(self, protocol: NixProcessProtocol, executable: str, args: list[str],
+                     env: Any = None, usePTY: bool = False) -> FakeProcessTransport:
+        self.spawned.append((protocol, list(args)))
+        return FakeProcessTransport()
+
+
+class ProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events: list[LogEvent] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            if event.get("build_log"):
+                self.events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def test_stderr_lines_are_logged_as_they_arrive(self) -> None:
+        """Each complete stderr line is logged at once, even split across reads."""
+        protocol = NixProcessProtocol("img")
+        protocol.errReceived(b"building '/nix/store/a.drv'...\nhal")
+        self.assertEqual([e["line"] for e in self.events], ["building '/nix/store/a.drv'..."])
+        protocol.errReceived(b"f a line\n")
+        self.assertEqual(self.events[-1]["line"], "half a line")
+        self.assertEqual(self.events[-1]["image"], "img")
+
+    def test_tail_stdout_and_exit_code(self) -> None:
+        """The end result holds stdout, the last 40 stderr lines and the exit code."""
+        protocol = NixProcessProtocol("img")
+        protocol.outReceived(b"/nix/store/abc-x\n")
+        for i in range(100):
+            protocol.errReceived(f"line {i}\n".encode())
+        protocol.errReceived(b"no newline at the end")
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        result = self.successResultOf(protocol.ended)
+        self.assertEqual(result.exit_code, 1)
+        self.assertEqual(result.stdout, b"/nix/store/abc-x\n")
+        self.assertEqual(len(result.tail), 40)
+        self.assertEqual(result.tail[-1], "no newline at the end")
+        self.assertEqual(result.tail[0], "line 61")
+
+    def test_not_found_marker(self) -> None:
+        """The not-found line of build.nix is read into the list of names."""
+        protocol = NixProcessProtocol("img")
+        protocol.errReceived(b'error: nixeryd-not-found: ["a","b.c"]\n(use --show-trace)\n')
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.assertEqual(self.successResultOf(protocol.ended).not_found, ("a", "b.c"))
+
+    def test_clean_exit(self) -> None:
+        """A clean exit is exit code 0."""
+        protocol = NixProcessProtocol("img")
+        protocol.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(protocol.ended).exit_code, 0)
+
+
+class DeadlineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = ProcessReactor()
+        self.signals: list[tuple[int, int]] = []
+        self.builder = NixBuilder(
+            self.reactor, NIX_DIR, 10, {}, kill_grace=5,
+            killpg=lambda pid, sig: self.signals.append((pid, sig)),
+        )
+
+    def test_group_gets_term_then_kill(self) -> None:
+        """Past the deadline the process group gets SIGTERM, then SIGKILL after the grace."""
+        d = ensureDeferred(self.builder.build(PATH_SOURCE, ["hangs"], SYSTEM))
+        (protocol, args), = self.reactor.spawned
+        self.assertEqual(args[:2], ["setsid", "nix-build"])
+        self.reactor.advance(9.9)
+        self.assertEqual(self.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(self.signals, [(4242, signal.SIGTERM)])
+        self.reactor.advance(5)
+        self.assertEqual(self.signals[-1], (4242, signal.SIGKILL))
+        self.assertNoResult(d)
+        protocol.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        self.failureResultOf(d, NixTimedOut)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_one_deadline_for_build_and_closure(self) -> None:
+        """The closure query gets what is left of the build's deadline, not a new one."""
+        d = ensureDeferred(self.builder.build(PATH_SOURCE, ["hello"], SYSTEM))
+        (protocol, _), = self.reactor.spawned
+        self.reactor.advance(7)
+        protocol.outReceived(b"/nix/store/aaaa-hello\n")
+        protocol.processEnded(Failure(ProcessDone(0)))
+        (query, args) = self.reactor.spawned[1]
+        self.assertIn("path-info", args)
+        self.reactor.advance(3)
+        self.assertEqual(self.signals, [(4242, signal.SIGTERM)])
+        query.processEnded(Failure(ProcessTerminated(signal=signal.SIGTERM)))
+        self.failureResultOf(d, NixTimedOut)
+
+    def test_finished_in_time_is_not_killed(self) -> None:
+        """A build that ends in time is never signalled and leaves no timer."""
+        d = ensureDeferred(self.builder.build(PATH_SOURCE, ["hello"], SYSTEM))
+        protocol, _ = self.reactor.spawned[0]
+        protocol.outReceived(b"/nix/store/aaaa-hello\n")
+        protocol.processEnded(Failure(ProcessDone(0)))
+        query, _ = self.reactor.spawned[1]
+        query.outReceived(json.dumps(
+            [{"path": "/nix/store/aaaa-hello", "narSize": 10, "references": []}]).encode())
+        query.processEnded(Failure(ProcessDone(0)))
+        build = self.successResultOf(d)
+        self.assertEqual(build.roots, ("/nix/store/aaaa-hello",))
+        self.assertEqual(self.signals, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+def test_parse_closure_both_shapes() -> None:
+    """path-info's list output (Nix 2.8) and object output (newer Nix) read the same."""
+    listed = b'[{"path":"/nix/store/a-x","narSize":5,"references":["/nix/store/b-y","/nix/store/a-x"]}]'
+    keyed = b'{"/nix/store/a-x":{"narSize":5,"references":["/nix/store/a-x","/nix/store/b-y"]}}'
+    assert parse_closure(listed) == parse_closure(keyed)
+    info = parse_closure(listed)["/nix/store/a-x"]
+    assert info.references == ("/nix/store/a-x", "/nix/store/b-y") and info.nar_size == 5
+
+
+# Real Nix on the test package set, on the real reactor.
+
+@pytest.fixture
+def builder(nix_env: dict[str, str]) -> NixBuilder:
+    from twisted.internet import reactor
+
+    return NixBuilder(reactor, NIX_DIR, 60, nix_env, kill_grace=2)
+
+
+def build(builder: NixBuilder, packages: list[str], source: dict[str, str] = PATH_SOURCE) -> Deferred[NixBuild]:
+    return ensureDeferred(builder.build(source, packages, SYSTEM, label="test"))
+
+
+def names(paths: Any) -> set[str]:
+    return {p.split("-", 1)[1] for p in paths}
+
+
+@pytest_twisted.ensureDeferred
+async def test_build_gives_roots_and_closure(builder: NixBuilder) -> None:
+    """Roots are the packages' outputs; the closure holds their shared dependencies."""
+    result = await build(builder, ["alpha", "beta"])
+    assert names(result.roots) == {"alpha-1.0", "beta-2.0"}
+    by_name = {p.split("-", 1)[1]: info for p, info in result.closure.items()}
+    shared = next(p for p in result.closure if p.endswith("-libshared-1.0"))
+    assert shared in by_name["alpha-1.0"].references
+    assert shared in by_name["beta-2.0"].references
+    assert {"gamma-0.3", "busybox-1.35"} <= set(by_name)
+    assert all(info.nar_size > 0 for info in result.closure.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_name_rules(builder: NixBuilder) -> None:
+    """Case-insensitive top level, leading digits, nested sets, meta outputs."""
+    result = await build(builder, ["libx11", "1password", "pythonPackages.requests"])
+    assert names(result.roots) == {"libX11-1.8", "1password", "python-requests-2.31"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_packages_are_all_named(builder: NixBuilder) -> None:
+    """Every missing package is named, nested ones included, and known ones are not."""
+    with pytest.raises(PackagesNotFound) as error:
+        await build(builder, ["hello", "nosuch", "pythonPackages.nosuch", "hello.nosuch"])
+    assert error.value.packages == ("nosuch", "pythonPackages.nosuch", "hello.nosuch")
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_build_reports_nix_output(builder: NixBuilder) -> None:
+    """A failing builder is NixBuildFailed with the builder's own words in it."""
+    with pytest.raises(NixBuildFailed) as error:
+        await build(builder, ["broken"])
+    assert "meant to fail" in error.value.message
+
+
+def group_members(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hanging_build_is_killed_whole(nix_env: dict[str, str]) -> None:
+    """A build past NIX_TIMEOUT fails with NixTimedOut and leaves no process behind."""
+    from twisted.internet import reactor
+
+    builder = NixBuilder(reactor, NIX_DIR, 2, nix_env, kill_grace=2)
+    with pytest.raises(NixTimedOut):
+        await build(builder, ["hangs"])
+    # Nix takes its builder down on SIGTERM; give it a moment on the real clock.
+    for _ in range(50):
+        if not group_members("sleep 100000"):
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    assert group_members("sleep 100000") == []
+
+
+@pytest.fixture
+def git_pkgs(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A git repository holding the test package set: (url, first revision)."""
+    repo = tmp_path / "pkgs.git"
+    shutil.copytree(PKGS, repo)
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    rev = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([*git, "checkout", "-q", "-b", "release"], check=True)
+    text = (repo / "default.nix").read_text().replace("echo Hello from nixeryd", "echo Hello from release")
+    (repo / "default.nix").write_text(text)
+    subprocess.run([*git, "commit", "-qam", "release"], check=True)
+    subprocess.run([*git, "checkout", "-q", "main"], check=True)
+    yield "file://" + str(repo), rev
+
+
+@pytest_twisted.ensureDeferred
+async def test_git_source_by_ref_and_rev(builder: NixBuilder, git_pkgs: tuple[str, str]) -> None:
+    """A git package set builds at a branch, at a revision, and at HEAD, each its own."""
+    url, rev = git_pkgs
+    at_ref = await build(builder, ["hello"], {"type": "git", "url": url, "ref": "release"})
+    at_rev = await build(builder, ["hello"], {"type": "git", "url": url, "rev": rev})
+    at_head = await build(builder, ["hello"], {"type": "git", "url": url})
+    assert at_rev.roots == at_head.roots
+    assert at_ref.roots != at_rev.roots
+    (script,) = [Path(r) / "bin" / "hello" for r in at_ref.roots]
+    assert "Hello from release" in script.read_text()
