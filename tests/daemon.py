@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
+import threading
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -51,6 +50,8 @@ class Daemon:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     output: list[str] = field(default_factory=list)
+    _started: threading.Event = field(default_factory=threading.Event)
+    _reader: threading.Thread | None = None
 
     def start(self, timeout: float = 30.0) -> "Daemon":
         self.port = free_port()
@@ -62,21 +63,25 @@ class Daemon:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        assert self.process.stdout is not None
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stdout], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            line = self.process.stdout.readline().decode(errors="replace")
-            if not line:
-                break
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+        if self._started.wait(timeout):
+            return self
+        self.stop()
+        raise AssertionError("nixeryd did not start:\n" + self.log)
+
+    def _drain(self) -> None:
+        """Read the daemon's output as it comes, so that it never blocks on a full pipe."""
+        assert self.process is not None and self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            line = raw.decode(errors="replace")
             self.output.append(line)
             if "starting on" in line:
-                os.set_blocking(self.process.stdout.fileno(), False)
-                return self
-        self.stop()
-        raise AssertionError("nixeryd did not start:\n" + "".join(self.output))
+                self._started.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.output)
 
     def stop(self) -> None:
         if self.process is None:
@@ -88,13 +93,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=10)
         if self.process.stdout is not None:
-            try:
-                rest = self.process.stdout.read()
-            except (OSError, ValueError):
-                rest = None
-            if rest:
-                self.output.append(rest.decode(errors="replace"))
             self.process.stdout.close()
         self.process = None
 

@@ -27,7 +27,7 @@ def skopeo_copy(daemon: Daemon, name: str, dest: Path) -> Path:
          f"docker://{daemon.registry}/{name}", f"oci:{dest}:pulled"],
         capture_output=True, text=True, timeout=300,
     )
-    assert result.returncode == 0, result.stderr + "".join(daemon.output[-40:])
+    assert result.returncode == 0, result.stderr + daemon.log[-4000:]
     return dest
 
 
