@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.web import static
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException
 
 from nixeryd.builder import ImageBuilder, StoredManifest
 from nixeryd.names import (
@@ -75,6 +76,17 @@ class RegistryAPI:
     def _registry_error(self, request: IRequest, failure: Any) -> bytes:
         error: RegistryError = failure.value
         return self._error_response(request, error)
+
+    @app.handle_errors(HTTPException)
+    def _routing_error(self, request: IRequest, failure: Any) -> bytes:
+        error: HTTPException = failure.value
+        if error.code == 405:
+            return self._error_response(request, _unsupported())
+        return self._error_response(
+            request,
+            RegistryError(404, "NAME_UNKNOWN", "no such endpoint in the registry API",
+                          {"path": request.path.decode("utf-8", "replace")}),
+        )
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Any) -> bytes:

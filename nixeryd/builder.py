@@ -191,8 +191,9 @@ class ImageBuilder:
         )
         nix_done = self._clock.seconds()
         popularity = await self._popularity()
-        layers = group_layers(
-            built.roots, built.closure, popularity, max(1, self._budget - 1)
+        # The symlink layer takes one place of the budget.
+        layers: list[Layer] = await self._offload(
+            group_layers, built.roots, built.closure, popularity, max(1, self._budget - 1)
         )
         target = env_target(built.roots)
         store_layers = gatherResults(

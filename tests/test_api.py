@@ -138,6 +138,8 @@ class APITests(SynchronousTestCase):
             "/v2/alpha/blobs/sha256:" + "a" * 64: (404, "BLOB_UNKNOWN"),
             "/v2/alpha/manifests/sha256:" + "a" * 64: (404, "MANIFEST_UNKNOWN"),
             "/v2/alpha/unknown/thing": (404, "NAME_UNKNOWN"),
+            "/elsewhere": (404, "NAME_UNKNOWN"),
+            "/v2": (404, "NAME_UNKNOWN"),
         }
         for path, expected in cases.items():
             response, body = self.get(path)
@@ -151,6 +153,7 @@ class APITests(SynchronousTestCase):
             ("PUT", "/v2/alpha/manifests/latest"),
             ("PATCH", "/v2/alpha/blobs/uploads/x"),
             ("DELETE", "/v2/alpha/manifests/latest"),
+            ("OPTIONS", "/v2/alpha/manifests/latest"),
         ]:
             response, body = self.get(path, method)
             self.assertEqual((response.code, self.errors(body)), (405, ["UNSUPPORTED"]), method)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 import subprocess
 from pathlib import Path
@@ -185,3 +186,34 @@ def test_a_bad_setting_stops_start_up_with_one_line(tmp_path: Path, variable: st
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and variable in lines[0], result.stderr
+
+
+def test_odd_names_and_big_files_survive_the_pull(daemon: Daemon, tmp_path: Path) -> None:
+    """Spaces, unicode, long and deep names, links and a file over 100 MB arrive intact,
+    and the big package, sharing busybox with hello, is a layer of its own."""
+    layout = skopeo_copy(daemon, "oddnames/big/hello:latest", tmp_path / "oci")
+    rootfs = tmp_path / "rootfs"
+    unpack(layout, rootfs)
+    (odd,) = rootfs.glob("nix/store/*-oddnames-1.0/share/odd")
+    assert (odd / "with space" / "file name.txt").read_text() == "spaced\n"
+    assert (odd / "ünïcødé" / "日本語.txt").read_text() == "unicode\n"
+    assert (odd / ("n" * 150)).read_text() == "long\n"
+    deep = odd / "aaaaaaaaaaaaaaaaaaaaaaaaa" / ("b" * 30) / ("c" * 30) / ("d" * 30) / "file.txt"
+    assert deep.read_text() == "deep\n"
+    assert os.readlink(odd / "link to spaced") == "with space/file name.txt"
+    assert (odd / "empty dir").is_dir() and not any((odd / "empty dir").iterdir())
+    assert os.access(odd / "run.sh", os.X_OK)
+    (blob,) = rootfs.glob("nix/store/*-big-1.0/share/big/blob")
+    assert blob.stat().st_size == 110_000_000
+
+    _, _, body = daemon.request("/v2/oddnames/big/hello/manifests/latest")
+    for layer in json.loads(body)["layers"]:
+        _, _, data = daemon.request(f"/v2/oddnames/big/hello/blobs/{layer['digest']}")
+        listing = subprocess.run(["tar", "-tzf", "-"], input=data, capture_output=True, check=True)
+        names = listing.stdout.decode()
+        if "-big-1.0/share/big/blob" in names:
+            stores = {line.split("/")[2] for line in names.splitlines() if line.count("/") >= 2 and line.split("/")[2]}
+            assert len(stores) == 1, stores
+            break
+    else:
+        raise AssertionError("no layer holds the big package")
