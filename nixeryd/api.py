@@ -1,12 +1,13 @@
 """The registry's HTTP API: the pull side of the OCI distribution spec.
 
-Knows HTTP, not Nix: images come from an ``ImageBuilder``, blobs from an
-``IStorage``. Every error a client can see is the spec's JSON.
+Knows HTTP, not Nix: images come from ``Images``, blobs from an ``IStorage``.
+Every error a client can see is the spec's JSON.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Awaitable, Sequence, TypeVar
+from urllib.parse import quote
 
 from klein import Klein
 from twisted.logger import Logger
@@ -15,7 +16,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
-from nixeryd.builder import ImageBuilder, StoredManifest
+from nixeryd import manifest
+from nixeryd.builder import BuildQueueFull, ImageManifests, StoredManifest
+from nixeryd.images import Images
 from nixeryd.names import (
     Digest,
     DigestInvalid,
@@ -26,14 +29,18 @@ from nixeryd.names import (
     parse_reference,
 )
 from nixeryd.nix import NixError, NixTimedOut, PackagesNotFound
+from nixeryd.popularity import PopularityUnavailable
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect, StorageError
 
 log = Logger()
+
+T = TypeVar("T")
 
 API_VERSION_HEADER = (b"Docker-Distribution-API-Version", b"registry/2.0")
 READ_METHODS = ["GET", "HEAD"]
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
 RETRY_AFTER_SECONDS = 10
+TAGS_SUFFIX = "/tags/list"
 
 
 class RegistryError(Exception):
@@ -60,15 +67,47 @@ def _set(request: IRequest, name: str, value: str | int) -> None:
     request.setHeader(name.encode(), str(value).encode())
 
 
+def accepted_types(request: IRequest) -> set[str]:
+    """Every media type of every Accept header line (clients send one per line)."""
+    types = set()
+    for line in request.requestHeaders.getRawHeaders(b"accept") or []:
+        for part in line.split(b","):
+            media_type = part.split(b";", 1)[0].strip().lower().decode("latin-1")
+            if media_type:
+                types.add(media_type)
+    return types
+
+
+def choose(manifests: ImageManifests, accepted: set[str]) -> StoredManifest | None:
+    """OCI unless the client takes only Docker's types; None when it takes neither."""
+    if not accepted or "*/*" in accepted or manifests.oci.media_type in accepted:
+        return manifests.oci
+    if manifests.docker.media_type in accepted:
+        return manifests.docker
+    return None
+
+
+def takes_index(accepted: set[str]) -> bool:
+    return not accepted or "*/*" in accepted or bool(accepted & set(manifest.INDEX_TYPES))
+
+
+def not_modified(request: IRequest, digest: str) -> bool:
+    """Whether If-None-Match names this digest (quoted or not) or ``*``."""
+    for line in request.requestHeaders.getRawHeaders(b"if-none-match") or []:
+        for tag in line.split(b","):
+            value = tag.strip().removeprefix(b"W/").strip(b'"').decode("latin-1")
+            if value in (digest, "*"):
+                return True
+    return False
+
+
 class RegistryAPI:
     """The Klein application serving /v2/."""
 
     app = Klein()
 
-    def __init__(
-        self, builder: ImageBuilder, storage: IStorage, base_packages: Sequence[str]
-    ) -> None:
-        self._builder = builder
+    def __init__(self, images: Images, storage: IStorage, base_packages: Sequence[str]) -> None:
+        self._images = images
         self._storage = storage
         self._base_packages = tuple(base_packages)
 
@@ -82,11 +121,7 @@ class RegistryAPI:
         error: HTTPException = failure.value
         if error.code == 405:
             return self._error_response(request, _unsupported())
-        return self._error_response(
-            request,
-            RegistryError(404, "NAME_UNKNOWN", "no such endpoint in the registry API",
-                          {"path": request.path.decode("utf-8", "replace")}),
-        )
+        return self._error_response(request, _no_endpoint(request.path.decode("utf-8", "replace")))
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Any) -> bytes:
@@ -99,6 +134,8 @@ class RegistryAPI:
         body = error.body()
         request.setResponseCode(error.status)
         request.setHeader(*API_VERSION_HEADER)
+        for name in (b"Docker-Content-Digest", b"ETag", b"Content-Range"):
+            request.responseHeaders.removeHeader(name)
         _set(request, "Content-Type", "application/json")
         _set(request, "Content-Length", len(body))
         if error.retry_after is not None:
@@ -107,10 +144,7 @@ class RegistryAPI:
 
     @app.route("/v2/", methods=READ_METHODS)
     def base(self, request: IRequest) -> bytes:
-        request.setHeader(*API_VERSION_HEADER)
-        _set(request, "Content-Type", "application/json")
-        _set(request, "Content-Length", 2)
-        return b"{}"
+        return self._json(request, {})
 
     @app.route("/v2/", methods=WRITE_METHODS)
     def base_write(self, request: IRequest) -> bytes:
@@ -123,10 +157,47 @@ class RegistryAPI:
     @app.route("/v2/<path:rest>", methods=READ_METHODS)
     async def read(self, request: IRequest, rest: str) -> Any:
         request.setHeader(*API_VERSION_HEADER)
+        if rest == "_catalog":
+            names = self._page(request, self._images.known.names(), "/v2/_catalog")
+            return self._json(request, {"repositories": names})
+        if rest.endswith(TAGS_SUFFIX):
+            name = rest[: -len(TAGS_SUFFIX)]
+            self._image_name(name)
+            tags = sorted({"latest", *self._images.known.tags(name)})
+            page = self._page(request, tags, f"/v2/{name}/tags/list")
+            return self._json(request, {"name": name, "tags": page})
         name, kind, ref = _split(rest)
         if kind == "manifests":
             return await self._manifest(request, name, ref)
         return await self._blob(request, name, ref)
+
+    def _json(self, request: IRequest, doc: Any) -> bytes:
+        body = json.dumps(doc).encode()
+        request.setHeader(*API_VERSION_HEADER)
+        _set(request, "Content-Type", "application/json")
+        _set(request, "Content-Length", len(body))
+        return body
+
+    def _page(self, request: IRequest, items: list[str], path: str) -> list[str]:
+        """The spec's pagination: ``last`` excludes up to it, ``n`` bounds the count."""
+        last = _arg(request, b"last")
+        if last is not None:
+            items = [i for i in items if i > last]
+        raw_n = _arg(request, b"n")
+        if raw_n is not None and raw_n.isdigit():
+            n = int(raw_n)
+            if len(items) > n:
+                items = items[:n]
+                if items:
+                    link = f'<{path}?n={n}&last={quote(items[-1])}>; rel="next"'
+                    _set(request, "Link", link)
+        return items
+
+    def _image_name(self, name: str) -> None:
+        try:
+            parse_name(name, ())
+        except NameInvalid as e:
+            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name})
 
     async def _manifest(self, request: IRequest, name: str, ref: str) -> bytes:
         try:
@@ -139,46 +210,35 @@ class RegistryAPI:
         except ReferenceInvalid as e:
             raise RegistryError(404, "MANIFEST_UNKNOWN", str(e), {"reference": ref})
         if isinstance(reference, Digest):
-            stored = await self._storage_call(self._builder.stored_manifest(reference.digest))
+            stored = await _storage_call(self._images.stored_manifest(reference.digest))
             if stored is None:
                 raise RegistryError(
                     404, "MANIFEST_UNKNOWN", "no manifest with this digest", {"digest": ref}
                 )
         else:
-            stored = await self._built(image.name, reference.value, self._builder.manifest(image, reference.value))
+            accepted = accepted_types(request)
+            manifests = await _built(
+                image.name, self._images.manifests(image, reference.value, index=takes_index(accepted))
+            )
+            chosen = choose(manifests, accepted)
+            if chosen is None:
+                raise RegistryError(
+                    404,
+                    "MANIFEST_UNKNOWN",
+                    "the manifest exists only in media types the client does not accept",
+                    {"available": [manifests.oci.media_type, manifests.docker.media_type]},
+                )
+            stored = chosen
         return self._send_manifest(request, stored)
 
-    async def _built(self, name: str, tag: str, pending: Any) -> StoredManifest:
-        try:
-            result: StoredManifest = await pending
-            return result
-        except PackagesNotFound as e:
-            raise RegistryError(
-                404,
-                "MANIFEST_UNKNOWN",
-                "packages not found: " + ", ".join(e.packages),
-                {"packages": list(e.packages)},
-            )
-        except NixTimedOut as e:
-            log.error("build of {image} timed out", image=name, tag=tag)
-            raise RegistryError(500, "UNKNOWN", e.message)
-        except NixError as e:
-            log.error("build of {image} failed: {message}", image=name, tag=tag, message=e.message)
-            raise RegistryError(500, "UNKNOWN", e.message)
-        except StorageError as e:
-            raise _unavailable(e)
-
-    async def _storage_call(self, pending: Any) -> Any:
-        try:
-            return await pending
-        except StorageError as e:
-            raise _unavailable(e)
-
     def _send_manifest(self, request: IRequest, stored: StoredManifest) -> bytes:
-        _set(request, "Content-Type", stored.media_type)
-        _set(request, "Content-Length", len(stored.body))
         _set(request, "Docker-Content-Digest", stored.digest)
-        _set(request, "ETag", '"' + stored.digest + '"')
+        _set(request, "ETag", f'"{stored.digest}"')
+        _set(request, "Content-Type", stored.media_type)
+        if not_modified(request, stored.digest):
+            request.setResponseCode(304)
+            return b""
+        _set(request, "Content-Length", len(stored.body))
         return stored.body
 
     async def _blob(self, request: IRequest, name: str, ref: str) -> Any:
@@ -189,15 +249,18 @@ class RegistryAPI:
             raise RegistryError(400, "NAME_INVALID", str(e), {"name": name})
         except DigestInvalid as e:
             raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref})
-        location = await self._storage_call(self._storage.locate_blob(digest.hex))
+        location = await _storage_call(self._storage.locate_blob(digest.hex))
         if location is None:
             raise RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": ref})
         _set(request, "Docker-Content-Digest", digest.digest)
-        _set(request, "ETag", '"' + digest.digest + '"')
+        _set(request, "ETag", f'"{digest.digest}"')
         if isinstance(location, Redirect):
             request.setResponseCode(307)
             request.setHeader(b"Location", location.url.encode())
             _set(request, "Content-Length", 0)
+            return b""
+        if not_modified(request, digest.digest):
+            request.setResponseCode(304)
             return b""
         if isinstance(location, InMemory):
             _set(request, "Content-Type", "application/octet-stream")
@@ -205,6 +268,46 @@ class RegistryAPI:
             return location.data
         assert isinstance(location, LocalFile)
         return _blob_file(location.path)
+
+
+async def _built(name: str, pending: Awaitable[T]) -> T:
+    """Waits for a build; its failures become registry errors."""
+    try:
+        return await pending
+    except PackagesNotFound as e:
+        raise RegistryError(
+            404,
+            "MANIFEST_UNKNOWN",
+            "packages not found: " + ", ".join(e.packages),
+            {"packages": list(e.packages)},
+        )
+    except NixTimedOut as e:
+        log.error("build of {image} timed out", image=name)
+        raise RegistryError(500, "UNKNOWN", e.message)
+    except NixError as e:
+        log.error("build of {image} failed: {message}", image=name, message=e.message)
+        raise RegistryError(500, "UNKNOWN", e.message)
+    except BuildQueueFull:
+        raise RegistryError(
+            429, "TOOMANYREQUESTS", "too many images are being built; try again shortly",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
+    except PopularityUnavailable as e:
+        raise RegistryError(503, "UNKNOWN", str(e), retry_after=RETRY_AFTER_SECONDS)
+    except StorageError as e:
+        raise _unavailable(e)
+
+
+async def _storage_call(pending: Awaitable[T]) -> T:
+    try:
+        return await pending
+    except StorageError as e:
+        raise _unavailable(e)
+
+
+def _arg(request: IRequest, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    return values[0].decode("utf-8", "replace") if values else None
 
 
 def _blob_file(path: str) -> IResource:
@@ -217,11 +320,14 @@ def _blob_file(path: str) -> IResource:
 def _split(rest: str) -> tuple[str, str, str]:
     """``<name>/manifests/<ref>`` or ``<name>/blobs/<digest>`` -> (name, kind, ref)."""
     for kind in ("manifests", "blobs"):
-        marker = "/" + kind + "/"
-        name, found, ref = rest.rpartition(marker)
+        name, found, ref = rest.rpartition("/" + kind + "/")
         if found and name and ref and "/" not in ref:
             return name, kind, ref
-    raise RegistryError(404, "NAME_UNKNOWN", "no such endpoint in the registry API", {"path": "/v2/" + rest})
+    raise _no_endpoint("/v2/" + rest)
+
+
+def _no_endpoint(path: str) -> RegistryError:
+    return RegistryError(404, "NAME_UNKNOWN", "no such endpoint in the registry API", {"path": path})
 
 
 def _unsupported() -> RegistryError:

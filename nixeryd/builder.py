@@ -1,7 +1,8 @@
-"""Orchestration of one image: packages -> Nix -> layers -> blobs -> manifest.
+"""Orchestration of one image: packages -> Nix -> layers -> blobs -> manifests.
 
 Knows neither HTTP nor any storage SDK: it speaks to ``IStorage``, a Nix
-builder, and an ``Offload`` for the blocking archive work.
+builder, and an ``Offload`` for the blocking archive work. Caching of whole
+images lives in ``nixeryd.images``.
 """
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import json
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nixeryd import archive, manifest
 from nixeryd.archive import BlobInfo
-from nixeryd.cache import ManifestCache, SingleFlight
+from nixeryd.cache import SingleFlight
 from nixeryd.layers import Layer, PathInfo, group_layers, package_name
+from nixeryd.manifest import Flavour
 from nixeryd.names import Image
 from nixeryd.offload import Offload
 from nixeryd.pkgsource import PackageSource
-from nixeryd.storage.interface import IStorage
+from nixeryd.storage.interface import InMemory, IStorage, LocalFile
 
 log = Logger()
 
@@ -36,29 +38,33 @@ class NixBuildResult(Protocol):
 class Nix(Protocol):
     """What the builder needs of Nix (``nixeryd.nix.NixBuilder``)."""
 
-    async def build(
+    def build(
         self, source: Mapping[str, str], packages: Sequence[str], system: str, *, label: str = ""
-    ) -> NixBuildResult: ...
+    ) -> Awaitable[NixBuildResult]: ...
+
+
+class BuildQueueFull(Exception):
+    """Every build slot is busy and the queue behind them is full."""
 
 
 @dataclass(frozen=True)
 class StoredManifest:
-    """A manifest as served: its bytes, digest and media type."""
+    """A manifest or index as served: its bytes, digest and media type."""
 
     digest: str
     media_type: str
     body: bytes
 
 
-def image_cache_key(image: Image, source_identity: str) -> str:
-    """The identity of a build: packages, architecture and package set."""
-    doc = {
-        "packages": list(image.packages),
-        "system": image.arch.nix_system,
-        "shell": image.shell,
-        "source": source_identity,
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+@dataclass(frozen=True)
+class ImageManifests:
+    """One image (or multi-platform index) in both flavours."""
+
+    oci: StoredManifest
+    docker: StoredManifest
+
+    def flavour(self, flavour: Flavour) -> StoredManifest:
+        return self.oci if flavour is Flavour.OCI else self.docker
 
 
 def symlink_layer_key(roots: Sequence[str], env_target: str | None) -> str:
@@ -101,7 +107,7 @@ def _info_from_json(data: bytes) -> BlobInfo | None:
 
 
 class ImageBuilder:
-    """Builds images and keeps track of what is built."""
+    """Builds images: at most ``max_builds`` Nix builds at once, ``queue`` more waiting."""
 
     def __init__(
         self,
@@ -113,7 +119,8 @@ class ImageBuilder:
         clock: IReactorTime,
         popularity: Callable[[], Awaitable[Mapping[str, int]]],
         layer_budget: int = 94,
-        cache_ttl: float = 6 * 3600,
+        max_builds: int = 2,
+        queue: int = 64,
     ) -> None:
         self._nix = nix
         self._storage = storage
@@ -122,60 +129,32 @@ class ImageBuilder:
         self._clock = clock
         self._popularity = popularity
         self._budget = layer_budget
-        self._ttl = cache_ttl
-        self._manifests = ManifestCache(clock)
-        self._images: SingleFlight[StoredManifest] = SingleFlight()
+        self._slots = DeferredSemaphore(max_builds)
+        self._queue = queue
         self._layers: SingleFlight[BlobInfo] = SingleFlight()
 
     @property
-    def building(self) -> int:
-        """How many images are being built now."""
-        return len(self._images)
+    def waiting(self) -> int:
+        """Builds waiting for a slot."""
+        return len(self._slots.waiting)
 
-    def manifest(self, image: Image, tag: str) -> Deferred[StoredManifest]:
-        """The manifest of ``image`` at ``tag``: from a cache, or built now."""
-        key = image_cache_key(image, self._source.identity(tag))
-        return self._images.run(key, lambda: self._cached_or_built(image, tag, key))
-
-    async def _cached_or_built(self, image: Image, tag: str, key: str) -> StoredManifest:
-        digest = self._manifests.get(key)
-        if digest is None:
-            digest = await self._stored_manifest_digest(key, tag)
-        if digest is not None:
-            stored = await self.stored_manifest(digest)
-            if stored is not None:
-                log.debug("manifest cache hit for {image}", image=image.name, cache_key=key)
-                return stored
-        return await self._build(image, tag, key)
-
-    async def _stored_manifest_digest(self, key: str, tag: str) -> str | None:
-        data = await self._storage.get("manifests/" + key)
-        if data is None:
-            return None
-        try:
-            record = json.loads(data)
-            digest = str(record["digest"])
-            built = float(record["built"])
-        except (ValueError, KeyError, TypeError):
-            log.warn("ignoring an unreadable cache record", cache_key=key)
-            return None
-        ttl = self._ttl_for(tag)
-        if ttl is not None:
-            remaining = built + ttl - self._clock.seconds()
-            if remaining <= 0:
-                return None
-            self._manifests.put(key, digest, remaining)
-        else:
-            self._manifests.put(key, digest, None)
-        return digest
-
-    def _ttl_for(self, tag: str) -> float | None:
-        return None if self._source.pinned(tag) else self._ttl
+    @property
+    def running(self) -> int:
+        """Nix builds running now."""
+        return self._slots.limit - self._slots.tokens
 
     async def stored_manifest(self, digest: str) -> StoredManifest | None:
-        """A manifest stored under its digest, or None when there is none."""
-        body = await self._storage.get(blob_key(digest))
-        if body is None:
+        """A manifest or index stored under ``digest``, or None."""
+        location = await self._storage.locate_blob(digest.removeprefix("sha256:"))
+        if location is None:
+            return None
+        if isinstance(location, LocalFile) and location.size > manifest.MAX_MANIFEST_SIZE:
+            return None
+        if isinstance(location, InMemory):
+            body: bytes | None = location.data
+        else:
+            body = await self._storage.get(blob_key(digest))
+        if body is None or len(body) > manifest.MAX_MANIFEST_SIZE:
             return None
         try:
             media_type = manifest.manifest_media_type(body)
@@ -183,57 +162,65 @@ class ImageBuilder:
             return None
         return StoredManifest(digest=digest, media_type=media_type, body=body)
 
-    async def _build(self, image: Image, tag: str, key: str) -> StoredManifest:
+    async def build(self, image: Image, tag: str) -> ImageManifests:
+        """Build ``image`` from the package set at ``tag`` and store everything it is made of."""
+        if self._slots.tokens == 0 and len(self._slots.waiting) >= self._queue:
+            raise BuildQueueFull()
         started = self._clock.seconds()
-        log.info("building {image} at {tag}", image=image.name, tag=tag, cache_key=key)
-        built = await self._nix.build(
-            self._source.nix_source(tag), image.packages, image.arch.nix_system, label=image.name
-        )
+        await self._slots.acquire()
+        try:
+            log.info("building {image} for {arch} at {tag}", image=image.name,
+                     arch=image.arch.oci, tag=tag)
+            built = await self._nix.build(
+                self._source.nix_source(tag), image.packages, image.arch.nix_system,
+                label=image.name,
+            )
+        finally:
+            self._slots.release()
         nix_done = self._clock.seconds()
+        manifests = await self._pack(image, built)
+        log.info(
+            "built {image} in {seconds:.1f}s ({nix_seconds:.1f}s in Nix): {digest}",
+            image=image.name,
+            seconds=self._clock.seconds() - started,
+            nix_seconds=nix_done - started,
+            digest=manifests.oci.digest,
+        )
+        return manifests
+
+    async def _pack(self, image: Image, built: NixBuildResult) -> ImageManifests:
         popularity = await self._popularity()
         # The symlink layer takes one place of the budget.
         layers: list[Layer] = await self._offload(
             group_layers, built.roots, built.closure, popularity, max(1, self._budget - 1)
         )
         target = env_target(built.roots)
-        store_layers = gatherResults(
-            [self._layer(layer) for layer in layers], consumeErrors=True
-        )
+        store_layers = gatherResults([self._layer(layer) for layer in layers], consumeErrors=True)
         symlinks = self._symlink_layer(built.roots, target)
-        infos: list[BlobInfo] = await store_layers
+        infos: list[BlobInfo] = list(await store_layers)
         infos.append(await symlinks)
 
-        cmd = ["bash"] if image.shell else None
-        env = ["PATH=/bin", "SSL_CERT_FILE=" + SSL_CERT_FILE]
         config = manifest.image_config(
-            image.arch, [i.diff_id for i in infos], env=env, cmd=cmd
+            image.arch,
+            [i.diff_id for i in infos],
+            env=["PATH=/bin", "SSL_CERT_FILE=" + SSL_CERT_FILE],
+            cmd=["bash"] if image.shell else None,
         )
-        config_info = await self._put_blob(config)
-        body = manifest.image_manifest(
-            manifest.Flavour.OCI,
-            manifest.Descriptor(config_info.digest, config_info.size),
-            [manifest.Descriptor(i.digest, i.size) for i in infos],
-        )
-        manifest_info = await self._put_blob(body)
-        record = json.dumps({"digest": manifest_info.digest, "built": self._clock.seconds()})
-        await self._storage.put("manifests/" + key, record.encode(), "application/json")
-        self._manifests.put(key, manifest_info.digest, self._ttl_for(tag))
-        log.info(
-            "built {image} in {seconds:.1f}s ({nix_seconds:.1f}s in Nix), {count} layers, {digest}",
-            image=image.name,
-            seconds=self._clock.seconds() - started,
-            nix_seconds=nix_done - started,
-            count=len(infos),
-            digest=manifest_info.digest,
-            cache_key=key,
-        )
-        return StoredManifest(
-            digest=manifest_info.digest,
-            media_type=manifest.Flavour.OCI.manifest_type,
-            body=body,
-        )
+        config_info = await self.put_blob(config)
+        config_descriptor = manifest.Descriptor(config_info.digest, config_info.size)
+        layer_descriptors = [manifest.Descriptor(i.digest, i.size) for i in infos]
+        stored = []
+        for flavour in (Flavour.OCI, Flavour.DOCKER):
+            body = manifest.image_manifest(flavour, config_descriptor, layer_descriptors)
+            stored.append(await self.store_manifest(body, flavour.manifest_type))
+        return ImageManifests(oci=stored[0], docker=stored[1])
 
-    async def _put_blob(self, data: bytes) -> BlobInfo:
+    async def store_manifest(self, body: bytes, media_type: str) -> StoredManifest:
+        """Store a manifest or index as a blob, so that it is served by digest."""
+        info = await self.put_blob(body)
+        return StoredManifest(digest=info.digest, media_type=media_type, body=body)
+
+    async def put_blob(self, data: bytes) -> BlobInfo:
         info: BlobInfo = await self._offload(archive.blob_info, data)
         await self._storage.put(blob_key(info.digest), data, "application/octet-stream")
         return info
@@ -270,7 +257,8 @@ class ImageBuilder:
             raise
         # The record is written only once its blob is in place.
         await self._storage.put("builds/" + key, _info_json(info), "application/json")
-        log.info("packed layer {layer}: {size} bytes, {digest}", layer=key, size=info.size, digest=info.digest)
+        log.info("packed layer {layer}: {size} bytes, {digest}",
+                 layer=key, size=info.size, digest=info.digest)
         return info
 
 

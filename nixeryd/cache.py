@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 class SingleFlight(Generic[T]):
@@ -62,20 +63,20 @@ class SingleFlight(Generic[T]):
 
 
 @dataclass(frozen=True)
-class _Entry:
-    digest: str
+class _Entry(Generic[V]):
+    value: V
     expires: float | None  # None: kept for good
 
 
-class ManifestCache:
-    """Image cache key -> manifest digest, bounded and least-recently-used first out."""
+class ManifestCache(Generic[V]):
+    """Image cache key -> what is known of its manifests; bounded, least recently used out first."""
 
     def __init__(self, clock: IReactorTime, max_entries: int = 4096) -> None:
         self._clock = clock
         self._max = max_entries
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry[V]] = OrderedDict()
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> V | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -83,11 +84,11 @@ class ManifestCache:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return entry.digest
+        return entry.value
 
-    def put(self, key: str, digest: str, ttl: float | None) -> None:
+    def put(self, key: str, value: V, ttl: float | None) -> None:
         expires = None if ttl is None else self._clock.seconds() + ttl
-        self._entries[key] = _Entry(digest, expires)
+        self._entries[key] = _Entry(value, expires)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)

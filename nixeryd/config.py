@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
-from nixeryd.names import DEFAULT_BASE_PACKAGES
+from nixeryd.names import AMD64, ARM64, DEFAULT_BASE_PACKAGES, Arch
 from nixeryd.pkgsource import ChannelSource, GitSource, PackageSource, PathSource
 
 BACKENDS = ("filesystem", "gcs")
+PLATFORMS = {"linux/amd64": AMD64, "linux/arm64": ARM64, "linux/arm64/v8": ARM64}
 
 T = TypeVar("T")
 
@@ -53,6 +54,20 @@ def _packages(raw: str) -> tuple[str, ...]:
     return names
 
 
+def _platforms(variable: str, raw: str) -> tuple[Arch, ...]:
+    found: list[Arch] = []
+    for item in (p.strip().lower() for p in raw.split(",")):
+        if not item:
+            continue
+        if item not in PLATFORMS:
+            raise ConfigError(
+                f"{variable}: unknown platform {item!r}; known: linux/amd64, linux/arm64"
+            )
+        if PLATFORMS[item] not in found:
+            found.append(PLATFORMS[item])
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything nixeryd is configured with."""
@@ -71,6 +86,7 @@ class Config:
     max_builds: int = 2
     build_queue: int = 64
     nix_dir: str | None = None
+    platforms: tuple[Arch, ...] = ()
     child_environment: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +152,7 @@ class Config:
             max_builds=parsed("NIXERY_MAX_BUILDS", lambda v, raw: _int(v, raw, 1), max(1, cpu_count)),
             build_queue=parsed("NIXERY_BUILD_QUEUE", lambda v, raw: _int(v, raw, 0), 64),
             nix_dir=absolute(nix_dir) if nix_dir else None,
+            platforms=parsed("NIXERY_PLATFORMS", _platforms, ()),
             child_environment=dict(environ),
         )
 

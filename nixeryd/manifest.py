@@ -24,7 +24,11 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-"""The media types of single-image manifests, the kind nixeryd writes."""
+"""The media types of single-image manifests."""
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+"""The media types of multi-platform indexes."""
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+"""No manifest or index nixeryd writes comes near this; larger blobs are layers."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,8 @@ class Descriptor:
 class Flavour(enum.Enum):
     """Which family of media types a manifest is written with."""
 
-    OCI = (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER)
-    DOCKER = (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)
+    OCI = (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER, OCI_INDEX)
+    DOCKER = (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER, DOCKER_MANIFEST_LIST)
 
     @property
     def manifest_type(self) -> str:
@@ -52,6 +56,10 @@ class Flavour(enum.Enum):
     @property
     def layer_type(self) -> str:
         return self.value[2]
+
+    @property
+    def index_type(self) -> str:
+        return self.value[3]
 
 
 def _dump(doc: Any) -> bytes:
@@ -83,6 +91,23 @@ def image_manifest(flavour: Flavour, config: Descriptor, layers: Sequence[Descri
             "mediaType": flavour.manifest_type,
             "config": _descriptor(flavour.config_type, config),
             "layers": [_descriptor(flavour.layer_type, layer) for layer in layers],
+        }
+    )
+
+
+def image_index(flavour: Flavour, manifests: Sequence[tuple[Descriptor, Arch]]) -> bytes:
+    """A multi-platform index (OCI) or manifest list (Docker) of per-platform manifests."""
+    return _dump(
+        {
+            "schemaVersion": 2,
+            "mediaType": flavour.index_type,
+            "manifests": [
+                {
+                    **_descriptor(flavour.manifest_type, descriptor),
+                    "platform": {"architecture": arch.oci, "os": "linux"},
+                }
+                for descriptor, arch in manifests
+            ],
         }
     )
 

@@ -17,6 +17,7 @@ from twisted.web.server import Site
 
 from nixeryd.api import RegistryAPI
 from nixeryd.builder import ImageBuilder
+from nixeryd.images import Images
 from nixeryd.config import Config, ConfigError
 from nixeryd.nix import NixBuilder
 from nixeryd.offload import thread_pool
@@ -133,9 +134,14 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         clock=reactor,
         popularity=_popularity(config),
         layer_budget=config.layer_budget,
-        cache_ttl=config.cache_ttl,
+        max_builds=config.max_builds,
+        queue=config.build_queue,
     )
-    api = RegistryAPI(builder, storage, config.base_packages)
+    images = Images(
+        builder, storage, config.source, reactor,
+        cache_ttl=config.cache_ttl, platforms=config.platforms,
+    )
+    api = RegistryAPI(images, storage, config.base_packages)
     site = Site(api.app.resource())
     site.displayTracebacks = False
     for description in config.listen:

@@ -13,6 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nixeryd.api import RegistryAPI
 from nixeryd.builder import ImageBuilder
+from nixeryd.images import Images
+from nixeryd.names import AMD64, ARM64, Arch
 from nixeryd.offload import inline
 from nixeryd.pkgsource import PathSource
 from nixeryd.popularity import Popularity
@@ -28,21 +30,29 @@ DEPENDENCIES = {
 }
 
 
-class APITests(SynchronousTestCase):
+class APITestCase(SynchronousTestCase):
+    platforms: tuple[Arch, ...] = ()
+    max_builds = 2
+    queue = 64
+
     def setUp(self) -> None:
         store = make_store(Path(self.mktemp()).absolute(), DEPENDENCIES)
         self.nix = FakeNix(store, DEPENDENCIES)
         self.storage = MemoryStorage()
         self.clock = Clock()
-        self.builder = ImageBuilder(
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(
             nix=self.nix,
             storage=self.storage,
             offload=inline,
-            source=PathSource("/srv/pkgs"),
+            source=source,
             clock=self.clock,
             popularity=Popularity({}),
+            max_builds=self.max_builds,
+            queue=self.queue,
         )
-        api = RegistryAPI(self.builder, self.storage, ("cacert", "iana-etc"))
+        images = Images(builder, self.storage, source, self.clock, platforms=self.platforms)
+        api = RegistryAPI(images, self.storage, ("cacert", "iana-etc"))
         self.treq = StubTreq(api.app.resource())
 
     def get(self, path: str, method: str = "GET", **kwargs: Any) -> tuple[Any, bytes]:
@@ -60,6 +70,9 @@ class APITests(SynchronousTestCase):
 
     def errors(self, body: bytes) -> list[str]:
         return [e["code"] for e in json.loads(body)["errors"]]
+
+
+class APITests(APITestCase):
 
     def test_base_endpoint(self) -> None:
         """GET /v2/ answers 200 with the API version header."""
@@ -166,3 +179,139 @@ class APITests(SynchronousTestCase):
         self.clock.advance(6 * 3600 + 1)
         self.get("/v2/alpha/manifests/latest")
         self.assertEqual(len(self.nix.calls), 2)
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+
+class NegotiationTests(APITestCase):
+    def test_oci_by_default(self) -> None:
+        """Without Accept, or accepting everything, the answer is the OCI manifest."""
+        for headers in [{}, {"Accept": ["*/*"]}, {"Accept": [OCI_MANIFEST + ", " + DOCKER_MANIFEST]}]:
+            response, body = self.get("/v2/alpha/manifests/latest", headers=headers)
+            self.assertEqual(json.loads(body)["mediaType"], OCI_MANIFEST)
+            self.assertEqual(self.header(response, "Content-Type"), OCI_MANIFEST)
+
+    def test_docker_only_client_gets_schema_2(self) -> None:
+        """A client taking only Docker schema 2 gets it, with Docker media types throughout."""
+        response, body = self.get("/v2/alpha/manifests/latest", headers={"Accept": [DOCKER_MANIFEST]})
+        doc = json.loads(body)
+        self.assertEqual(doc["mediaType"], DOCKER_MANIFEST)
+        self.assertEqual(self.header(response, "Content-Type"), DOCKER_MANIFEST)
+        self.assertEqual(doc["config"]["mediaType"], "application/vnd.docker.container.image.v1+json")
+        self.assertEqual({l["mediaType"] for l in doc["layers"]},
+                         {"application/vnd.docker.image.rootfs.diff.tar.gzip"})
+        _, oci = self.get("/v2/alpha/manifests/latest")
+        self.assertEqual(json.loads(oci)["config"]["digest"], doc["config"]["digest"])
+        digest = self.header(response, "Docker-Content-Digest")
+        again, by_digest = self.get(f"/v2/alpha/manifests/{digest}")
+        self.assertEqual((by_digest, self.header(again, "Content-Type")), (body, DOCKER_MANIFEST))
+
+    def test_every_accept_line_is_read(self) -> None:
+        """Accept types on separate header lines all count, not only the first."""
+        response, body = self.get(
+            "/v2/alpha/manifests/latest",
+            headers={"Accept": ["application/vnd.docker.distribution.manifest.v1+prettyjws",
+                                DOCKER_MANIFEST + ";q=0.9"]},
+        )
+        self.assertEqual(json.loads(body)["mediaType"], DOCKER_MANIFEST)
+
+    def test_nothing_acceptable(self) -> None:
+        """A client taking neither OCI nor Docker schema 2 gets MANIFEST_UNKNOWN."""
+        response, body = self.get(
+            "/v2/alpha/manifests/latest",
+            headers={"Accept": ["application/vnd.docker.distribution.manifest.v1+prettyjws"]},
+        )
+        self.assertEqual((response.code, self.errors(body)), (404, ["MANIFEST_UNKNOWN"]))
+
+    def test_if_none_match(self) -> None:
+        """A manifest or blob whose digest the client names in If-None-Match is a 304."""
+        response, body = self.get("/v2/alpha/manifests/latest")
+        digest = self.header(response, "Docker-Content-Digest")
+        self.assertEqual(self.header(response, "ETag"), f'"{digest}"')
+        again, empty = self.get("/v2/alpha/manifests/latest", headers={"If-None-Match": [f'"{digest}"']})
+        self.assertEqual((again.code, empty), (304, b""))
+        other, full = self.get("/v2/alpha/manifests/latest", headers={"If-None-Match": ['"sha256:00"']})
+        self.assertEqual((other.code, full), (200, body))
+        layer = json.loads(body)["layers"][0]["digest"]
+        blob, nothing = self.get(f"/v2/alpha/blobs/{layer}", headers={"If-None-Match": [layer]})
+        self.assertEqual((blob.code, nothing), (304, b""))
+
+    def test_tags_and_catalog(self) -> None:
+        """tags/list names latest and the tags asked for; the catalog lists built names."""
+        response, body = self.get("/v2/beta/tags/list")
+        self.assertEqual(json.loads(body), {"name": "beta", "tags": ["latest"]})
+        for tag in ("v2", "v1"):
+            self.get(f"/v2/beta/manifests/{tag}")
+        self.get("/v2/alpha/manifests/latest")
+        _, body = self.get("/v2/beta/tags/list")
+        self.assertEqual(json.loads(body)["tags"], ["latest", "v1", "v2"])
+        response, body = self.get("/v2/beta/tags/list?n=1&last=latest")
+        self.assertEqual(json.loads(body)["tags"], ["v1"])
+        self.assertIn("last=v1", self.header(response, "Link"))
+        _, body = self.get("/v2/_catalog")
+        self.assertEqual(json.loads(body), {"repositories": ["alpha", "beta"]})
+        response, body = self.get("/v2/Bad/tags/list")
+        self.assertEqual((response.code, self.errors(body)), (400, ["NAME_INVALID"]))
+
+
+class MultiPlatformTests(APITestCase):
+    platforms = (AMD64, ARM64)
+
+    def test_index_of_platforms(self) -> None:
+        """A tag is an index whose entries are per-platform manifests, each retrievable."""
+        response, body = self.get("/v2/alpha/manifests/latest")
+        index = json.loads(body)
+        self.assertEqual((index["mediaType"], self.header(response, "Content-Type")), (OCI_INDEX, OCI_INDEX))
+        self.assertEqual([m["platform"]["architecture"] for m in index["manifests"]], ["amd64", "arm64"])
+        for entry in index["manifests"]:
+            got, manifest_body = self.get(f"/v2/alpha/manifests/{entry['digest']}")
+            self.assertEqual(len(manifest_body), entry["size"])
+            self.assertEqual(json.loads(manifest_body)["mediaType"], entry["mediaType"])
+        self.assertEqual(len(self.nix.calls), 2)
+
+    def test_docker_clients_get_a_manifest_list(self) -> None:
+        """Docker clients taking lists get a Docker manifest list of Docker manifests."""
+        _, body = self.get("/v2/alpha/manifests/latest", headers={"Accept": [DOCKER_MANIFEST, DOCKER_LIST]})
+        doc = json.loads(body)
+        self.assertEqual(doc["mediaType"], DOCKER_LIST)
+        self.assertEqual({m["mediaType"] for m in doc["manifests"]}, {DOCKER_MANIFEST})
+
+    def test_clients_without_index_support_get_the_first_platform(self) -> None:
+        """A client that takes no index gets the first platform's image."""
+        _, body = self.get("/v2/alpha/manifests/latest", headers={"Accept": [OCI_MANIFEST]})
+        doc = json.loads(body)
+        self.assertEqual(doc["mediaType"], OCI_MANIFEST)
+        _, config = self.get(f"/v2/alpha/blobs/{doc['config']['digest']}")
+        self.assertEqual(json.loads(config)["architecture"], "amd64")
+
+    def test_arm64_name_stays_single(self) -> None:
+        """An arm64/ name is one arm64 image, not an index."""
+        _, body = self.get("/v2/arm64/alpha/manifests/latest")
+        doc = json.loads(body)
+        self.assertEqual(doc["mediaType"], OCI_MANIFEST)
+        _, config = self.get(f"/v2/alpha/blobs/{doc['config']['digest']}")
+        self.assertEqual(json.loads(config)["architecture"], "arm64")
+
+
+class QueueTests(APITestCase):
+    max_builds = 1
+    queue = 0
+
+    def test_full_queue_is_429(self) -> None:
+        """With every build slot busy and no queue, another image is 429 with Retry-After."""
+        self.nix.hold = True
+        first = self.treq.get("http://registry/v2/alpha/manifests/latest")
+        self.treq.flush()
+        response, body = self.get("/v2/beta/manifests/latest")
+        self.assertEqual((response.code, self.errors(body)), (429, ["TOOMANYREQUESTS"]))
+        self.assertEqual(self.header(response, "Retry-After"), "10")
+        self.nix.hold = False
+        self.nix.release()
+        self.treq.flush()
+        self.assertEqual(self.successResultOf(first).code, 200)
+        response, _ = self.get("/v2/beta/manifests/latest")
+        self.assertEqual(response.code, 200)

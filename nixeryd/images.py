@@ -1,0 +1,212 @@
+"""Images as the registry sees them: cached, built once at a time, and indexed
+across platforms.
+
+An image's manifests are remembered in memory (bounded, LRU) and in storage
+under ``manifests/<key>``, so another instance on the same storage, or this one
+after a restart, serves them without Nix. Images of pinned package sources are
+kept for good, the others for the cache TTL.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from nixeryd import manifest
+from nixeryd.builder import ImageBuilder, ImageManifests, StoredManifest
+from nixeryd.cache import ManifestCache, SingleFlight
+from nixeryd.manifest import Flavour
+from nixeryd.names import ARM64, Arch, Image
+from nixeryd.pkgsource import PackageSource
+from nixeryd.storage.interface import IStorage
+
+log = Logger()
+
+
+def image_cache_key(image: Image, source_identity: str) -> str:
+    """The identity of a build: packages, architecture, shell and package set."""
+    return _key(
+        {
+            "packages": list(image.packages),
+            "system": image.arch.nix_system,
+            "shell": image.shell,
+            "source": source_identity,
+        }
+    )
+
+
+def index_cache_key(image: Image, platforms: Sequence[Arch], source_identity: str) -> str:
+    """The identity of a multi-platform index of ``image``."""
+    return _key(
+        {
+            "index": [a.nix_system for a in platforms],
+            "packages": list(image.packages),
+            "shell": image.shell,
+            "source": source_identity,
+        }
+    )
+
+
+def _key(doc: object) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Digests:
+    oci: str
+    docker: str
+
+
+class KnownImages:
+    """Names recently served, newest last, each with the tags it was asked at."""
+
+    def __init__(self, max_names: int = 1000, max_tags: int = 100) -> None:
+        self._names: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
+        self._max_names = max_names
+        self._max_tags = max_tags
+
+    def add(self, name: str, tag: str) -> None:
+        tags = self._names.pop(name, None) or OrderedDict()
+        tags.pop(tag, None)
+        tags[tag] = None
+        while len(tags) > self._max_tags:
+            tags.popitem(last=False)
+        self._names[name] = tags
+        while len(self._names) > self._max_names:
+            self._names.popitem(last=False)
+
+    def names(self) -> list[str]:
+        return sorted(self._names)
+
+    def tags(self, name: str) -> list[str]:
+        return sorted(self._names.get(name, ()))
+
+
+class Images:
+    """Manifests for names and tags: from memory, from storage, or built now."""
+
+    def __init__(
+        self,
+        builder: ImageBuilder,
+        storage: IStorage,
+        source: PackageSource,
+        clock: IReactorTime,
+        *,
+        cache_ttl: float = 6 * 3600,
+        platforms: Sequence[Arch] = (),
+    ) -> None:
+        self._builder = builder
+        self._storage = storage
+        self._source = source
+        self._clock = clock
+        self._ttl = cache_ttl
+        self._platforms = tuple(platforms)
+        self._cache: ManifestCache[_Digests] = ManifestCache(clock)
+        self._flight: SingleFlight[ImageManifests] = SingleFlight()
+        self.known = KnownImages()
+
+    @property
+    def building(self) -> int:
+        """Images being built or looked up now."""
+        return len(self._flight)
+
+    def stored_manifest(self, digest: str) -> Deferred[StoredManifest | None]:
+        return Deferred.fromCoroutine(self._builder.stored_manifest(digest))
+
+    def manifests(self, image: Image, tag: str, *, index: bool = True) -> Deferred[ImageManifests]:
+        """The image at ``tag``. With platforms configured and a name that does not choose
+        one itself (``arm64/...``), it is a multi-platform index, or the first platform's
+        image for a client that takes no index (``index=False``)."""
+        if self._platforms and image.arch != ARM64:
+            if index:
+                d = self._index(image, tag)
+            else:
+                d = self._image(dataclasses.replace(image, arch=self._platforms[0]), tag)
+        else:
+            d = self._image(image, tag)
+
+        def remember(result: ImageManifests) -> ImageManifests:
+            self.known.add(image.name, tag)
+            return result
+
+        return d.addCallback(remember)
+
+    def _ttl_for(self, tag: str) -> float | None:
+        return None if self._source.pinned(tag) else self._ttl
+
+    def _image(self, image: Image, tag: str) -> Deferred[ImageManifests]:
+        key = image_cache_key(image, self._source.identity(tag))
+        return self._flight.run(
+            key, lambda: self._cached_or(key, tag, lambda: self._builder.build(image, tag))
+        )
+
+    def _index(self, image: Image, tag: str) -> Deferred[ImageManifests]:
+        key = index_cache_key(image, self._platforms, self._source.identity(tag))
+
+        async def compose() -> ImageManifests:
+            per_platform = [dataclasses.replace(image, arch=arch) for arch in self._platforms]
+            built: list[ImageManifests] = await gatherResults(
+                [self._image(one, tag) for one in per_platform], consumeErrors=True
+            )
+            stored = []
+            for flavour in (Flavour.OCI, Flavour.DOCKER):
+                entries = []
+                for manifests, one in zip(built, per_platform):
+                    chosen = manifests.flavour(flavour)
+                    entries.append((manifest.Descriptor(chosen.digest, len(chosen.body)), one.arch))
+                body = manifest.image_index(flavour, entries)
+                stored.append(await self._builder.store_manifest(body, flavour.index_type))
+            return ImageManifests(oci=stored[0], docker=stored[1])
+
+        return self._flight.run(key, lambda: self._cached_or(key, tag, compose))
+
+    async def _cached_or(
+        self, key: str, tag: str, make: Callable[[], Awaitable[ImageManifests]]
+    ) -> ImageManifests:
+        digests = self._cache.get(key) or await self._stored_digests(key, tag)
+        if digests is not None:
+            cached = await self._load(digests)
+            if cached is not None:
+                return cached
+        result: ImageManifests = await make()
+        record = {
+            "built": self._clock.seconds(),
+            "oci": result.oci.digest,
+            "docker": result.docker.digest,
+        }
+        await self._storage.put("manifests/" + key, json.dumps(record).encode(), "application/json")
+        self._cache.put(key, _Digests(result.oci.digest, result.docker.digest), self._ttl_for(tag))
+        return result
+
+    async def _stored_digests(self, key: str, tag: str) -> _Digests | None:
+        data = await self._storage.get("manifests/" + key)
+        if data is None:
+            return None
+        try:
+            record = json.loads(data)
+            digests = _Digests(str(record["oci"]), str(record["docker"]))
+            built = float(record["built"])
+        except (ValueError, KeyError, TypeError):
+            log.warn("ignoring an unreadable cache record", cache_key=key)
+            return None
+        ttl = self._ttl_for(tag)
+        if ttl is not None:
+            ttl = built + ttl - self._clock.seconds()
+            if ttl <= 0:
+                return None
+        self._cache.put(key, digests, ttl)
+        return digests
+
+    async def _load(self, digests: _Digests) -> ImageManifests | None:
+        oci = await self._builder.stored_manifest(digests.oci)
+        docker = await self._builder.stored_manifest(digests.docker)
+        if oci is None or docker is None:
+            return None
+        return ImageManifests(oci=oci, docker=docker)
