@@ -111,6 +111,14 @@ def test_blobs_are_served_by_digest_with_ranges(daemon: Daemon) -> None:
     )
     _, _, whole = daemon.request(f"/v2/hello/blobs/{layer['digest']}")
     assert status == 206 and part == whole[:10]
+    assert headers["Content-Range"] == f"bytes 0-9/{len(whole)}"
+    status, headers, _ = daemon.request(
+        f"/v2/hello/blobs/{layer['digest']}", headers={"Range": f"bytes={len(whole) + 10}-"}
+    )
+    assert status == 416
+    status, headers, body = daemon.request(f"/v2/hello/blobs/{layer['digest']}", "HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(whole)
+    assert headers["Docker-Content-Digest"] == layer["digest"]
 
 
 def test_unknown_packages_are_404_naming_every_one(daemon: Daemon) -> None:
