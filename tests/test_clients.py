@@ -68,14 +68,19 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_podman_pull(daemon: Daemon, tmp_path: Path, short_tmp: Path) -> None:
-    """podman pulls the image into its own store and reports its architecture."""
+def test_podman_pull_and_run(daemon: Daemon, tmp_path: Path, short_tmp: Path) -> None:
+    """podman pulls the image into its own store, reports its architecture and runs it."""
     podman = ["podman", "--root", str(tmp_path / "root"), "--runroot", str(short_tmp),
               "--storage-driver", "vfs"]
     run(*podman, "pull", "--tls-verify=false", f"{daemon.registry}/{IMAGE}:latest")
     info = json.loads(run(*podman, "image", "inspect", f"{daemon.registry}/{IMAGE}:latest"))
     assert info[0]["Architecture"] == "amd64"
     assert info[0]["Config"]["Cmd"] == ["bash"]
+    # Limits below the sandbox's own: podman's defaults for root exceed what runc may set here.
+    output = run(*podman, "run", "--rm", "--network", "none",
+                 "--ulimit", "nproc=1024:1024", "--ulimit", "nofile=1024:1024",
+                 f"{daemon.registry}/{IMAGE}:latest", "hello")
+    assert output.strip() == "Hello from nixeryd"
 
 
 @dataclass
