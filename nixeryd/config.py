@@ -78,6 +78,10 @@ class Config:
     storage_path: str = "var"
     gcs_bucket: str | None = None
     google_credentials: str | None = None
+    gcs_signing_key: str | None = None
+    gcs_signing_account: str | None = None
+    signed_url_ttl: int = 300
+    storage_emulator_host: str | None = None
     nix_timeout: float = 60.0
     popularity_url: str | None = None
     base_packages: tuple[str, ...] = DEFAULT_BASE_PACKAGES
@@ -99,6 +103,12 @@ class Config:
             )
         if self.storage_backend == "gcs" and not self.gcs_bucket:
             raise ConfigError("GCS_BUCKET: must be set when NIXERY_STORAGE_BACKEND is gcs")
+        if bool(self.gcs_signing_key) != bool(self.gcs_signing_account):
+            raise ConfigError("GCS_SIGNING_KEY, GCS_SIGNING_ACCOUNT: set both or neither")
+        if not 1 <= self.signed_url_ttl <= 604800:
+            raise ConfigError(
+                f"NIXERY_SIGNED_URL_TTL: must be between 1 and 604800 seconds, got {self.signed_url_ttl}"
+            )
         if not (self.nix_timeout > 0 and math.isfinite(self.nix_timeout)):
             raise ConfigError(f"NIX_TIMEOUT: must be a positive number of seconds, got {self.nix_timeout!r}")
         if not 2 <= self.layer_budget <= 125:
@@ -136,6 +146,10 @@ class Config:
             source = ChannelSource(get("NIXERY_CHANNEL") or "nixos-unstable")
         raw_base = environ.get("NIXERY_BASE_PACKAGES")
         credentials = get("GOOGLE_APPLICATION_CREDENTIALS")
+        signing_key = get("GCS_SIGNING_KEY")
+        emulator = get("STORAGE_EMULATOR_HOST")
+        if emulator is not None and "://" not in emulator:
+            emulator = "http://" + emulator
         nix_dir = get("NIXERY_NIX_DIR")
         return cls(
             listen=(f"tcp:{port}",),
@@ -144,6 +158,12 @@ class Config:
             storage_path=absolute(get("STORAGE_PATH") or "var"),
             gcs_bucket=get("GCS_BUCKET"),
             google_credentials=absolute(credentials) if credentials else None,
+            gcs_signing_key=absolute(signing_key) if signing_key else None,
+            gcs_signing_account=get("GCS_SIGNING_ACCOUNT"),
+            signed_url_ttl=parsed(
+                "NIXERY_SIGNED_URL_TTL", lambda v, raw: _int(v, raw, 1, 604800), 300
+            ),
+            storage_emulator_host=emulator.rstrip("/") if emulator else None,
             nix_timeout=parsed("NIX_TIMEOUT", _seconds, 60.0),
             popularity_url=get("NIX_POPULARITY_URL"),
             base_packages=DEFAULT_BASE_PACKAGES if raw_base is None else _packages(raw_base),

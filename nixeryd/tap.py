@@ -90,14 +90,50 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
-def _storage(config: Config, offload: Any) -> IStorage:
+def _storage(config: Config, offload: Any, reactor: Any, threads: int) -> IStorage:
     if config.storage_backend == "filesystem":
         try:
             return FilesystemStorage(config.storage_path, offload)
         except ValueError as e:
             raise ConfigError(f"STORAGE_PATH: {e}") from None
-    raise ConfigError(
-        f"NIXERY_STORAGE_BACKEND: the {config.storage_backend!r} backend is not available in this version"
+    return _gcs_storage(config, offload, reactor, threads)
+
+
+def _gcs_storage(config: Config, offload: Any, reactor: Any, threads: int) -> IStorage:
+    from datetime import datetime, timezone
+
+    from nixeryd.storage import gcs, signing
+
+    assert config.gcs_bucket is not None
+    endpoint = config.storage_emulator_host or gcs.DEFAULT_ENDPOINT
+    key: signing.SigningKey | None = None
+    try:
+        if config.gcs_signing_key is not None and config.gcs_signing_account is not None:
+            key = signing.load_pem_key(config.gcs_signing_key, config.gcs_signing_account)
+        elif config.google_credentials is not None:
+            key = signing.load_service_account(config.google_credentials)
+    except ValueError as e:
+        variable = "GCS_SIGNING_KEY" if config.gcs_signing_key else "GOOGLE_APPLICATION_CREDENTIALS"
+        raise ConfigError(f"{variable}: {e}") from None
+    try:
+        bucket = gcs.connect(
+            config.gcs_bucket,
+            emulator=config.storage_emulator_host,
+            credentials_file=config.google_credentials,
+            pool_size=threads,
+        )
+    except ValueError as e:
+        raise ConfigError(f"GCS_BUCKET: {e}") from None
+    bucket_name, ttl = config.gcs_bucket, config.signed_url_ttl
+
+    def signed(name: str) -> str:
+        assert key is not None
+        now = datetime.fromtimestamp(reactor.seconds(), timezone.utc)
+        return signing.signed_url(key, bucket_name, name, now=now, expires=ttl, endpoint=endpoint)
+
+    redirect = signed if key is not None else gcs.plain_url(endpoint, bucket_name)
+    return gcs.GCSStorage(
+        bucket, offload, redirect=redirect, staging_dir=os.path.join(config.storage_path, "staging")
     )
 
 
@@ -118,10 +154,11 @@ def _popularity(config: Config) -> Popularity:
 def build_service(config: Config, reactor: Any) -> MultiService:
     """Every part of a running nixeryd, wired from ``config``."""
     top = MultiService()
-    pool = ThreadPool(minthreads=1, maxthreads=max(4, (os.cpu_count() or 1) * 2), name="nixeryd")
+    threads = max(4, (os.cpu_count() or 1) * 2)
+    pool = ThreadPool(minthreads=1, maxthreads=threads, name="nixeryd")
     ThreadPoolService(pool).setServiceParent(top)
     offload = thread_pool(reactor, pool)
-    storage = _storage(config, offload)
+    storage = _storage(config, offload, reactor, threads)
     nix_dir = config.nix_dir or default_nix_dir()
     if not os.path.isfile(os.path.join(nix_dir, "build.nix")):
         raise ConfigError(f"NIXERY_NIX_DIR: no build.nix in {nix_dir}")

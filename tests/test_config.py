@@ -62,6 +62,11 @@ def test_path_source_and_empty_base() -> None:
         ({"NIXERY_BUILD_QUEUE": "-1"}, "NIXERY_BUILD_QUEUE"),
         ({"NIXERY_BASE_PACKAGES": "ok, ${evil}"}, "NIXERY_BASE_PACKAGES"),
         ({"NIXERY_PKGS_REPO": "r", "NIXERY_PKGS_PATH": "p"}, "NIXERY_PKGS_PATH"),
+        ({"GCS_SIGNING_KEY": "k.pem"}, "GCS_SIGNING_ACCOUNT"),
+        ({"GCS_SIGNING_ACCOUNT": "a@b"}, "GCS_SIGNING_KEY"),
+        ({"NIXERY_SIGNED_URL_TTL": "0"}, "NIXERY_SIGNED_URL_TTL"),
+        ({"NIXERY_SIGNED_URL_TTL": "604801"}, "NIXERY_SIGNED_URL_TTL"),
+        ({"NIXERY_PLATFORMS": "linux/amd64,windows/amd64"}, "NIXERY_PLATFORMS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -78,3 +83,21 @@ def test_overrides_are_checked() -> None:
     assert config.with_overrides(listen=("tcp:1",)).listen == ("tcp:1",)
     with pytest.raises(ConfigError):
         config.with_overrides(layer_budget=500)
+
+
+def test_gcs_settings() -> None:
+    """The GCS backend's settings: bucket, signing key, URL validity, emulator with scheme."""
+    config = Config.from_env(
+        {
+            "NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images", "GCS_SIGNING_KEY": "k.pem",
+            "GCS_SIGNING_ACCOUNT": "nixeryd@p.iam.gserviceaccount.com",
+            "NIXERY_SIGNED_URL_TTL": "600", "STORAGE_EMULATOR_HOST": "localhost:9023",
+            "NIXERY_PLATFORMS": "linux/amd64, linux/arm64",
+        },
+        cwd="/srv",
+    )
+    assert (config.storage_backend, config.gcs_bucket) == ("gcs", "images")
+    assert config.gcs_signing_key == "/srv/k.pem"
+    assert config.signed_url_ttl == 600
+    assert config.storage_emulator_host == "http://localhost:9023"
+    assert [a.oci for a in config.platforms] == ["amd64", "arm64"]

@@ -10,6 +10,7 @@ import hashlib
 import os
 import resource
 import signal
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +20,11 @@ from zope.interface.verify import verifyObject
 
 from nixeryd.archive import BlobInfo, blob_info
 from nixeryd.offload import inline
-from nixeryd.storage import BlobLocation, InMemory, IStorage, LocalFile, StorageError
+from nixeryd.storage import BlobLocation, InMemory, IStorage, LocalFile, Redirect, StorageError
 from nixeryd.storage.filesystem import FilesystemStorage
+from nixeryd.storage.gcs import GCSStorage, plain_url
 from nixeryd.storage.memory import MemoryStorage
+from tests.emulator import shared_emulator
 
 HEX = "0123456789abcdef" * 4
 INVALID_KEYS = [
@@ -86,6 +89,10 @@ class StorageContract:
             return data
         if isinstance(location, InMemory):
             return location.data
+        if isinstance(location, Redirect):
+            with urllib.request.urlopen(location.url, timeout=30) as response:
+                data = response.read()
+            return data
         raise AssertionError("unexpected location {!r}".format(location))
 
     def test_provides_interface(self) -> None:
@@ -235,6 +242,61 @@ class FilesystemStorageTests(StorageContract, SynchronousTestCase):
         hexdigest = info.digest.removeprefix("sha256:")
         location = self.result(self.storage.locate_blob(hexdigest))
         self.assertEqual(location, LocalFile(str(self.root / "layers" / hexdigest), len(b"on disk")))
+
+
+class GCSStorageTests(StorageContract, SynchronousTestCase):
+    """The contract on a real bucket of gcp-storage-emulator (calls run inline)."""
+
+    def make_storage(self) -> IStorage:
+        emulator = shared_emulator()
+        bucket_name = emulator.new_bucket()
+        self.bucket = emulator.client().bucket(bucket_name)
+        return GCSStorage(
+            self.bucket, inline, redirect=plain_url(emulator.url, bucket_name),
+            staging_dir=os.path.abspath(self.mktemp()),
+        )
+
+    def test_identical_blob_is_not_uploaded_again(self) -> None:
+        """A blob already in the bucket with the same MD5 is not uploaded again."""
+        data = b"uploaded once"
+        path, info = self.stage(data)
+        self.result(self.storage.commit_blob(path, info))
+        key_ = "layers/" + info.digest.removeprefix("sha256:")
+        generation = self.bucket.get_blob(key_).generation
+        again, _ = self.stage(data)
+        self.result(self.storage.commit_blob(again, info))
+        self.assertEqual(self.bucket.get_blob(key_).generation, generation)
+        self.assertFalse(os.path.exists(again))
+
+    def test_corrupt_object_is_replaced(self) -> None:
+        """An object under a blob's key whose MD5 differs is replaced by the right bytes."""
+        data = b"the right bytes"
+        path, info = self.stage(data)
+        key_ = "layers/" + info.digest.removeprefix("sha256:")
+        self.bucket.blob(key_).upload_from_string(b"wrong", content_type="application/octet-stream")
+        self.result(self.storage.commit_blob(path, info))
+        self.assertEqual(self.bucket.blob(key_).download_as_bytes(), data)
+
+    def test_no_staging_objects_left(self) -> None:
+        """After commits nothing remains under staging/ in the bucket."""
+        for data in (b"one", b"two"):
+            path, info = self.stage(data)
+            self.result(self.storage.commit_blob(path, info))
+        self.assertEqual([b.name for b in self.bucket.list_blobs(prefix="staging/")], [])
+
+    def test_unreachable_bucket_is_storage_error(self) -> None:
+        """When the service cannot be reached, calls fail with StorageError."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(project="t", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": "http://127.0.0.1:9"})
+        broken = GCSStorage(
+            client.bucket("gone"), inline, redirect=plain_url("http://127.0.0.1:9", "gone"),
+            staging_dir=os.path.abspath(self.mktemp()), retry_seconds=0.5, timeout=2,
+        )
+        self.failureResultOf(broken.get(key("manifests", "x")), StorageError)
+        self.failureResultOf(broken.locate_blob(HEX), StorageError)
 
 
 class FilesystemOnlyTests(SynchronousTestCase):

@@ -1,0 +1,269 @@
+"""The Google Cloud Storage backend: the shared store of a fleet of instances.
+
+Every google-cloud-storage call runs through the injected ``Offload`` (a thread
+pool: one shared client, a Blob object per call). Blobs are uploaded to
+``staging/`` first, checked, then copied into ``layers/<sha256>`` with a
+generation precondition, so that two instances writing the same layer end with
+one correct object; an object already there with the same MD5 is not uploaded
+again. Clients fetch blobs from the bucket through a redirect.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from collections import OrderedDict
+from typing import Any, Callable
+from urllib.parse import quote
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from nixeryd.archive import BlobInfo
+from nixeryd.offload import Offload
+from nixeryd.storage.interface import (
+    BlobLocation,
+    IStorage,
+    Redirect,
+    StorageError,
+    blob_hex,
+    check_hex,
+    check_key,
+)
+
+log = Logger()
+
+DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+BLOB_TYPE = "application/octet-stream"
+
+
+def md5_base64(hex_md5: str) -> str:
+    """GCS spells an MD5 as base64 of the raw digest."""
+    return base64.b64encode(bytes.fromhex(hex_md5)).decode("ascii")
+
+
+def plain_url(endpoint: str, bucket: str) -> Callable[[str], str]:
+    """Redirect URLs to the object itself: for public buckets and the emulator."""
+
+    def url(name: str) -> str:
+        return f"{endpoint.rstrip('/')}/{bucket}/{quote(name, safe='/~')}"
+
+    return url
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+    from requests import exceptions as http
+
+    return (api.GoogleAPIError, auth.GoogleAuthError, http.RequestException, ConnectionError, OSError)
+
+
+@implementer(IStorage)
+class GCSStorage:
+    """Objects in a bucket; blobs served by redirect."""
+
+    backend = "gcs"
+
+    def __init__(
+        self,
+        bucket: Any,
+        offload: Offload,
+        *,
+        redirect: Callable[[str], str],
+        staging_dir: str,
+        known_blobs: int = 100_000,
+        retry_seconds: float = 10.0,
+        timeout: float = 60.0,
+    ) -> None:
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # Bounded retries: during an outage a pull gets its 503 within seconds, not minutes.
+        self._retry = DEFAULT_RETRY.with_timeout(retry_seconds)
+        self._timeout = timeout
+        self._bucket = bucket
+        self._offload = offload
+        self._redirect = redirect
+        self._staging = staging_dir
+        os.makedirs(staging_dir, exist_ok=True)
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._known_max = known_blobs
+        self._failures = _errors()
+
+    # --- IStorage ----------------------------------------------------------------
+
+    def staging_path(self) -> str:
+        return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
+
+    def discard(self, staged: str) -> None:
+        try:
+            os.unlink(staged)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warn("cannot remove staged file {path}: {error}", path=staged, error=str(e))
+
+    def commit_blob(self, staged: str, info: BlobInfo) -> "Deferred[None]":
+        key = "layers/" + blob_hex(info)
+        d = self._call("committing blob " + info.digest, self._commit, staged, key, info)
+        return d.addCallback(lambda _: self._remember(key))
+
+    def put(self, key: str, data: bytes, content_type: str) -> "Deferred[None]":
+        check_key(key)
+
+        def upload() -> None:
+            self._bucket.blob(key).upload_from_string(
+                bytes(data), content_type=content_type, retry=self._retry, timeout=self._timeout
+            )
+
+        return self._call("writing " + key, upload)
+
+    def get(self, key: str) -> "Deferred[bytes | None]":
+        check_key(key)
+
+        def download() -> bytes | None:
+            from google.api_core.exceptions import NotFound
+
+            try:
+                data: bytes = self._bucket.blob(key).download_as_bytes(
+                    retry=self._retry, timeout=self._timeout
+                )
+                return data
+            except NotFound:
+                return None
+
+        return self._call("reading " + key, download)
+
+    def has(self, key: str) -> "Deferred[bool]":
+        check_key(key)
+        return self._call("looking up " + key, self._exists, key)
+
+    def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
+        key = "layers/" + check_hex(hexdigest)
+        return Deferred.fromCoroutine(self._locate(key))
+
+    # --- helpers -----------------------------------------------------------------
+
+    async def _locate(self, key: str) -> BlobLocation | None:
+        if key not in self._known:
+            if not await self._call("looking up " + key, self._exists, key):
+                return None
+            self._remember(key)
+        self._known.move_to_end(key)
+        return Redirect(self._redirect(key))
+
+    def _exists(self, key: str) -> bool:
+        return self._stat(key) is not None
+
+    def _stat(self, key: str) -> Any:
+        return self._bucket.get_blob(key, retry=self._retry, timeout=self._timeout)
+
+    def _remember(self, key: str) -> None:
+        self._known[key] = None
+        while len(self._known) > self._known_max:
+            self._known.popitem(last=False)
+
+    def _call(self, action: str, fn: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        """Run a blocking call through the offload; backend failures become StorageError."""
+
+        def failed(failure: Any) -> Any:
+            if failure.check(StorageError):
+                return failure
+            if failure.check(*self._failures):
+                log.error("{action} failed: {error}", action=action, error=str(failure.value),
+                          backend=self.backend)
+                raise StorageError(f"{action} failed: {failure.value}")
+            return failure
+
+        return self._offload(fn, *args).addErrback(failed)
+
+    def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
+        """Blocking: upload ``staged`` as ``key`` unless an identical object is there."""
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        try:
+            size = os.path.getsize(staged)
+            if size != info.size:
+                raise StorageError(
+                    f"staged blob {info.digest} has {size} bytes, expected {info.size}; not committed"
+                )
+            md5 = md5_base64(info.md5)
+            existing = self._stat(key)
+            if existing is not None and existing.md5_hash == md5:
+                log.info("blob {digest} is already in the bucket; upload skipped",
+                         digest=info.digest, backend=self.backend)
+                return
+            staging = self._bucket.blob("staging/" + secrets.token_hex(16))
+            staging.upload_from_filename(
+                staged, content_type=BLOB_TYPE, if_generation_match=0,
+                retry=self._retry, timeout=self._timeout,
+            )
+            try:
+                staging.reload(retry=self._retry, timeout=self._timeout)
+                if staging.md5_hash is not None and staging.md5_hash != md5:
+                    raise StorageError(f"upload of {info.digest} arrived corrupted; not committed")
+                generation = 0 if existing is None else existing.generation
+                try:
+                    self._bucket.copy_blob(
+                        staging, self._bucket, key, if_generation_match=generation,
+                        retry=self._retry, timeout=self._timeout,
+                    )
+                except PreconditionFailed:
+                    # Another instance committed the same blob first: theirs must match ours.
+                    winner = self._stat(key)
+                    if winner is None or winner.md5_hash != md5:
+                        raise StorageError(f"a conflicting object is stored as {key}") from None
+            finally:
+                try:
+                    staging.delete(retry=self._retry, timeout=self._timeout)
+                except NotFound:
+                    pass
+        finally:
+            self.discard(staged)
+
+
+def connect(
+    bucket_name: str,
+    *,
+    emulator: str | None,
+    credentials_file: str | None,
+    pool_size: int,
+) -> Any:
+    """Blocking, for start-up: the bucket, checked to exist and be reachable.
+
+    With an emulator the client runs with anonymous credentials (a service
+    account would make it fetch a token from Google). ``ValueError`` with one
+    line naming the problem when the bucket cannot be used.
+    """
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+    from requests.adapters import HTTPAdapter
+
+    try:
+        if emulator is not None:
+            client = storage.Client(
+                project="nixeryd", credentials=AnonymousCredentials(), client_options={"api_endpoint": emulator}
+            )
+        elif credentials_file is not None:
+            client = storage.Client.from_service_account_json(credentials_file)
+        else:
+            client = storage.Client()
+    except (auth.GoogleAuthError, OSError, ValueError) as e:
+        raise ValueError(f"cannot set up the Google Cloud Storage client: {e}") from None
+    adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
+    client._http.mount("https://", adapter)
+    client._http.mount("http://", adapter)
+    bucket = client.bucket(bucket_name)
+    try:
+        bucket.reload(timeout=30)
+    except api.NotFound:
+        raise ValueError(f"bucket {bucket_name!r} does not exist") from None
+    except api.Forbidden:
+        raise ValueError(f"no access to bucket {bucket_name!r} with these credentials") from None
+    except (api.GoogleAPIError, auth.GoogleAuthError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot reach bucket {bucket_name!r}: {first}") from None
+    return bucket

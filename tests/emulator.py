@@ -1,0 +1,84 @@
+"""gcp-storage-emulator from PyPI, started for real on loopback for the tests."""
+from __future__ import annotations
+
+import atexit
+import secrets
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.daemon import free_port
+
+EMULATOR = Path(sys.executable).parent / "gcp-storage-emulator"
+
+
+@dataclass
+class Emulator:
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, port: int | None = None) -> "Emulator":
+        self.port = port or free_port()
+        self.ready.clear()
+        self.process = subprocess.Popen(
+            [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
+        if not self.ready.wait(60):
+            self.stop()
+            raise AssertionError("the storage emulator did not start:\n" + "".join(self.output))
+        return self
+
+    def _drain(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for raw in iter(process.stdout.readline, b""):
+            line = raw.decode(errors="replace")
+            self.output.append(line)
+            if "All services started" in line:
+                self.ready.set()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def new_bucket(self) -> str:
+        """A fresh, empty bucket: every test gets its own."""
+        name = "nixeryd-" + secrets.token_hex(6)
+        self.client().create_bucket(name)
+        return name
+
+    def client(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(
+            project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": self.url}
+        )
+
+
+_shared: Emulator | None = None
+
+
+def shared_emulator() -> Emulator:
+    """One emulator for the whole test run, started at first use."""
+    global _shared
+    if _shared is None:
+        _shared = Emulator().start()
+        atexit.register(_shared.stop)
+    return _shared

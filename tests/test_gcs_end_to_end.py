@@ -1,0 +1,135 @@
+"""End to end on Google Cloud Storage: the real daemon on gcp-storage-emulator,
+real Nix, skopeo following the redirects to the bucket."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.daemon import TWISTD, Daemon, daemon_environment
+from tests.emulator import Emulator, shared_emulator
+from tests.test_end_to_end import skopeo_copy, unpack
+
+ACCOUNT = "nixeryd-test@example-project.iam.gserviceaccount.com"
+
+
+def gcs_environment(storage: Path, emulator: Emulator, bucket: str, **extra: str) -> dict[str, str]:
+    return daemon_environment(
+        storage,
+        NIXERY_STORAGE_BACKEND="gcs",
+        GCS_BUCKET=bucket,
+        STORAGE_EMULATOR_HOST=emulator.url,
+        DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA="true",
+        **extra,
+    )
+
+
+@pytest.fixture
+def signing_key(tmp_path: Path) -> Path:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "signing.pem"
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    return path
+
+
+@pytest.fixture
+def gcs_daemon(tmp_path: Path, signing_key: Path) -> Iterator[tuple[Daemon, str]]:
+    emulator = shared_emulator()
+    bucket = emulator.new_bucket()
+    env = gcs_environment(tmp_path / "local", emulator, bucket,
+                          GCS_SIGNING_KEY=str(signing_key), GCS_SIGNING_ACCOUNT=ACCOUNT)
+    daemon = Daemon(tmp_path / "local", env).start()
+    yield daemon, bucket
+    daemon.stop()
+
+
+def test_pull_through_signed_redirects(gcs_daemon: tuple[Daemon, str], tmp_path: Path) -> None:
+    """skopeo pulls an image whose blobs are 307s to signed bucket URLs, and it runs."""
+    daemon, bucket = gcs_daemon
+    layout = skopeo_copy(daemon, "shell/hello:latest", tmp_path / "oci")
+    rootfs = tmp_path / "rootfs"
+    unpack(layout, rootfs)
+    run = subprocess.run(["chroot", str(rootfs), "/bin/bash", "-c", "echo from bash"],
+                         capture_output=True, text=True)
+    assert run.stdout.strip() == "from bash", run.stderr
+
+    _, _, body = daemon.request("/v2/shell/hello/manifests/latest")
+    manifest = json.loads(body)
+    stored = {b.name for b in shared_emulator().client().bucket(bucket).list_blobs(prefix="layers/")}
+    for descriptor in [manifest["config"], *manifest["layers"]]:
+        assert "layers/" + descriptor["digest"].split(":")[1] in stored
+    layer = manifest["layers"][0]["digest"]
+    status, headers, _ = no_redirect_get(daemon, f"/v2/shell/hello/blobs/{layer}")
+    assert status == 307
+    location = urlsplit(headers["Location"])
+    query = parse_qs(location.query)
+    assert location.path == f"/{bucket}/layers/{layer.split(':')[1]}"
+    assert query["X-Goog-Algorithm"] == ["GOOG4-RSA-SHA256"]
+    assert query["X-Goog-Credential"][0].startswith(ACCOUNT + "/")
+    assert query["X-Goog-Expires"] == ["300"]
+    assert headers["Location"] not in daemon.log, "signed URLs must never be logged"
+
+
+def no_redirect_get(daemon: Daemon, path: str) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    result = response.status, dict(response.getheaders()), response.read()
+    connection.close()
+    return result
+
+
+def test_storage_outage_is_503_then_recovers(tmp_path: Path) -> None:
+    """With the bucket's service down a pull is 503 with Retry-After; once it is back, pulls work."""
+    emulator = Emulator().start()
+    try:
+        bucket = emulator.new_bucket()
+        daemon = Daemon(tmp_path / "local", gcs_environment(tmp_path / "local", emulator, bucket)).start()
+        try:
+            emulator.stop()
+            status, headers, body = daemon.request("/v2/alpha/manifests/latest")
+            assert status == 503, body
+            assert headers["Retry-After"] == "10"
+            assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
+            emulator.start(emulator.port)
+            emulator.client().create_bucket(bucket)
+            status, _, body = daemon.request("/v2/alpha/manifests/latest")
+            assert status == 200, body
+            manifest = json.loads(body)
+            status, _, _ = daemon.request(f"/v2/alpha/blobs/{manifest['config']['digest']}")
+            assert status == 200
+        finally:
+            daemon.stop()
+    finally:
+        emulator.stop()
+
+
+@pytest.mark.parametrize(
+    "setting, extra",
+    [
+        ("GCS_BUCKET", {"GCS_BUCKET": "no-such-bucket"}),
+        ("GCS_SIGNING_KEY", {"GCS_SIGNING_KEY": "/nonexistent/key.pem", "GCS_SIGNING_ACCOUNT": ACCOUNT}),
+        ("GOOGLE_APPLICATION_CREDENTIALS", {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/sa.json"}),
+    ],
+)
+def test_bad_gcs_settings_stop_start_up(tmp_path: Path, setting: str, extra: dict[str, str]) -> None:
+    """A missing bucket or an unreadable key stops start-up with one line naming the setting."""
+    emulator = shared_emulator()
+    env = gcs_environment(tmp_path / "local", emulator, emulator.new_bucket())
+    env.update(extra)
+    result = subprocess.run([str(TWISTD), "--nodaemon", "--pidfile=", "nixeryd"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and setting in lines[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
