@@ -9,14 +9,16 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import provider
 
 from nixeryd.api import RegistryAPI
 from nixeryd.builder import ImageBuilder
 from nixeryd.images import Images
 from nixeryd.names import AMD64, ARM64, Arch
 from nixeryd.offload import inline
-from nixeryd.pkgsource import PathSource
+from nixeryd.pkgsource import GitSource, PathSource
 from nixeryd.popularity import Popularity
 from nixeryd.storage.memory import MemoryStorage
 from tests.fakes import FakeNix, make_store
@@ -315,3 +317,54 @@ class QueueTests(APITestCase):
         self.assertEqual(self.successResultOf(first).code, 200)
         response, _ = self.get("/v2/beta/manifests/latest")
         self.assertEqual(response.code, 200)
+
+
+class CacheTests(APITestCase):
+    def test_pinned_git_revisions_are_kept_for_good(self) -> None:
+        """An image at a 40-hex git revision is never rebuilt; a branch is, after the TTL."""
+        source = GitSource("https://git.internal/pkgs.git")
+        images = Images(self.builder_for(source), self.storage, source, self.clock)
+        treq = StubTreq(RegistryAPI(images, self.storage, ()).app.resource())
+        rev = "a" * 40
+        for _ in range(2):
+            for tag in (rev, "main"):
+                self.successResultOf(treq.get(f"http://registry/v2/alpha/manifests/{tag}"))
+            self.clock.advance(7 * 3600)
+        self.assertEqual(len(self.nix.calls), 3)
+
+    def builder_for(self, source: Any) -> ImageBuilder:
+        return ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                            clock=self.clock, popularity=Popularity({}))
+
+    def test_a_new_instance_serves_from_storage(self) -> None:
+        """Another instance on the same storage serves a built image without Nix."""
+        _, body = self.get("/v2/alpha/manifests/latest")
+        source = PathSource("/srv/pkgs")
+        images = Images(self.builder_for(source), self.storage, source, self.clock)
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert", "iana-etc")).app.resource())
+        response = self.successResultOf(treq.get("http://registry/v2/alpha/manifests/latest"))
+        self.assertEqual(self.successResultOf(response.content()), body)
+        self.assertEqual(len(self.nix.calls), 1)
+
+    def test_a_shared_layer_is_packed_once(self) -> None:
+        """Two images built at the same time pack their common layers once."""
+        packed: list[str] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            if "layer" in event and event.get("log_format", "").startswith("packed layer"):
+                packed.append(event["layer"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.nix.hold = True
+        first = self.treq.get("http://registry/v2/alpha/manifests/latest")
+        second = self.treq.get("http://registry/v2/beta/manifests/latest")
+        self.treq.flush()
+        self.nix.release()
+        self.treq.flush()
+        self.assertEqual((self.successResultOf(first).code, self.successResultOf(second).code), (200, 200))
+        self.assertEqual(len(packed), len(set(packed)))
+        # cacert and iana-etc (shared), alpha+libshared, beta+libshared (libshared is
+        # dominated by the one package that uses it in each image), two symlink layers.
+        self.assertEqual(len(packed), 6)

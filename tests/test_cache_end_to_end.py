@@ -1,0 +1,131 @@
+"""Build each image once: concurrent pulls, restarts and instances sharing storage,
+counted in real nix-build processes started by real daemons."""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import PKGS, Daemon, daemon_environment
+from tests.emulator import shared_emulator
+from tests.test_gcs_end_to_end import gcs_environment
+
+
+class NixCounter:
+    """A ``nix-build`` first on the daemon's PATH that notes each start, then runs the real one."""
+
+    def __init__(self, root: Path) -> None:
+        self.bin = root / "bin"
+        self.bin.mkdir(parents=True)
+        self.log = root / "nix-build.calls"
+        self.log.touch()
+        real = shutil.which("nix-build")
+        assert real is not None
+        shim = self.bin / "nix-build"
+        shim.write_text(f'#!/bin/sh\necho "$*" >> "{self.log}"\nexec "{real}" "$@"\n')
+        shim.chmod(0o755)
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        return dict(base, PATH=f"{self.bin}:{base.get('PATH', '/usr/bin:/bin')}")
+
+    @property
+    def calls(self) -> int:
+        return len(self.log.read_text().splitlines())
+
+
+@pytest.fixture
+def counter(tmp_path: Path) -> NixCounter:
+    return NixCounter(tmp_path / "counter")
+
+
+@pytest.fixture
+def private_pkgs(tmp_path: Path) -> Path:
+    """A copy of the test package set, which a test may take away."""
+    copy = tmp_path / "pkgs"
+    shutil.copytree(PKGS, copy)
+    return copy
+
+
+def manifest_digest(daemon: Daemon, name: str) -> str:
+    status, headers, body = daemon.request(f"/v2/{name}/manifests/latest")
+    assert status == 200, body
+    return headers["Docker-Content-Digest"]
+
+
+def test_concurrent_pulls_of_a_cold_image_build_once(tmp_path: Path, counter: NixCounter,
+                                                      private_pkgs: Path) -> None:
+    """32 concurrent pulls of one image not built before start one nix-build and agree."""
+    env = counter.env(daemon_environment(tmp_path / "storage", NIXERY_PKGS_PATH=str(private_pkgs)))
+    daemon = Daemon(tmp_path / "storage", env).start()
+    try:
+        # Several of the 32 ask in other orders: the same image, the same build.
+        names = ["shell/alpha/gamma", "shell/gamma/alpha", "shell/gamma/alpha/gamma"] * 11
+        with ThreadPoolExecutor(32) as pool:
+            digests = list(pool.map(lambda name: manifest_digest(daemon, name), names[:32]))
+    finally:
+        daemon.stop()
+    assert len(set(digests)) == 1
+    assert counter.calls == 1
+
+
+def test_restart_serves_cached_images_without_the_package_set(
+    tmp_path: Path, counter: NixCounter, private_pkgs: Path
+) -> None:
+    """After a restart an image built before is served from storage, with its package set gone."""
+    env = counter.env(daemon_environment(tmp_path / "storage", NIXERY_PKGS_PATH=str(private_pkgs)))
+    first = Daemon(tmp_path / "storage", env).start()
+    try:
+        digest = manifest_digest(first, "shell/beta")
+    finally:
+        first.stop()
+    shutil.rmtree(private_pkgs)
+    second = Daemon(tmp_path / "storage", env).start()
+    try:
+        assert manifest_digest(second, "shell/beta") == digest
+        status, _, body = second.request(f"/v2/shell/beta/manifests/{digest}")
+        assert status == 200
+        for layer in json.loads(body)["layers"]:
+            status, _, _ = second.request(f"/v2/shell/beta/blobs/{layer['digest']}", "HEAD")
+            assert status == 200
+    finally:
+        second.stop()
+    assert counter.calls == 1
+
+
+def test_two_instances_share_filesystem_storage(tmp_path: Path, counter: NixCounter,
+                                                private_pkgs: Path) -> None:
+    """A second instance on the same storage serves the first one's image without Nix."""
+    env = counter.env(daemon_environment(tmp_path / "storage", NIXERY_PKGS_PATH=str(private_pkgs)))
+    one = Daemon(tmp_path / "storage", env).start()
+    two = Daemon(tmp_path / "storage", env).start()
+    try:
+        digest = manifest_digest(one, "hello/gamma")
+        assert counter.calls == 1
+        assert manifest_digest(two, "hello/gamma") == digest
+        assert counter.calls == 1
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_two_instances_share_a_bucket(tmp_path: Path, counter: NixCounter, private_pkgs: Path) -> None:
+    """A second instance on the same bucket serves the first one's image without Nix."""
+    emulator = shared_emulator()
+    bucket = emulator.new_bucket()
+    envs = [
+        counter.env(gcs_environment(tmp_path / f"local{i}", emulator, bucket,
+                                    NIXERY_PKGS_PATH=str(private_pkgs)))
+        for i in (1, 2)
+    ]
+    one = Daemon(tmp_path / "local1", envs[0]).start()
+    two = Daemon(tmp_path / "local2", envs[1]).start()
+    try:
+        digest = manifest_digest(one, "shell/hello/gamma")
+        assert manifest_digest(two, "shell/hello/gamma") == digest
+        assert counter.calls == 1
+    finally:
+        one.stop()
+        two.stop()
