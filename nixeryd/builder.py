@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from nixeryd import archive, manifest
 from nixeryd.archive import BlobInfo
-from nixeryd.cache import SingleFlight
+from nixeryd.cache import TTLCache, SingleFlight
 from nixeryd.layers import Layer, PathInfo, group_layers, package_name
 from nixeryd.manifest import Flavour
 from nixeryd.names import Image
@@ -132,6 +132,8 @@ class ImageBuilder:
         self._slots = DeferredSemaphore(max_builds)
         self._queue = queue
         self._layers: SingleFlight[BlobInfo] = SingleFlight()
+        # Layer key -> its blob, as in builds/<key>; checked against storage before reuse.
+        self._built: TTLCache[BlobInfo] = TTLCache(clock, max_entries=20_000)
 
     @property
     def waiting(self) -> int:
@@ -243,11 +245,13 @@ class ImageBuilder:
 
     async def _packed(self, key: str, write: Callable[..., BlobInfo]) -> BlobInfo:
         """A layer's blob: reused when a build record and its blob exist, else packed now."""
-        record = await self._storage.get("builds/" + key)
-        if record is not None:
-            known = _info_from_json(record)
-            if known is not None and await self._storage.has(blob_key(known.digest)):
-                return known
+        known = self._built.get(key)
+        if known is None:
+            record = await self._storage.get("builds/" + key)
+            known = None if record is None else _info_from_json(record)
+        if known is not None and await self._storage.has(blob_key(known.digest)):
+            self._built.put(key, known, None)
+            return known
         staged = self._storage.staging_path()
         try:
             info: BlobInfo = await self._offload(_write_to, staged, write)
@@ -257,6 +261,7 @@ class ImageBuilder:
             raise
         # The record is written only once its blob is in place.
         await self._storage.put("builds/" + key, _info_json(info), "application/json")
+        self._built.put(key, info, None)
         log.info("packed layer {layer}: {size} bytes, {digest}",
                  layer=key, size=info.size, digest=info.digest)
         return info

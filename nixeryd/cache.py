@@ -68,8 +68,9 @@ class _Entry(Generic[V]):
     expires: float | None  # None: kept for good
 
 
-class ManifestCache(Generic[V]):
-    """Image cache key -> what is known of its manifests; bounded, least recently used out first."""
+class TTLCache(Generic[V]):
+    """Cache key -> value (an image's manifests, a layer's blob), each with an optional
+    time to live; bounded, least recently used out first."""
 
     def __init__(self, clock: IReactorTime, max_entries: int = 4096) -> None:
         self._clock = clock

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from nixeryd import manifest
 from nixeryd.builder import ImageBuilder, ImageManifests, StoredManifest
-from nixeryd.cache import ManifestCache, SingleFlight
+from nixeryd.cache import TTLCache, SingleFlight
 from nixeryd.manifest import Flavour
 from nixeryd.names import ARM64, Arch, Image
 from nixeryd.pkgsource import PackageSource
@@ -108,7 +108,7 @@ class Images:
         self._clock = clock
         self._ttl = cache_ttl
         self._platforms = tuple(platforms)
-        self._cache: ManifestCache[_Digests] = ManifestCache(clock)
+        self._cache: TTLCache[_Digests] = TTLCache(clock)
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
 

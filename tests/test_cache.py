@@ -5,7 +5,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.cache import ManifestCache, SingleFlight
+from nixeryd.cache import TTLCache, SingleFlight
 
 
 class SingleFlightTests(SynchronousTestCase):
@@ -64,11 +64,11 @@ class SingleFlightTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(flight.run("k", work)), 2)
 
 
-class ManifestCacheTests(SynchronousTestCase):
+class TTLCacheTests(SynchronousTestCase):
     def test_entries_expire_after_their_ttl(self) -> None:
         """An entry with a TTL is gone once the clock passes it; one without stays."""
         clock = Clock()
-        cache: ManifestCache[str] = ManifestCache(clock)
+        cache: TTLCache[str] = TTLCache(clock)
         cache.put("moving", "sha256:a", 60)
         cache.put("pinned", "sha256:b", None)
         clock.advance(59)
@@ -80,7 +80,7 @@ class ManifestCacheTests(SynchronousTestCase):
 
     def test_least_recently_used_goes_first(self) -> None:
         """Past its bound the cache drops the entry used least recently."""
-        cache: ManifestCache[str] = ManifestCache(Clock(), max_entries=2)
+        cache: TTLCache[str] = TTLCache(Clock(), max_entries=2)
         cache.put("a", "1", None)
         cache.put("b", "2", None)
         cache.get("a")
