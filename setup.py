@@ -14,6 +14,7 @@ setup(
         "treq>=23.11",
         "google-cloud-storage>=2.14",
         "cryptography>=42",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "gcp-storage-emulator"],

@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Sequence, TypeVar
 from urllib.parse import quote
 
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.logger import Logger
 from twisted.web import static
 from twisted.web.iweb import IRequest
@@ -19,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from nixeryd import manifest
 from nixeryd.builder import BuildQueueFull, ImageManifests, StoredManifest
 from nixeryd.images import Images
+from nixeryd.metrics import Metrics
 from nixeryd.names import (
     Digest,
     DigestInvalid,
@@ -31,6 +33,7 @@ from nixeryd.names import (
 from nixeryd.nix import NixError, NixTimedOut, PackagesNotFound
 from nixeryd.popularity import PopularityUnavailable
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect, StorageError
+from nixeryd.web import Status, render_index
 
 log = Logger()
 
@@ -106,10 +109,43 @@ class RegistryAPI:
 
     app = Klein()
 
-    def __init__(self, images: Images, storage: IStorage, base_packages: Sequence[str]) -> None:
+    def __init__(
+        self,
+        images: Images,
+        storage: IStorage,
+        base_packages: Sequence[str],
+        *,
+        metrics: Metrics | None = None,
+        status: Status | None = None,
+    ) -> None:
         self._images = images
         self._storage = storage
         self._base_packages = tuple(base_packages)
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._status = status
+
+    @app.route("/", methods=READ_METHODS)
+    async def index(self, request: IRequest) -> bytes:
+        if self._status is None:
+            raise _no_endpoint("/")
+        body = await render_index(self._status, request)
+        _set(request, "Content-Type", "text/html; charset=utf-8")
+        _set(request, "Content-Length", len(body))
+        return body
+
+    @app.route("/healthz", methods=READ_METHODS)
+    def healthz(self, request: IRequest) -> bytes:
+        _set(request, "Content-Type", "text/plain; charset=utf-8")
+        return b"ok\n"
+
+    @app.route("/metrics", methods=READ_METHODS)
+    def metrics(self, request: IRequest) -> bytes:
+        # Rendered here rather than by prometheus_client's Twisted resource, which
+        # renders in a thread: one small registry takes microseconds.
+        body: bytes = generate_latest(self._metrics.registry)
+        _set(request, "Content-Type", CONTENT_TYPE_LATEST)
+        _set(request, "Content-Length", len(body))
+        return body
 
     @app.handle_errors(RegistryError)
     def _registry_error(self, request: IRequest, failure: Any) -> bytes:
@@ -239,6 +275,7 @@ class RegistryAPI:
             request.setResponseCode(304)
             return b""
         _set(request, "Content-Length", len(stored.body))
+        self._served(request, len(stored.body))
         return stored.body
 
     async def _blob(self, request: IRequest, name: str, ref: str) -> Any:
@@ -265,9 +302,16 @@ class RegistryAPI:
         if isinstance(location, InMemory):
             _set(request, "Content-Type", "application/octet-stream")
             _set(request, "Content-Length", len(location.data))
+            self._served(request, len(location.data))
             return location.data
         assert isinstance(location, LocalFile)
+        if request.getHeader(b"range") is None:
+            self._served(request, location.size)
         return _blob_file(location.path)
+
+    def _served(self, request: IRequest, size: int) -> None:
+        if request.method == b"GET":
+            self._metrics.served_bytes.inc(size)
 
 
 async def _built(name: str, pending: Awaitable[T]) -> T:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
@@ -20,6 +21,7 @@ from nixeryd.archive import BlobInfo
 from nixeryd.cache import TTLCache, SingleFlight
 from nixeryd.layers import Layer, PathInfo, group_layers, package_name
 from nixeryd.manifest import Flavour
+from nixeryd.metrics import Metrics
 from nixeryd.names import Image
 from nixeryd.offload import Offload
 from nixeryd.pkgsource import PackageSource
@@ -45,6 +47,31 @@ class Nix(Protocol):
 
 class BuildQueueFull(Exception):
     """Every build slot is busy and the queue behind them is full."""
+
+
+@dataclass(frozen=True)
+class BuildFailure:
+    """A build that failed, for the index page."""
+
+    when: float
+    image: str
+    tag: str
+    message: str
+
+
+def _outcome(error: Exception) -> str:
+    from nixeryd.nix import NixTimedOut, PackagesNotFound
+
+    if isinstance(error, PackagesNotFound):
+        return "not_found"
+    if isinstance(error, NixTimedOut):
+        return "timed_out"
+    return "failed"
+
+
+def _message(error: Exception) -> str:
+    message = getattr(error, "message", None)
+    return message if isinstance(message, str) else f"{type(error).__name__}: {error}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,7 @@ class ImageBuilder:
         layer_budget: int = 94,
         max_builds: int = 2,
         queue: int = 64,
+        metrics: Metrics | None = None,
     ) -> None:
         self._nix = nix
         self._storage = storage
@@ -132,6 +160,10 @@ class ImageBuilder:
         self._slots = DeferredSemaphore(max_builds)
         self._queue = queue
         self._layers: SingleFlight[BlobInfo] = SingleFlight()
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics.watch(lambda: self.running, lambda: self.waiting)
+        self.active: dict[str, float] = {}  # image label -> when its build started
+        self.errors: deque[BuildFailure] = deque(maxlen=20)
         # Layer key -> its blob, as in builds/<key>; checked against storage before reuse.
         self._built: TTLCache[BlobInfo] = TTLCache(clock, max_entries=20_000)
 
@@ -167,15 +199,30 @@ class ImageBuilder:
     async def build(self, image: Image, tag: str) -> ImageManifests:
         """Build ``image`` from the package set at ``tag`` and store everything it is made of."""
         if self._slots.tokens == 0 and len(self._slots.waiting) >= self._queue:
+            self._metrics.builds.labels(outcome="rejected").inc()
             raise BuildQueueFull()
         started = self._clock.seconds()
+        label = f"{image.name} ({image.arch.oci})"
+        self.active[label] = started
+        try:
+            manifests = await self._build(image, tag, started, label)
+        except Exception as e:
+            self._metrics.builds.labels(outcome=_outcome(e)).inc()
+            self.errors.append(BuildFailure(self._clock.seconds(), label, tag, _message(e)))
+            raise
+        finally:
+            del self.active[label]
+        self._metrics.builds.labels(outcome="built").inc()
+        self._metrics.build_seconds.observe(self._clock.seconds() - started)
+        return manifests
+
+    async def _build(self, image: Image, tag: str, started: float, label: str) -> ImageManifests:
         await self._slots.acquire()
         try:
             log.info("building {image} for {arch} at {tag}", image=image.name,
                      arch=image.arch.oci, tag=tag)
             built = await self._nix.build(
-                self._source.nix_source(tag), image.packages, image.arch.nix_system,
-                label=image.name,
+                self._source.nix_source(tag), image.packages, image.arch.nix_system, label=label
             )
         finally:
             self._slots.release()
@@ -262,6 +309,7 @@ class ImageBuilder:
         # The record is written only once its blob is in place.
         await self._storage.put("builds/" + key, _info_json(info), "application/json")
         self._built.put(key, info, None)
+        self._metrics.packed_bytes.inc(info.size)
         log.info("packed layer {layer}: {size} bytes, {digest}",
                  layer=key, size=info.size, digest=info.digest)
         return info

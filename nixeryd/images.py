@@ -23,6 +23,7 @@ from nixeryd import manifest
 from nixeryd.builder import ImageBuilder, ImageManifests, StoredManifest
 from nixeryd.cache import TTLCache, SingleFlight
 from nixeryd.manifest import Flavour
+from nixeryd.metrics import Metrics
 from nixeryd.names import ARM64, Arch, Image
 from nixeryd.pkgsource import PackageSource
 from nixeryd.storage.interface import IStorage
@@ -101,6 +102,7 @@ class Images:
         *,
         cache_ttl: float = 6 * 3600,
         platforms: Sequence[Arch] = (),
+        metrics: Metrics | None = None,
     ) -> None:
         self._builder = builder
         self._storage = storage
@@ -111,6 +113,7 @@ class Images:
         self._cache: TTLCache[_Digests] = TTLCache(clock)
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
+        self._metrics = metrics if metrics is not None else Metrics()
 
     @property
     def building(self) -> int:
@@ -170,11 +173,17 @@ class Images:
     async def _cached_or(
         self, key: str, tag: str, make: Callable[[], Awaitable[ImageManifests]]
     ) -> ImageManifests:
-        digests = self._cache.get(key) or await self._stored_digests(key, tag)
+        digests = self._cache.get(key)
+        where = "memory"
+        if digests is None:
+            digests = await self._stored_digests(key, tag)
+            where = "storage"
         if digests is not None:
             cached = await self._load(digests)
             if cached is not None:
+                self._metrics.cache.labels(result=where).inc()
                 return cached
+        self._metrics.cache.labels(result="miss").inc()
         result: ImageManifests = await make()
         record = {
             "built": self._clock.seconds(),

@@ -10,20 +10,23 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
 from nixeryd.api import RegistryAPI
 from nixeryd.builder import ImageBuilder
+from nixeryd.buildlog import BuildLogs
 from nixeryd.images import Images
+from nixeryd.metrics import Metrics
 from nixeryd.config import Config, ConfigError
 from nixeryd.nix import NixBuilder
 from nixeryd.offload import thread_pool
 from nixeryd.popularity import Popularity, is_url, read_popularity_file, treq_fetch
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import IStorage
+from nixeryd.web import Status
 
 log = Logger()
 
@@ -73,6 +76,21 @@ class Options(usage.Options):
         if self["listen"]:
             config = config.with_overrides(listen=tuple(self["listen"]))
         return config
+
+
+class LogObserverService(Service):
+    """Adds a log observer while the service runs."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(self.observer)
+
+    def stopService(self) -> None:
+        super().stopService()
+        globalLogPublisher.removeObserver(self.observer)
 
 
 class ThreadPoolService(Service):
@@ -163,6 +181,9 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if not os.path.isfile(os.path.join(nix_dir, "build.nix")):
         raise ConfigError(f"NIXERY_NIX_DIR: no build.nix in {nix_dir}")
     nix = NixBuilder(reactor, nix_dir, config.nix_timeout, config.child_environment)
+    metrics = Metrics()
+    logs = BuildLogs()
+    LogObserverService(logs).setServiceParent(top)
     builder = ImageBuilder(
         nix=nix,
         storage=storage,
@@ -173,12 +194,20 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         layer_budget=config.layer_budget,
         max_builds=config.max_builds,
         queue=config.build_queue,
+        metrics=metrics,
     )
     images = Images(
         builder, storage, config.source, reactor,
-        cache_ttl=config.cache_ttl, platforms=config.platforms,
+        cache_ttl=config.cache_ttl, platforms=config.platforms, metrics=metrics,
     )
-    api = RegistryAPI(images, storage, config.base_packages)
+    status = Status(
+        source=config.source.describe(),
+        active=lambda: builder.active,
+        failures=lambda: list(builder.errors),
+        tail=logs.tail,
+        now=reactor.seconds,
+    )
+    api = RegistryAPI(images, storage, config.base_packages, metrics=metrics, status=status)
     site = Site(api.app.resource())
     site.displayTracebacks = False
     for description in config.listen:

@@ -368,3 +368,80 @@ class CacheTests(APITestCase):
         # cacert and iana-etc (shared), alpha+libshared, beta+libshared (libshared is
         # dominated by the one package that uses it in each image), two symlink layers.
         self.assertEqual(len(packed), 6)
+
+
+class OperatorEndpointTests(APITestCase):
+    def make_api(self) -> StubTreq:
+        from nixeryd.buildlog import BuildLogs
+        from nixeryd.metrics import Metrics
+        from nixeryd.web import Status
+
+        self.metrics = Metrics()
+        self.logs = BuildLogs()
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                               clock=self.clock, popularity=Popularity({}), metrics=self.metrics)
+        self.op_builder = builder
+        images = Images(builder, self.storage, source, self.clock, metrics=self.metrics)
+        status = Status(source=source.describe(), active=lambda: builder.active,
+                        failures=lambda: list(builder.errors), tail=self.logs.tail, now=self.clock.seconds)
+        return StubTreq(RegistryAPI(images, self.storage, (), metrics=self.metrics, status=status).app.resource())
+
+    def fetch(self, treq: StubTreq, path: str, **kwargs: Any) -> tuple[Any, bytes]:
+        d = treq.get("http://registry.internal" + path, **kwargs)
+        treq.flush()
+        response = self.successResultOf(d)
+        body = response.content()
+        treq.flush()
+        return response, self.successResultOf(body)
+
+    def test_healthz(self) -> None:
+        """/healthz answers 200 ok for load balancers."""
+        response, body = self.fetch(self.make_api(), "/healthz")
+        self.assertEqual((response.code, body), (200, b"ok\n"))
+
+    def test_metrics_count_builds_cache_and_bytes(self) -> None:
+        """/metrics reports builds by outcome, cache results, bytes packed and served."""
+        treq = self.make_api()
+        self.fetch(treq, "/v2/alpha/manifests/latest")
+        self.fetch(treq, "/v2/alpha/manifests/latest")
+        self.fetch(treq, "/v2/nope/manifests/latest")
+        response, text = self.fetch(treq, "/metrics")
+        metrics = text.decode()
+        self.assertIn('nixeryd_builds_total{outcome="built"} 1.0', metrics)
+        self.assertIn('nixeryd_builds_total{outcome="not_found"} 1.0', metrics)
+        self.assertIn('nixeryd_manifest_cache_total{result="memory"} 1.0', metrics)
+        self.assertIn('nixeryd_manifest_cache_total{result="miss"} 2.0', metrics)
+        self.assertIn("nixeryd_nix_builds_running 0.0", metrics)
+        self.assertIn("nixeryd_build_queue_length 0.0", metrics)
+        packed = [l for l in metrics.splitlines() if l.startswith("nixeryd_packed_bytes_total")]
+        self.assertGreater(float(packed[0].split()[1]), 0)
+        served = [l for l in metrics.splitlines() if l.startswith("nixeryd_served_bytes_total")]
+        self.assertGreater(float(served[0].split()[1]), 0)
+
+    def test_index_shows_host_source_builds_and_failures(self) -> None:
+        """The index page names the host, the source, running builds with their log, and failures."""
+        treq = self.make_api()
+        self.fetch(treq, "/v2/nope/manifests/latest")
+        self.nix.hold = True
+        pending = treq.get("http://registry.internal/v2/beta/manifests/latest")
+        treq.flush()
+        self.logs({"build_log": True, "image": "beta (amd64)", "line": "building '/nix/store/x-beta.drv'..."})
+        self.clock.advance(12)
+        response, page = self.fetch(treq, "/", headers={"Host": ["registry.internal:8080"]})
+        html = page.decode()
+        self.assertEqual(response.code, 200)
+        self.assertIn("docker pull registry.internal:8080/shell/git/htop", html)
+        self.assertIn("local package set /srv/pkgs", html)
+        self.assertIn("beta (amd64)</code> for 12 s", html)
+        self.assertIn("x-beta.drv", html)
+        self.assertIn("packages not found: nope", html)
+        self.nix.release()
+        treq.flush()
+        self.assertEqual(self.successResultOf(pending).code, 200)
+
+    def test_index_escapes_what_it_shows(self) -> None:
+        """A hostile Host header is escaped, not rendered as markup."""
+        _, page = self.fetch(self.make_api(), "/", headers={"Host": ["<script>x</script>"]})
+        self.assertNotIn(b"<script>", page)
+        self.assertIn(b"&lt;script&gt;", page)
