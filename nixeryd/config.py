@@ -151,8 +151,13 @@ class Config:
         if emulator is not None and "://" not in emulator:
             emulator = "http://" + emulator
         nix_dir = get("NIXERY_NIX_DIR")
+        # Under socket activation (nixeryd.socket) systemd hands over the socket.
+        if get("LISTEN_FDS") is not None and get("PORT") is None:
+            listen: tuple[str, ...] = ("systemd:domain=INET:index=0",)
+        else:
+            listen = (f"tcp:{port}",)
         return cls(
-            listen=(f"tcp:{port}",),
+            listen=listen,
             source=source,
             storage_backend=get("NIXERY_STORAGE_BACKEND") or "filesystem",
             storage_path=absolute(get("STORAGE_PATH") or "var"),

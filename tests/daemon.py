@@ -52,11 +52,12 @@ class Daemon:
     output: list[str] = field(default_factory=list)
     _started: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
+    twistd_args: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 30.0) -> "Daemon":
         self.port = free_port()
         self.process = subprocess.Popen(
-            [str(TWISTD), "--nodaemon", "--pidfile=", "nixeryd",
+            [str(TWISTD), "--nodaemon", "--pidfile=", *self.twistd_args, "nixeryd",
              "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
             env=dict(self.env),
             stdout=subprocess.PIPE,

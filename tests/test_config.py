@@ -101,3 +101,9 @@ def test_gcs_settings() -> None:
     assert config.signed_url_ttl == 600
     assert config.storage_emulator_host == "http://localhost:9023"
     assert [a.oci for a in config.platforms] == ["amd64", "arm64"]
+
+
+def test_socket_activation() -> None:
+    """With sockets from systemd and no PORT, nixeryd listens on the first of them."""
+    assert Config.from_env({"LISTEN_FDS": "1"}).listen == ("systemd:domain=INET:index=0",)
+    assert Config.from_env({"LISTEN_FDS": "1", "PORT": "9000"}).listen == ("tcp:9000",)
