@@ -7,7 +7,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["nixeryd", "nixeryd.*"]) + ["twisted.plugins"],
     package_data={"nixeryd": ["py.typed"], "twisted": ["plugins/nixeryd_plugin.py"]},
-    data_files=[("share/nixeryd/nix", ["nix/build.nix", "nix/load-pkgs.nix"])],
+    data_files=[
+        ("share/nixeryd/nix", ["nix/build.nix", "nix/load-pkgs.nix", "nix/popularity.nix"])
+    ],
     install_requires=[
         "twisted[tls]>=23.10",
         "klein>=23.5",

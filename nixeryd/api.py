@@ -253,7 +253,7 @@ class RegistryAPI:
                 )
         else:
             accepted = accepted_types(request)
-            manifests = await _built(
+            manifests = await as_registry_errors(
                 image.name, self._images.manifests(image, reference.value, index=takes_index(accepted))
             )
             chosen = choose(manifests, accepted)
@@ -314,7 +314,7 @@ class RegistryAPI:
             self._metrics.served_bytes.inc(size)
 
 
-async def _built(name: str, pending: Awaitable[T]) -> T:
+async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
     """Waits for a build; its failures become registry errors."""
     try:
         return await pending

@@ -1,19 +1,184 @@
-"""The ``nixeryd`` command: runs the registry in the foreground.
+"""The ``nixeryd`` command.
 
-``nixeryd [twistd options for nixeryd]`` is ``twistd --nodaemon --pidfile= nixeryd``.
+  nixeryd serve [twistd options for nixeryd]   run the registry in the foreground
+  nixeryd build NAME[:TAG]                      build and store an image, no HTTP
+  nixeryd gc --keep-days N                      remove blobs no kept image needs
+  nixeryd popularity [-o FILE]                  write popularity data for layering
+
+Settings come from the environment, as for the daemon.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.logger import ILogObserver, LogEvent, globalLogBeginner
+from zope.interface import implementer
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if args[:1] == ["serve"]:
+        _serve(args[1:])
+        return
+    options = parser.parse_args(args)
+    try:
+        from nixeryd.config import Config, ConfigError
+
+        config = Config.from_env(dict(os.environ), cwd=os.getcwd(), cpu_count=os.cpu_count() or 1)
+    except ConfigError as e:
+        sys.exit(f"nixeryd: {e}")
+    if options.command == "build":
+        _react(_build, config, options.image)
+    elif options.command == "gc":
+        _react(_gc, config, options.keep_days, options.dry_run)
+    elif options.command == "popularity":
+        _react(_popularity, config, options.output)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nixeryd",
+        description="A container registry that builds images on demand with Nix. "
+        "Settings come from the environment (see README).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run the registry in the foreground (takes twistd nixeryd's options)")
+    build = sub.add_parser("build", help="build and store an image without HTTP, e.g. to warm a fleet")
+    build.add_argument("image", metavar="NAME[:TAG]", help="image name, as pulled (tag: latest)")
+    gc = sub.add_parser("gc", help="remove blobs that no kept image needs; safe while serving")
+    gc.add_argument("--keep-days", type=float, required=True, metavar="N",
+                    help="keep every image built or served in the last N days, and every blob "
+                    "written in them")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    popularity = sub.add_parser("popularity", help="write popularity data from the package set")
+    popularity.add_argument("-o", "--output", default="-", metavar="FILE",
+                            help="where to write the JSON (default: standard output)")
+    return parser
+
+
+def _serve(args: list[str]) -> None:
     from twisted.scripts.twistd import run
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    sys.argv = ["nixeryd", "--nodaemon", "--pidfile=", "nixeryd", *args]
+    if args[:1] in (["-h"], ["--help"]):
+        args = ["--help"]
+    sys.argv = ["nixeryd serve", "--nodaemon", "--pidfile=", "nixeryd", *args]
     run()
+
+
+def _react(command: Any, *args: Any) -> None:
+    from twisted.internet import task
+
+    task.react(lambda reactor: Deferred.fromCoroutine(_guarded(command, reactor, *args)))
+
+
+async def _guarded(command: Any, reactor: Any, *args: Any) -> None:
+    from nixeryd.config import ConfigError
+
+    globalLogBeginner.beginLoggingTo([Progress(sys.stderr)], redirectStandardIO=False)
+    try:
+        await command(reactor, *args)
+    except (ConfigError, CommandError) as e:
+        sys.stderr.write(f"nixeryd: {e}\n")
+        raise SystemExit(1)
+
+
+class CommandError(Exception):
+    """A command that cannot do what it was asked; one line for the operator."""
+
+
+@implementer(ILogObserver)
+class Progress:
+    """Shows a command's progress: Nix's output, layers as they are packed, warnings."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self.layers = 0
+
+    def __call__(self, event: LogEvent) -> None:
+        from twisted.logger import LogLevel, formatEvent
+
+        fmt = event.get("log_format") or ""
+        if event.get("build_log"):
+            line = f"  nix  {event.get('line', '')}"
+        elif fmt.startswith("packed layer"):
+            self.layers += 1
+            line = f"  layer {self.layers}: {event.get('size', 0):,} bytes {event.get('digest', '')}"
+        elif fmt.startswith(("building ", "built ", "removed", "would remove", "kept")) or (
+            event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)
+        ):
+            line = formatEvent(event)
+        else:
+            return
+        self._out.write(line + "\n")
+        self._out.flush()
+
+
+def _parts(config: Any, reactor: Any) -> Any:
+    from nixeryd.tap import build_parts
+
+    parts = build_parts(config, reactor)
+    parts.top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", parts.top.stopService)
+    return parts
+
+
+async def _build(reactor: Any, config: Any, image_ref: str) -> None:
+    from nixeryd.api import as_registry_errors
+    from nixeryd.names import NameInvalid, TagInvalid, parse_name, parse_reference
+
+    name, tag = image_ref, "latest"
+    if ":" in image_ref:
+        name, tag = image_ref.rsplit(":", 1)
+    try:
+        image = parse_name(name, config.base_packages)
+        reference = parse_reference(tag)
+    except (NameInvalid, TagInvalid) as e:
+        raise CommandError(f"{image_ref}: {e}") from None
+    if not hasattr(reference, "value"):
+        raise CommandError(f"{image_ref}: build takes a tag, not a digest")
+    parts = _parts(config, reactor)
+    from nixeryd.api import RegistryError
+
+    try:
+        manifests = await as_registry_errors(image.name, parts.images.manifests(image, tag))
+    except RegistryError as e:
+        raise CommandError(f"{image_ref}: {e.message}") from None
+    print(json.dumps({"image": f"{name}:{tag}", "digest": manifests.oci.digest,
+                      "docker_digest": manifests.docker.digest}))
+
+
+async def _gc(reactor: Any, config: Any, keep_days: float, dry_run: bool) -> None:
+    from nixeryd.gc import collect
+
+    if keep_days < 0:
+        raise CommandError("--keep-days: must be at least 0")
+    parts = _parts(config, reactor)
+    report = await collect(parts.storage, keep_seconds=keep_days * 86400,
+                           now=reactor.seconds(), dry_run=dry_run)
+    print(json.dumps(report.summary()))
+
+
+async def _popularity(reactor: Any, config: Any, output: str) -> None:
+    from nixeryd.popularity import compute_popularity
+    from nixeryd.tap import default_nix_dir
+
+    table = await compute_popularity(
+        reactor, config.nix_dir or default_nix_dir(), config.source.nix_source("latest"),
+        config.child_environment,
+    )
+    data = json.dumps(table, sort_keys=True, indent=1) + "\n"
+    if output == "-":
+        sys.stdout.write(data)
+    else:
+        with open(output, "w") as f:
+            f.write(data)
+    sys.stderr.write(f"popularity of {len(table)} packages written\n")
 
 
 if __name__ == "__main__":

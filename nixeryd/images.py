@@ -26,7 +26,7 @@ from nixeryd.manifest import Flavour
 from nixeryd.metrics import Metrics
 from nixeryd.names import ARM64, Arch, Image
 from nixeryd.pkgsource import PackageSource
-from nixeryd.storage.interface import IStorage
+from nixeryd.storage.interface import IStorage, StorageError
 
 log = Logger()
 
@@ -59,10 +59,16 @@ def _key(doc: object) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+# How often an instance refreshes the served time of a cached image's record,
+# which garbage collection keeps images by.
+TOUCH_INTERVAL = 12 * 3600
+
+
 @dataclass(frozen=True)
 class _Digests:
     oci: str
     docker: str
+    built: float
 
 
 class KnownImages:
@@ -113,6 +119,7 @@ class Images:
         self._cache: TTLCache[_Digests] = TTLCache(clock)
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
+        self._touched: TTLCache[float] = TTLCache(clock)
         self._metrics = metrics if metrics is not None else Metrics()
 
     @property
@@ -182,17 +189,30 @@ class Images:
             cached = await self._load(digests)
             if cached is not None:
                 self._metrics.cache.labels(result=where).inc()
+                await self._touch(key, digests)
                 return cached
         self._metrics.cache.labels(result="miss").inc()
         result: ImageManifests = await make()
-        record = {
-            "built": self._clock.seconds(),
-            "oci": result.oci.digest,
-            "docker": result.docker.digest,
-        }
-        await self._storage.put("manifests/" + key, json.dumps(record).encode(), "application/json")
-        self._cache.put(key, _Digests(result.oci.digest, result.docker.digest), self._ttl_for(tag))
+        digests = _Digests(result.oci.digest, result.docker.digest, self._clock.seconds())
+        await self._write_record(key, digests, served=digests.built)
+        self._touched.put(key, digests.built, None)
+        self._cache.put(key, digests, self._ttl_for(tag))
         return result
+
+    async def _write_record(self, key: str, digests: _Digests, served: float) -> None:
+        record = {"built": digests.built, "served": served, "oci": digests.oci, "docker": digests.docker}
+        await self._storage.put("manifests/" + key, json.dumps(record).encode(), "application/json")
+
+    async def _touch(self, key: str, digests: _Digests) -> None:
+        """Refresh the record's served time, at most every TOUCH_INTERVAL."""
+        now = self._clock.seconds()
+        if now - (self._touched.get(key) or digests.built) < TOUCH_INTERVAL:
+            return
+        self._touched.put(key, now, None)
+        try:
+            await self._write_record(key, digests, served=now)
+        except StorageError as e:
+            log.warn("cannot refresh the record of {cache_key}: {error}", cache_key=key, error=str(e))
 
     async def _stored_digests(self, key: str, tag: str) -> _Digests | None:
         data = await self._storage.get("manifests/" + key)
@@ -200,8 +220,9 @@ class Images:
             return None
         try:
             record = json.loads(data)
-            digests = _Digests(str(record["oci"]), str(record["docker"]))
             built = float(record["built"])
+            digests = _Digests(str(record["oci"]), str(record["docker"]), built)
+            self._touched.put(key, float(record.get("served", built)), None)
         except (ValueError, KeyError, TypeError):
             log.warn("ignoring an unreadable cache record", cache_key=key)
             return None

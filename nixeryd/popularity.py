@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from twisted.logger import Logger
 
-from nixeryd.layers import parse_popularity
+from nixeryd.layers import package_name, parse_popularity
 
 log = Logger()
 
@@ -71,3 +71,49 @@ def treq_fetch(client: Any) -> Fetch:
         return body
 
     return fetch
+
+
+def count_references(derivations: Mapping[str, Any]) -> dict[str, int]:
+    """Package name -> how many derivations take it as an input, from
+    ``nix show-derivation --recursive`` output."""
+    counts: dict[str, int] = {}
+    for info in derivations.values():
+        for input_drv in (info.get("inputDrvs") or {}):
+            name = package_name(input_drv).removesuffix(".drv")
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+async def compute_popularity(
+    reactor: Any, nix_dir: str, source: Mapping[str, str], environ: Mapping[str, str],
+    *, system: str = "x86_64-linux", timeout: float = 3600,
+) -> dict[str, int]:
+    """Popularity of every package of the package set, from its build graph."""
+    import json
+    import os
+
+    from nixeryd.nix import NixBuildFailed, NixBuilder
+
+    nix = NixBuilder(reactor, nix_dir, timeout, environ)
+    deadline = reactor.seconds() + timeout
+    listed = await nix.run(
+        ["nix-instantiate", os.path.join(nix_dir, "popularity.nix"),
+         "--argstr", "source", json.dumps(dict(source), sort_keys=True), "--argstr", "system", system],
+        "popularity", deadline,
+    )
+    if listed.exit_code != 0:
+        raise NixBuildFailed("Nix could not list the package set:\n" + "\n".join(listed.tail[-10:]))
+    drvs = sorted({line for line in listed.stdout.decode().split() if line.endswith(".drv")})
+    if not drvs:
+        return {}
+    derivations: dict[str, Any] = {}
+    for start in range(0, len(drvs), 1000):  # keep command lines well below the kernel's limit
+        shown = await nix.run(
+            ["nix", "show-derivation", "--extra-experimental-features", "nix-command",
+             "--recursive", *drvs[start:start + 1000]],
+            "popularity", deadline,
+        )
+        if shown.exit_code != 0:
+            raise NixBuildFailed("Nix could not show the derivations:\n" + "\n".join(shown.tail[-10:]))
+        derivations.update(json.loads(shown.stdout))
+    return count_references(derivations)

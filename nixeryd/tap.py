@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +170,20 @@ def _popularity(config: Config) -> Popularity:
         raise ConfigError(f"NIX_POPULARITY_URL: {e}") from None
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
-    """Every part of a running nixeryd, wired from ``config``."""
+@dataclass
+class Parts:
+    """The wired parts of nixeryd, below HTTP; ``top`` starts and stops them."""
+
+    top: MultiService
+    storage: IStorage
+    builder: ImageBuilder
+    images: Images
+    metrics: Metrics
+    logs: BuildLogs
+
+
+def build_parts(config: Config, reactor: Any) -> Parts:
+    """Storage, Nix, builder and caches, wired from ``config``; no listening yet."""
     top = MultiService()
     threads = max(4, (os.cpu_count() or 1) * 2)
     pool = ThreadPool(minthreads=1, maxthreads=threads, name="nixeryd")
@@ -200,14 +213,23 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         builder, storage, config.source, reactor,
         cache_ttl=config.cache_ttl, platforms=config.platforms, metrics=metrics,
     )
+    return Parts(top, storage, builder, images, metrics, logs)
+
+
+def build_service(config: Config, reactor: Any) -> MultiService:
+    """Every part of a running nixeryd, wired from ``config``."""
+    parts = build_parts(config, reactor)
+    builder = parts.builder
     status = Status(
         source=config.source.describe(),
         active=lambda: builder.active,
         failures=lambda: list(builder.errors),
-        tail=logs.tail,
+        tail=parts.logs.tail,
         now=reactor.seconds,
     )
-    api = RegistryAPI(images, storage, config.base_packages, metrics=metrics, status=status)
+    api = RegistryAPI(
+        parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status
+    )
     site = Site(api.app.resource())
     site.displayTracebacks = False
     for description in config.listen:
@@ -217,8 +239,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
             raise ConfigError(f"--listen: bad endpoint {description!r}: {e}") from None
         service = StreamServerEndpointService(endpoint, site)
         service._raiseSynchronously = True
-        service.setServiceParent(top)
-    return top
+        service.setServiceParent(parts.top)
+    return parts.top
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

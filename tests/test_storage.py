@@ -63,6 +63,7 @@ class StorageContract:
     assertTrue: Callable[..., Any]
     assertFalse: Callable[..., Any]
     assertNotEqual: Callable[..., Any]
+    assertIsNotNone: Callable[..., Any]
     subTest: Callable[..., Any]
 
     def make_storage(self) -> IStorage:
@@ -225,12 +226,44 @@ class StorageContract:
             self.assertTrue(os.path.isdir(os.path.dirname(path)))
 
 
-class MemoryStorageTests(StorageContract, SynchronousTestCase):
+class ListingContract(StorageContract):
+    """Listing and deleting, for garbage collection."""
+
+    def test_list_by_prefix(self) -> None:
+        """Listing gives every object under a prefix with its size, and nothing staged."""
+        self.result(self.storage.put(key("manifests", "a"), b"12345", "application/json"))
+        self.result(self.storage.put(key("builds", "b"), b"xy", "application/json"))
+        path, info = self.stage(b"a layer")
+        self.result(self.storage.commit_blob(path, info))
+        self.stage(b"staged only")
+        listed = self.result(self.storage.list("manifests"))
+        self.assertEqual([(o.key, o.size) for o in listed], [(key("manifests", "a"), 5)])
+        self.assertTrue(listed[0].modified > 0)
+        layers = self.result(self.storage.list("layers"))
+        self.assertEqual([o.key for o in layers], ["layers/" + info.digest.removeprefix("sha256:")])
+        self.assertRaises(ValueError, self.storage.list, "staging")
+        self.assertRaises(ValueError, self.storage.list, "../")
+
+    def test_delete(self) -> None:
+        """A deleted object is gone from get, has, locate and listings; deleting again is fine."""
+        path, info = self.stage(b"short-lived")
+        self.result(self.storage.commit_blob(path, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.assertIsNotNone(self.result(self.storage.locate_blob(hexdigest)))
+        self.result(self.storage.delete("layers/" + hexdigest))
+        self.result(self.storage.delete("layers/" + hexdigest))
+        self.assertIsNone(self.result(self.storage.locate_blob(hexdigest)))
+        self.assertFalse(self.result(self.storage.has("layers/" + hexdigest)))
+        self.assertEqual(self.result(self.storage.list("layers")), [])
+        self.assertRaises(ValueError, self.storage.delete, "layers/../../x")
+
+
+class MemoryStorageTests(ListingContract, SynchronousTestCase):
     def make_storage(self) -> IStorage:
         return MemoryStorage()
 
 
-class FilesystemStorageTests(StorageContract, SynchronousTestCase):
+class FilesystemStorageTests(ListingContract, SynchronousTestCase):
     def make_storage(self) -> IStorage:
         self.root = Path(self.mktemp()).absolute()
         return FilesystemStorage(str(self.root), inline)
@@ -244,7 +277,7 @@ class FilesystemStorageTests(StorageContract, SynchronousTestCase):
         self.assertEqual(location, LocalFile(str(self.root / "layers" / hexdigest), len(b"on disk")))
 
 
-class GCSStorageTests(StorageContract, SynchronousTestCase):
+class GCSStorageTests(ListingContract, SynchronousTestCase):
     """The contract on a real bucket of gcp-storage-emulator (calls run inline)."""
 
     def make_storage(self) -> IStorage:
@@ -401,3 +434,4 @@ class _file_size_limit:
     def __exit__(self, *exc: object) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)
         signal.signal(signal.SIGXFSZ, self.handler)
+

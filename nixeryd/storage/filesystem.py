@@ -20,6 +20,8 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
+    StoredObject,
+    check_prefix,
     PREFIXES,
     BlobLocation,
     IStorage,
@@ -96,6 +98,14 @@ class FilesystemStorage:
     def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
         path = self._path("layers/" + check_hex(hexdigest))
         return Deferred.fromCoroutine(self._run("looking up blob " + hexdigest, _local_file, path))
+
+    def list(self, prefix: str) -> "Deferred[list[StoredObject]]":
+        directory = os.path.join(self.root, check_prefix(prefix))
+        return Deferred.fromCoroutine(self._run("listing " + prefix, _listing, directory, prefix))
+
+    def delete(self, key: str) -> "Deferred[None]":
+        path = self._path(key)
+        return Deferred.fromCoroutine(self._run("removing " + key, _unlink, path))
 
     # --- helpers -----------------------------------------------------------------
 
@@ -183,6 +193,27 @@ def _prepare(root: str) -> int:
             "storage path {} is not usable: {} ({})".format(root, e.strerror or e, where)
         ) from None
     return removed
+
+
+def _listing(directory: str, prefix: str) -> list[StoredObject]:
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            key = prefix + "/" + entry.name
+            try:
+                check_key(key)
+                st = entry.stat(follow_symlinks=False)
+            except (ValueError, FileNotFoundError):
+                continue
+            found.append(StoredObject(key, st.st_mtime, st.st_size))
+    return found
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _read(path: str) -> bytes | None:

@@ -23,6 +23,8 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
+    StoredObject,
+    check_prefix,
     BlobLocation,
     IStorage,
     Redirect,
@@ -142,6 +144,35 @@ class GCSStorage:
     def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
         key = "layers/" + check_hex(hexdigest)
         return Deferred.fromCoroutine(self._locate(key))
+
+    def list(self, prefix: str) -> "Deferred[list[StoredObject]]":
+        start = check_prefix(prefix) + "/"
+
+        def listing() -> list[StoredObject]:
+            found = []
+            for blob in self._bucket.list_blobs(prefix=start, retry=self._retry, timeout=self._timeout):
+                try:
+                    check_key(blob.name)
+                except ValueError:
+                    continue
+                found.append(StoredObject(blob.name, blob.updated.timestamp(), int(blob.size or 0)))
+            return found
+
+        return self._call("listing " + prefix, listing)
+
+    def delete(self, key: str) -> "Deferred[None]":
+        check_key(key)
+
+        def remove() -> None:
+            from google.api_core.exceptions import NotFound
+
+            try:
+                self._bucket.blob(key).delete(retry=self._retry, timeout=self._timeout)
+            except NotFound:
+                pass
+
+        d = self._call("removing " + key, remove)
+        return d.addCallback(lambda _: self._known.pop(key, None) and None)
 
     # --- helpers -----------------------------------------------------------------
 

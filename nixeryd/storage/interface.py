@@ -58,6 +58,15 @@ class Redirect:
 BlobLocation = Union[LocalFile, InMemory, Redirect]
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """An object as listed: its key, when it was last written, its size."""
+
+    key: str
+    modified: float  # seconds since the epoch
+    size: int
+
+
 class StorageError(Exception):
     """The backend failed (disk full, I/O error, unreachable service): the API answers 503."""
 
@@ -70,6 +79,13 @@ def check_key(key: str) -> str:
             "characters".format(key, ", ".join(PREFIXES))
         )
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """``prefix`` itself when it is one of the listable prefixes; ``ValueError`` otherwise."""
+    if prefix not in PREFIXES:
+        raise ValueError("invalid prefix {!r}: expected one of {}".format(prefix, ", ".join(PREFIXES)))
+    return prefix
 
 
 def check_hex(hexdigest: str) -> str:
@@ -136,3 +152,9 @@ class IStorage(Interface):
 
     def locate_blob(hexdigest: str) -> "Deferred[BlobLocation | None]":
         """Where ``layers/<hexdigest>`` can be served from, or None when it is absent."""
+
+    def list(prefix: str) -> "Deferred[list[StoredObject]]":
+        """Every object under ``prefix`` ("layers", "manifests", "builds"); staging is never listed."""
+
+    def delete(key: str) -> "Deferred[None]":
+        """Remove the object under ``key``; an absent one is fine."""

@@ -9,7 +9,9 @@ import os
 import shutil
 import secrets
 import tempfile
+import time
 import weakref
+from typing import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -17,6 +19,8 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload, inline
 from nixeryd.storage.interface import (
+    StoredObject,
+    check_prefix,
     BlobLocation,
     InMemory,
     IStorage,
@@ -34,8 +38,10 @@ class MemoryStorage:
 
     backend = "memory"
 
-    def __init__(self, offload: Offload = inline) -> None:
+    def __init__(self, offload: Offload = inline, now: Callable[[], float] = time.time) -> None:
         self._offload = offload
+        self._now = now
+        self._modified: dict[str, float] = {}
         self._objects: dict[str, bytes] = {}
         self._content_types: dict[str, str] = {}
         self._staging = tempfile.mkdtemp(prefix="nixeryd-staging-")
@@ -74,11 +80,25 @@ class MemoryStorage:
         data = self._objects.get("layers/" + check_hex(hexdigest))
         return succeed(None if data is None else InMemory(data))
 
+    def list(self, prefix: str) -> "Deferred[list[StoredObject]]":
+        start = check_prefix(prefix) + "/"
+        return succeed([
+            StoredObject(key, self._modified[key], len(data))
+            for key, data in self._objects.items() if key.startswith(start)
+        ])
+
+    def delete(self, key: str) -> "Deferred[None]":
+        check_key(key)
+        for table in (self._objects, self._content_types, self._modified):
+            table.pop(key, None)  # type: ignore[attr-defined]
+        return succeed(None)
+
     # --- helpers -----------------------------------------------------------------
 
     def _store(self, key: str, data: bytes, content_type: str) -> None:
         self._objects[key] = data
         self._content_types[key] = content_type
+        self._modified[key] = self._now()
 
     async def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
         try:

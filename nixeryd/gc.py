@@ -1,0 +1,134 @@
+"""Garbage collection of storage: remove the blobs no kept image needs.
+
+An image is kept while its cache record (``manifests/<key>``) says it was built
+or served within the keep window; instances refresh the served time of the
+images they serve (at most twice a day). Everything a kept image's manifests
+and indexes reach is kept, and so is every blob written within the window,
+whatever refers to it, so that builds in progress lose nothing. Safe while
+instances serve: one that needs a removed blob again packs it anew.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.logger import Logger
+
+from nixeryd.storage.interface import IStorage
+
+log = Logger()
+
+
+@dataclass
+class Report:
+    """What a collection kept and removed."""
+
+    kept_images: int = 0
+    removed_images: int = 0
+    kept_blobs: int = 0
+    removed_blobs: int = 0
+    removed_bytes: int = 0
+    removed_records: int = 0
+    removed: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "kept_images": self.kept_images,
+            "removed_images": self.removed_images,
+            "kept_blobs": self.kept_blobs,
+            "removed_blobs": self.removed_blobs,
+            "removed_bytes": self.removed_bytes,
+            "removed_layer_records": self.removed_records,
+        }
+
+
+def _hex(digest: Any) -> str | None:
+    if isinstance(digest, str) and digest.startswith("sha256:") and len(digest) == 71:
+        return digest[7:]
+    return None
+
+
+async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run: bool = False) -> Report:
+    """Remove what nothing kept needs; with ``dry_run`` only report it."""
+    report = Report()
+    horizon = now - keep_seconds
+    roots: list[str] = []
+    for record in await storage.list("manifests"):
+        data = await storage.get(record.key)
+        try:
+            doc = json.loads(data or b"")
+            last = max(float(doc.get("built", 0)), float(doc.get("served", 0)))
+            digests = [d for d in (_hex(doc.get("oci")), _hex(doc.get("docker"))) if d]
+        except (ValueError, TypeError, AttributeError):
+            last, digests = record.modified, []
+        if last >= horizon or record.modified >= horizon:
+            report.kept_images += 1
+            roots.extend(digests)
+        else:
+            report.removed_images += 1
+            await _remove(storage, record.key, report, dry_run, "image record")
+
+    needed = await _reachable(storage, roots)
+    survivors: set[str] = set()
+    for blob in await storage.list("layers"):
+        hexdigest = blob.key.removeprefix("layers/")
+        if hexdigest in needed or blob.modified >= horizon:
+            report.kept_blobs += 1
+            survivors.add(hexdigest)
+            continue
+        report.removed_blobs += 1
+        report.removed_bytes += blob.size
+        await _remove(storage, blob.key, report, dry_run, "blob")
+
+    for record in await storage.list("builds"):
+        if record.modified >= horizon:
+            continue
+        try:
+            target = _hex(json.loads(await storage.get(record.key) or b"").get("digest"))
+        except (ValueError, AttributeError):
+            target = None
+        if target not in survivors:
+            report.removed_records += 1
+            await _remove(storage, record.key, report, dry_run, "layer record")
+    log.info(
+        "{verb} {blobs} blobs ({size} bytes) and {images} image records; kept {kept} images",
+        verb="would remove" if dry_run else "removed",
+        blobs=report.removed_blobs, size=report.removed_bytes,
+        images=report.removed_images, kept=report.kept_images,
+    )
+    return report
+
+
+async def _reachable(storage: IStorage, roots: list[str]) -> set[str]:
+    """Every blob the manifests and indexes in ``roots`` lead to, themselves included."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        hexdigest = todo.pop()
+        if hexdigest in seen:
+            continue
+        seen.add(hexdigest)
+        body = await storage.get("layers/" + hexdigest)
+        try:
+            doc = json.loads(body or b"")
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        # Configs and layers are only marked; index entries are manifests to read in turn.
+        for child in [doc.get("config"), *(doc.get("layers") or [])]:
+            found = _hex(child.get("digest")) if isinstance(child, dict) else None
+            if found is not None:
+                seen.add(found)
+        for child in doc.get("manifests") or []:
+            found = _hex(child.get("digest")) if isinstance(child, dict) else None
+            if found is not None:
+                todo.append(found)
+    return seen
+
+
+async def _remove(storage: IStorage, key: str, report: Report, dry_run: bool, what: str) -> None:
+    report.removed.append(key)
+    if not dry_run:
+        await storage.delete(key)
