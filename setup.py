@@ -17,6 +17,7 @@ setup(
         "google-cloud-storage>=2.14",
         "cryptography>=42",
         "prometheus-client>=0.17",
+        "bcrypt>=4",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "gcp-storage-emulator"],

@@ -18,6 +18,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from nixeryd import manifest
+from nixeryd.auth import Authenticator
 from nixeryd.builder import BuildQueueFull, ImageManifests, StoredManifest
 from nixeryd.images import Images
 from nixeryd.metrics import Metrics
@@ -117,12 +118,14 @@ class RegistryAPI:
         *,
         metrics: Metrics | None = None,
         status: Status | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self._images = images
         self._storage = storage
         self._base_packages = tuple(base_packages)
         self._metrics = metrics if metrics is not None else Metrics()
         self._status = status
+        self._auth = auth
 
     @app.route("/", methods=READ_METHODS)
     async def index(self, request: IRequest) -> bytes:
@@ -179,8 +182,19 @@ class RegistryAPI:
         return body
 
     @app.route("/v2/", methods=READ_METHODS)
-    def base(self, request: IRequest) -> bytes:
+    async def base(self, request: IRequest) -> bytes:
+        await self._authorize(request)
         return self._json(request, {})
+
+    async def _authorize(self, request: IRequest) -> None:
+        """401 with the spec's challenge unless access control lets the request in."""
+        if self._auth is None or not self._auth.enabled:
+            return
+        if await self._auth.check(request.getHeader(b"authorization")):
+            return
+        for challenge in self._auth.challenges():
+            request.responseHeaders.addRawHeader(b"WWW-Authenticate", challenge.encode())
+        raise RegistryError(401, "UNAUTHORIZED", "authentication required")
 
     @app.route("/v2/", methods=WRITE_METHODS)
     def base_write(self, request: IRequest) -> bytes:
@@ -193,6 +207,7 @@ class RegistryAPI:
     @app.route("/v2/<path:rest>", methods=READ_METHODS)
     async def read(self, request: IRequest, rest: str) -> Any:
         request.setHeader(*API_VERSION_HEADER)
+        await self._authorize(request)
         if rest == "_catalog":
             names = self._page(request, self._images.known.names(), "/v2/_catalog")
             return self._json(request, {"repositories": names})

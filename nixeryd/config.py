@@ -91,6 +91,8 @@ class Config:
     build_queue: int = 64
     nix_dir: str | None = None
     platforms: tuple[Arch, ...] = ()
+    htpasswd: str | None = None
+    tokens_file: str | None = None
     child_environment: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -178,6 +180,8 @@ class Config:
             build_queue=parsed("NIXERY_BUILD_QUEUE", lambda v, raw: _int(v, raw, 0), 64),
             nix_dir=absolute(nix_dir) if nix_dir else None,
             platforms=parsed("NIXERY_PLATFORMS", _platforms, ()),
+            htpasswd=absolute(htpasswd) if (htpasswd := get("NIXERY_HTPASSWD")) else None,
+            tokens_file=absolute(tokens) if (tokens := get("NIXERY_TOKENS_FILE")) else None,
             child_environment=dict(environ),
         )
 

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -170,6 +170,23 @@ class NixBuilder:
         self._environ.setdefault("PATH", DEFAULT_PATH)
         self._kill_grace = kill_grace
         self._killpg = killpg
+        self._running: dict[int, tuple[_Killer, Deferred[NixExit]]] = {}
+        self._stopping = False
+
+    def stop(self) -> Deferred[None]:
+        """Stop every running Nix process group (TERM, then KILL), for shutdown.
+
+        Nix cleans up its builders on SIGTERM; left running, they would outlive us.
+        """
+        self._stopping = True
+        ended = []
+        for killer, done in list(self._running.values()):
+            if not killer.fired:
+                killer.start()
+            mine: Deferred[None] = Deferred()
+            done.addBoth(_notify, mine)
+            ended.append(mine)
+        return DeferredList(ended).addCallback(lambda _: None)
 
     async def build(
         self, source: Mapping[str, str], packages: Sequence[str], system: str, *, label: str = ""
@@ -222,14 +239,19 @@ class NixBuilder:
         transport = self._reactor.spawnProcess(
             protocol, SETSID, [SETSID, *argv], env=self._environ, usePTY=False
         )
-        killer = _Killer(self._reactor, self._killpg, transport.pid, self._kill_grace)
+        pid: int = transport.pid  # None once the process is reaped
+        killer = _Killer(self._reactor, self._killpg, pid, self._kill_grace)
         timer = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), killer.start)
+        self._running[pid] = (killer, protocol.ended)
         try:
             result = await protocol.ended
         finally:
+            del self._running[pid]
             if timer.active():
                 timer.cancel()
             killer.stop()
+        if self._stopping:
+            raise NixBuildFailed("the build was stopped: nixeryd is shutting down")
         if killer.fired:
             log.warn("Nix ran past its deadline and was killed", image=label)
             raise NixTimedOut(
@@ -238,6 +260,11 @@ class NixBuilder:
                 _tail_text(result.tail),
             )
         return result
+
+
+def _notify(result: Any, waiter: Deferred[None]) -> Any:
+    waiter.callback(None)
+    return result
 
 
 class _Killer:

@@ -12,11 +12,13 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
 from nixeryd.api import RegistryAPI
+from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
 from nixeryd.builder import ImageBuilder
 from nixeryd.buildlog import BuildLogs
 from nixeryd.images import Images
@@ -92,6 +94,40 @@ class LogObserverService(Service):
     def stopService(self) -> None:
         super().stopService()
         globalLogPublisher.removeObserver(self.observer)
+
+
+class _RefuseTLS(ProtocolWrapper):
+    """Closes at once a connection that opens with a TLS handshake on a plain-HTTP port.
+
+    Clients told a registry is insecure (skopeo, podman, containerd) try HTTPS
+    first; left waiting, they give up on the handshake only after 10 seconds,
+    and do so for every operation. Closed, they fall back to HTTP at once.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first and data:
+            self._first = False
+            if data[:1] == b"\x16":  # a TLS record of type handshake
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class PlainHTTPFactory(WrappingFactory):
+    protocol = _RefuseTLS
+
+
+class NixService(Service):
+    """Stops running Nix builds when nixeryd stops."""
+
+    def __init__(self, nix: NixBuilder) -> None:
+        self.nix = nix
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.nix.stop()
 
 
 class ThreadPoolService(Service):
@@ -180,6 +216,7 @@ class Parts:
     images: Images
     metrics: Metrics
     logs: BuildLogs
+    offload: Any
 
 
 def build_parts(config: Config, reactor: Any) -> Parts:
@@ -194,6 +231,7 @@ def build_parts(config: Config, reactor: Any) -> Parts:
     if not os.path.isfile(os.path.join(nix_dir, "build.nix")):
         raise ConfigError(f"NIXERY_NIX_DIR: no build.nix in {nix_dir}")
     nix = NixBuilder(reactor, nix_dir, config.nix_timeout, config.child_environment)
+    NixService(nix).setServiceParent(top)
     metrics = Metrics()
     logs = BuildLogs()
     LogObserverService(logs).setServiceParent(top)
@@ -213,7 +251,32 @@ def build_parts(config: Config, reactor: Any) -> Parts:
         builder, storage, config.source, reactor,
         cache_ttl=config.cache_ttl, platforms=config.platforms, metrics=metrics,
     )
-    return Parts(top, storage, builder, images, metrics, logs)
+    return Parts(top, storage, builder, images, metrics, logs, offload)
+
+
+def _read_setting_file(variable: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{variable}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _authenticator(config: Config, offload: Any, reactor: Any) -> Authenticator:
+    users: dict[str, str] = {}
+    tokens: frozenset[str] = frozenset()
+    if config.htpasswd is not None:
+        try:
+            users = parse_htpasswd(_read_setting_file("NIXERY_HTPASSWD", config.htpasswd), config.htpasswd)
+        except ValueError as e:
+            raise ConfigError(f"NIXERY_HTPASSWD: {e}") from None
+        if not users:
+            raise ConfigError(f"NIXERY_HTPASSWD: {config.htpasswd} lists no user")
+    if config.tokens_file is not None:
+        tokens = parse_tokens(_read_setting_file("NIXERY_TOKENS_FILE", config.tokens_file))
+        if not tokens:
+            raise ConfigError(f"NIXERY_TOKENS_FILE: {config.tokens_file} holds no token")
+    return Authenticator(users, tokens, offload, reactor)
 
 
 def build_service(config: Config, reactor: Any) -> MultiService:
@@ -228,7 +291,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         now=reactor.seconds,
     )
     api = RegistryAPI(
-        parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status
+        parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status,
+        auth=_authenticator(config, parts.offload, reactor),
     )
     site = Site(api.app.resource())
     site.displayTracebacks = False
@@ -237,7 +301,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
             endpoint = serverFromString(reactor, description)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--listen: bad endpoint {description!r}: {e}") from None
-        service = StreamServerEndpointService(endpoint, site)
+        service = StreamServerEndpointService(endpoint, PlainHTTPFactory(site))
         service._raiseSynchronously = True
         service.setServiceParent(parts.top)
     return parts.top

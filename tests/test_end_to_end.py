@@ -225,3 +225,15 @@ def test_odd_names_and_big_files_survive_the_pull(daemon: Daemon, tmp_path: Path
             break
     else:
         raise AssertionError("no layer holds the big package")
+
+
+def test_tls_handshake_on_plain_port_is_closed_at_once(daemon: Daemon) -> None:
+    """A TLS ClientHello on the plain-HTTP port is answered by closing, not by waiting,
+    so clients that try HTTPS first fall back to HTTP at once."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
+        s.sendall(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32)
+        assert s.recv(1024) == b""  # closed; a wait would raise socket.timeout
+    status, _, _ = daemon.request("/v2/")
+    assert status == 200

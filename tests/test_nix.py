@@ -231,15 +231,38 @@ async def test_hanging_build_is_killed_whole(nix_env: dict[str, str]) -> None:
     """A build past NIX_TIMEOUT fails with NixTimedOut and leaves no process behind."""
     from twisted.internet import reactor
 
+    before = set(group_members("sleep 100000"))
     builder = NixBuilder(reactor, NIX_DIR, 2, nix_env, kill_grace=2)
     with pytest.raises(NixTimedOut):
         await build(builder, ["hangs"])
     # Nix takes its builder down on SIGTERM; give it a moment on the real clock.
     for _ in range(50):
-        if not group_members("sleep 100000"):
+        if not set(group_members("sleep 100000")) - before:
             break
         await deferLater(reactor, 0.1, lambda: None)
-    assert group_members("sleep 100000") == []
+    assert set(group_members("sleep 100000")) - before == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_running_builds(builder: NixBuilder) -> None:
+    """Stopping the builder (nixeryd shutting down) ends running builds and their builders."""
+    from twisted.internet import reactor
+
+    before = set(group_members("sleep 100000"))
+    pending = build(builder, ["hangs"])
+    for _ in range(100):
+        if set(group_members("sleep 100000")) - before:
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    assert set(group_members("sleep 100000")) - before, "the hanging build did not start"
+    await builder.stop()
+    with pytest.raises(NixBuildFailed, match="shutting down"):
+        await pending
+    for _ in range(50):
+        if not set(group_members("sleep 100000")) - before:
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    assert set(group_members("sleep 100000")) - before == set()
 
 
 @pytest.fixture

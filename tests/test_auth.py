@@ -1,0 +1,118 @@
+"""Access control for private instances: htpasswd basic auth and bearer tokens."""
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from nixeryd.api import RegistryAPI
+from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
+from nixeryd.offload import inline
+from tests.daemon import TWISTD, Daemon, daemon_environment
+from tests.test_api import APITestCase
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+HTPASSWD = "ci:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode().replace("$2b$", "$2y$", 1) + "\n" \
+    + "old:{SHA}" + base64.b64encode(__import__("hashlib").sha1(b"legacy").digest()).decode() + "\n"
+
+
+class AuthTests(APITestCase):
+    def api(self, users: str = "", tokens: str = "") -> StubTreq:
+        from nixeryd.builder import ImageBuilder
+        from nixeryd.images import Images
+        from nixeryd.pkgsource import PathSource
+        from nixeryd.popularity import Popularity
+
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                               clock=self.clock, popularity=Popularity({}))
+        auth = Authenticator(parse_htpasswd(users, "htpasswd"), parse_tokens(tokens), inline, self.clock)
+        images = Images(builder, self.storage, source, self.clock)
+        return StubTreq(RegistryAPI(images, self.storage, (), auth=auth).app.resource())
+
+    def call(self, treq: StubTreq, path: str, authorization: str | None = None) -> tuple[Any, bytes]:
+        headers = {"Authorization": [authorization]} if authorization else {}
+        d = treq.get("http://registry" + path, headers=headers)
+        treq.flush()
+        response = self.successResultOf(d)
+        body = response.content()
+        treq.flush()
+        return response, self.successResultOf(body)
+
+    def test_basic_auth(self) -> None:
+        """Without valid credentials /v2/ is a 401 with a Basic challenge; with them, 200."""
+        treq = self.api(users=HTPASSWD)
+        for authorization in [None, basic("ci", "wrong"), basic("nobody", "s3cret"), "Basic !!!",
+                              "Bearer s3cret", basic("ci", "")]:
+            response, body = self.call(treq, "/v2/", authorization)
+            self.assertEqual(response.code, 401, authorization)
+            self.assertEqual(json.loads(body)["errors"][0]["code"], "UNAUTHORIZED")
+            self.assertEqual(response.headers.getRawHeaders("WWW-Authenticate"),
+                             ['Basic realm="nixeryd", charset="UTF-8"'])
+        self.assertEqual(self.call(treq, "/v2/", basic("ci", "s3cret"))[0].code, 200)
+        self.assertEqual(self.call(treq, "/v2/", basic("old", "legacy"))[0].code, 200)
+        response, _ = self.call(treq, "/v2/alpha/manifests/latest", basic("ci", "s3cret"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.call(treq, "/v2/alpha/manifests/latest")[0].code, 401)
+        self.assertEqual(self.call(treq, "/healthz")[0].code, 200)
+
+    def test_bearer_tokens(self) -> None:
+        """A static bearer token from the list lets a request in; any other does not."""
+        treq = self.api(tokens="# deploy tokens\nabc123\n")
+        self.assertEqual(self.call(treq, "/v2/", "Bearer abc123")[0].code, 200)
+        response, _ = self.call(treq, "/v2/", "Bearer abc124")
+        self.assertEqual(response.code, 401)
+        self.assertEqual(response.headers.getRawHeaders("WWW-Authenticate"), ['Bearer realm="nixeryd"'])
+
+    def test_off_by_default(self) -> None:
+        """With nothing configured every request is let in."""
+        self.assertEqual(self.call(self.api(), "/v2/")[0].code, 200)
+
+    def test_unsupported_hashes_are_refused(self) -> None:
+        """An htpasswd line with a hash kind not supported is an error naming the line."""
+        with self.assertRaises(ValueError) as error:
+            parse_htpasswd("ok:{SHA}x\nbad:$apr1$abc$def\n", "users")
+        self.assertIn("users:2", str(error.exception))
+
+
+def test_skopeo_with_credentials(tmp_path: Path) -> None:
+    """skopeo pulls from a private instance with --src-creds and is refused without."""
+    users = tmp_path / "htpasswd"
+    users.write_text(HTPASSWD)
+    env = daemon_environment(tmp_path / "s", NIXERY_HTPASSWD=str(users))
+    daemon = Daemon(tmp_path / "s", env).start()
+    try:
+        ref = f"docker://{daemon.registry}/hello:latest"
+        refused = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--no-creds", ref],
+                                 capture_output=True, text=True, timeout=120)
+        allowed = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", "ci:s3cret", ref],
+                                 capture_output=True, text=True, timeout=120)
+    finally:
+        daemon.stop()
+    assert refused.returncode != 0
+    assert "401" in refused.stderr or "unauthorized" in refused.stderr.lower(), refused.stderr
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_bad_access_files_stop_start_up(tmp_path: Path) -> None:
+    """A missing or empty access file stops start-up with one line naming its setting."""
+    empty = tmp_path / "empty"
+    empty.write_text("# nobody\n")
+    for variable, value in [("NIXERY_HTPASSWD", str(tmp_path / "missing")),
+                            ("NIXERY_TOKENS_FILE", str(empty))]:
+        env = daemon_environment(tmp_path / "s", **{variable: value})
+        result = subprocess.run([str(TWISTD), "--nodaemon", "--pidfile=", "nixeryd"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        lines = [l for l in result.stderr.splitlines() if l.strip()]
+        assert result.returncode != 0 and len(lines) == 1 and variable in lines[0], result.stderr
