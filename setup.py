@@ -20,7 +20,7 @@ setup(
         "bcrypt>=4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "gcp-storage-emulator"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "gcp-storage-emulator", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["nixeryd = nixeryd.cli:main"]},
 )

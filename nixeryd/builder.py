@@ -8,24 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nixeryd import archive, manifest
 from nixeryd.archive import BlobInfo
-from nixeryd.cache import TTLCache, SingleFlight
+from nixeryd.cache import SingleFlight, TTLCache, gather
 from nixeryd.layers import Layer, PathInfo, group_layers, package_name
 from nixeryd.manifest import Flavour
 from nixeryd.metrics import Metrics
 from nixeryd.names import Image
 from nixeryd.offload import Offload
 from nixeryd.pkgsource import PackageSource
-from nixeryd.storage.interface import InMemory, IStorage, LocalFile
+from nixeryd.storage.interface import InMemory, IStorage, LocalFile, storage_error
 
 log = Logger()
 
@@ -244,10 +245,9 @@ class ImageBuilder:
             group_layers, built.roots, built.closure, popularity, max(1, self._budget - 1)
         )
         target = env_target(built.roots)
-        store_layers = gatherResults([self._layer(layer) for layer in layers], consumeErrors=True)
-        symlinks = self._symlink_layer(built.roots, target)
-        infos: list[BlobInfo] = list(await store_layers)
-        infos.append(await symlinks)
+        infos: list[BlobInfo] = await gather(
+            [self._layer(layer) for layer in layers] + [self._symlink_layer(built.roots, target)]
+        )
 
         config = manifest.image_config(
             image.arch,
@@ -303,6 +303,11 @@ class ImageBuilder:
         try:
             info: BlobInfo = await self._offload(_write_to, staged, write)
             await self._storage.commit_blob(staged, info)
+        except OSError as e:
+            self._storage.discard(staged)
+            if e.filename is not None and os.path.abspath(e.filename) != os.path.abspath(staged):
+                raise  # a store path that cannot be read: a packing failure, not storage's
+            raise storage_error("writing layer " + key, e) from e
         except BaseException:
             self._storage.discard(staged)
             raise

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -93,3 +93,13 @@ class TTLCache(Generic[V]):
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+
+async def gather(deferreds: list[Deferred[T]]) -> list[T]:
+    """Every result, in order; the first failure is raised as itself (not wrapped in FirstError)."""
+    try:
+        results: list[T] = await gatherResults(deferreds, consumeErrors=True)
+    except FirstError as e:
+        e.subFailure.raiseException()
+        raise  # unreachable: raiseException always raises
+    return results

@@ -15,13 +15,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nixeryd import manifest
 from nixeryd.builder import ImageBuilder, ImageManifests, StoredManifest
-from nixeryd.cache import TTLCache, SingleFlight
+from nixeryd.cache import SingleFlight, TTLCache, gather
 from nixeryd.manifest import Flavour
 from nixeryd.metrics import Metrics
 from nixeryd.names import ARM64, Arch, Image
@@ -162,9 +162,7 @@ class Images:
 
         async def compose() -> ImageManifests:
             per_platform = [dataclasses.replace(image, arch=arch) for arch in self._platforms]
-            built: list[ImageManifests] = await gatherResults(
-                [self._image(one, tag) for one in per_platform], consumeErrors=True
-            )
+            built: list[ImageManifests] = await gather([self._image(one, tag) for one in per_platform])
             stored = []
             for flavour in (Flavour.OCI, Flavour.DOCKER):
                 entries = []

@@ -2,6 +2,7 @@
 with ``cli.py``, that touches the global reactor and the process environment."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from nixeryd.api import RegistryAPI
 from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
@@ -32,6 +33,8 @@ from nixeryd.storage.interface import IStorage
 from nixeryd.web import Status
 
 log = Logger()
+
+IDLE_TIMEOUT = 60
 
 
 def default_nix_dir() -> str:
@@ -113,6 +116,20 @@ class _RefuseTLS(ProtocolWrapper):
                 self.transport.loseConnection()
                 return
         super().dataReceived(data)
+
+
+class _Discard(io.BytesIO):
+    """A request body that is dropped as it arrives: no endpoint reads one, so
+    an upload costs neither memory nor disk however large it is."""
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+class RegistryRequest(Request):
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        self.content = _Discard()
 
 
 class PlainHTTPFactory(WrappingFactory):
@@ -294,7 +311,10 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status,
         auth=_authenticator(config, parts.offload, reactor),
     )
-    site = Site(api.app.resource())
+    # Idle connections (slow or stalled clients) are dropped after a minute; a
+    # build goes on for the others whatever one client does.
+    site = Site(api.app.resource(), timeout=IDLE_TIMEOUT)
+    site.requestFactory = RegistryRequest
     site.displayTracebacks = False
     for description in config.listen:
         try:

@@ -1,6 +1,7 @@
 """A real nixeryd daemon on loopback, for end-to-end tests."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -11,7 +12,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 PKGS = ROOT / "tests" / "pkgs"
@@ -53,6 +54,7 @@ class Daemon:
     _started: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
     twistd_args: list[str] = field(default_factory=list)
+    on_line: list[Callable[[str], None]] = field(default_factory=list)
 
     def start(self, timeout: float = 30.0) -> "Daemon":
         self.port = free_port()
@@ -77,6 +79,8 @@ class Daemon:
         for raw in iter(self.process.stdout.readline, b""):
             line = raw.decode(errors="replace")
             self.output.append(line)
+            for hook in list(self.on_line):
+                hook(line)
             if "starting on" in line:
                 self._started.set()
 
@@ -111,13 +115,15 @@ class Daemon:
     def request(
         self, path: str, method: str = "GET", headers: Mapping[str, str] | None = None
     ) -> tuple[int, Mapping[str, str], bytes]:
-        """One HTTP request; any status comes back, none raises."""
+        """One HTTP request; any status comes back, none raises (599: no answer at all)."""
         req = urllib.request.Request(self.url + path, method=method, headers=dict(headers or {}))
         try:
             with urllib.request.urlopen(req, timeout=120) as response:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
+            return 599, {}, str(e).encode()
 
     def error_codes(self, body: bytes) -> list[str]:
         return [e["code"] for e in json.loads(body)["errors"]]
