@@ -236,8 +236,12 @@ class NixBuilder:
     async def run(self, argv: Sequence[str], label: str, deadline: float) -> NixExit:
         """Run one Nix command in its own process group, killed at ``deadline``."""
         protocol = NixProcessProtocol(label)
+        # setsid: a process group of its own, to stop it whole at the deadline;
+        # setpriv --pdeathsig: Nix is told to stop (and take its builders down)
+        # should nixeryd die without the chance to stop it.
         transport = self._reactor.spawnProcess(
-            protocol, SETSID, [SETSID, *argv], env=self._environ, usePTY=False
+            protocol, SETSID, [SETSID, "setpriv", "--pdeathsig", "TERM", *argv],
+            env=self._environ, usePTY=False,
         )
         pid: int = transport.pid  # None once the process is reaped
         killer = _Killer(self._reactor, self._killpg, pid, self._kill_grace)

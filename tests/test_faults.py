@@ -154,3 +154,43 @@ def test_large_uploads_and_headers_are_refused_cheaply(tmp_path: Path) -> None:
         assert status == 200
     finally:
         daemon.stop()
+
+
+def sleepers() -> set[str]:
+    found = subprocess.run(["pgrep", "-f", "sleep 100000"], capture_output=True, text=True)
+    return set(found.stdout.split())
+
+
+def test_kill_9_during_a_build_takes_nix_down_too(tmp_path: Path) -> None:
+    """When the daemon dies by SIGKILL mid-build, Nix and its builder stop too, and the
+    next daemon serves what was cached."""
+    before = sleepers()
+    storage = tmp_path / "storage"
+    daemon = Daemon(storage, daemon_environment(storage, NIX_TIMEOUT="600")).start()
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    started = threading.Event()
+
+    def kill_when_building(line: str) -> None:
+        if "hangs-1.0: sleeping for good" in line and not started.is_set():
+            started.set()
+            os.kill(pid, signal.SIGKILL)
+
+    assert daemon.request("/v2/hello/manifests/latest")[0] == 200
+    daemon.on_line.append(kill_when_building)
+    status, _, _ = daemon.request("/v2/hangs/manifests/latest")
+    daemon.stop()
+    assert started.is_set() and status == 599
+    gone = threading.Event()
+    for _ in range(100):
+        if not sleepers() - before:
+            gone.set()
+            break
+        gone.wait(0.1)
+    assert gone.is_set(), "the builder outlived the daemon"
+    again = Daemon(storage, daemon_environment(storage)).start()
+    try:
+        assert again.request("/v2/hello/manifests/latest")[0] == 200
+    finally:
+        again.stop()
+    assert_store_sound(storage)

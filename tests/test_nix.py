@@ -117,7 +117,7 @@ class DeadlineTests(SynchronousTestCase):
         """Past the deadline the process group gets SIGTERM, then SIGKILL after the grace."""
         d = ensureDeferred(self.builder.build(PATH_SOURCE, ["hangs"], SYSTEM))
         (protocol, args), = self.reactor.spawned
-        self.assertEqual(args[:2], ["setsid", "nix-build"])
+        self.assertEqual(args[:5], ["setsid", "setpriv", "--pdeathsig", "TERM", "nix-build"])
         self.reactor.advance(9.9)
         self.assertEqual(self.signals, [])
         self.reactor.advance(0.1)
