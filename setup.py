@@ -18,6 +18,8 @@ setup(
         "cryptography>=42",
         "prometheus-client>=0.17",
         "bcrypt>=4",
+        # Layer bytes, and so digests, depend on the compressor: pinned exactly.
+        "zlib-ng==1.1.0",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "gcp-storage-emulator", "hypothesis>=6"],

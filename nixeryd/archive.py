@@ -22,6 +22,8 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Sequence, Union
 
+from zlib_ng import zlib_ng
+
 
 @dataclass(frozen=True)
 class BlobInfo:
@@ -136,7 +138,9 @@ class _HashedGzip:
         self._sha = hashlib.sha256()
         self._md5 = hashlib.md5()
         self._size = 0
-        self._compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
+        # zlib-ng: the same DEFLATE format, about twice zlib's speed at the same level.
+        # Its output is part of every layer's digest, so its version is pinned.
+        self._compressor = zlib_ng.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
         xfl = 2 if level == 9 else 4 if level == 1 else 0
         # magic, deflate, no flags (no name), mtime 0, extra flags, OS "unknown".
         self._emit(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + bytes([xfl, 255]))
@@ -156,7 +160,7 @@ class _HashedGzip:
         """Add uncompressed tar bytes to the stream."""
         self._tar_sha.update(data)
         self._tar_size += len(data)
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = zlib_ng.crc32(data, self._crc)
         self._emit(self._compressor.compress(data))
 
     def finish(self) -> BlobInfo:

@@ -1,0 +1,103 @@
+"""Layer packing: nixeryd's archive writer against `tar -c | gzip -6`, side by side.
+
+    .venv/bin/python bench/pack.py
+
+Builds the benchmark package set (bench/pkgs: documentation, locales, the
+Python standard library; about 340 MB), then packs the same store paths:
+  - with `tar -c | gzip -6` (one stream, as a shell would),
+  - with nixeryd's writer, one layer per path, in one thread and in parallel
+    threads (as nixeryd packs an image's layers),
+and reports input throughput and compression ratio. Then it packs a 1 GB
+closure as a single layer in a child process and reports its peak RSS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nixeryd.archive import write_layer  # noqa: E402
+
+OFFLINE = dict(os.environ, NIX_CONFIG="substituters =\n")
+
+
+def build(packages: list[str]) -> list[str]:
+    source = json.dumps({"type": "path", "path": str(ROOT / "bench" / "pkgs")})
+    out = subprocess.run(
+        ["nix-build", str(ROOT / "nix" / "build.nix"), "--no-out-link", "--argstr", "source", source,
+         "--argstr", "packages", json.dumps(packages), "--argstr", "system", "x86_64-linux"],
+        env=OFFLINE, check=True, capture_output=True, text=True,
+    )
+    return out.stdout.split()
+
+
+def size_of(paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        for directory, _, files in os.walk(path):
+            for name in files:
+                full = os.path.join(directory, name)
+                if not os.path.islink(full):
+                    total += os.path.getsize(full)
+    return total
+
+
+def tar_gzip(paths: list[str], out: str) -> tuple[float, int]:
+    start = time.perf_counter()
+    subprocess.run(f"tar -cf - {' '.join(paths)} 2>/dev/null | gzip -6 > {out}", shell=True, check=True)
+    return time.perf_counter() - start, os.path.getsize(out)
+
+
+def nixeryd_pack(paths: list[str], workdir: str, threads: int) -> tuple[float, int]:
+    def one(index_path: tuple[int, str]) -> int:
+        index, path = index_path
+        with open(os.path.join(workdir, f"layer{index}.tar.gz"), "wb") as out:
+            return write_layer([path], out).size
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        sizes = list(pool.map(one, enumerate(paths)))
+    return time.perf_counter() - start, sum(sizes)
+
+
+def peak_rss_packing(paths: list[str], workdir: str) -> float:
+    code = (
+        "import sys; from nixeryd.archive import write_layer\n"
+        f"write_layer({paths!r}, open({os.path.join(workdir, 'big.tar.gz')!r}, 'wb'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def main() -> None:
+    paths = build(["docs", "locales", "pystdlib"])
+    big = build(["docs", "locales", "pystdlib", "libs"])
+    data = size_of(paths)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nixeryd-bench-") as workdir:
+        seconds, packed = tar_gzip(paths, os.path.join(workdir, "tar.gz"))
+        rows.append(("tar -c | gzip -6", seconds, packed))
+        for threads in (1, os.cpu_count() or 1):
+            seconds, packed = nixeryd_pack(paths, workdir, threads)
+            rows.append((f"nixeryd, {threads} thread(s)", seconds, packed))
+        big_size = size_of(big)
+        rss = peak_rss_packing(big, workdir)
+    base = rows[0][1]
+    print(f"input: {len(paths)} store paths, {data / 1e6:.0f} MB of file data\n")
+    print(f"{'packer':<26}{'seconds':>9}{'MB/s in':>10}{'ratio':>8}{'speed vs tar|gzip':>19}")
+    for name, seconds, packed in rows:
+        print(f"{name:<26}{seconds:>9.2f}{data / seconds / 1e6:>10.1f}{packed / data:>8.3f}{base / seconds:>18.2f}x")
+    print(f"\npeak RSS packing {big_size / 1e9:.2f} GB as one layer: {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
