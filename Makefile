@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 8080
 STORAGE_PATH ?= $(CURDIR)/var
 
-.PHONY: install system-packages nix-settings serve test clean
+.PHONY: install system-packages nix-settings serve test clean bench-tools
 
 install: system-packages nix-settings $(STAMP)
 
@@ -52,3 +52,10 @@ test: install
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
+
+# Tools the benchmarks under bench/ compare against; not needed to serve or test.
+bench-tools: install
+	@for p in wrk docker-registry; do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$p </dev/null; \
+	done

@@ -369,11 +369,24 @@ def _arg(request: IRequest, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
+BLOB_CHUNK = 1024 * 1024
+
+
+class _BlobFile(static.File):
+    """A stored blob as a file resource: HEAD, Range and Content-Length come with it.
+    It is sent in 1 MiB chunks rather than 64 KiB: a sixteenth of the trips through
+    the reactor for the same bytes."""
+
+    isLeaf = True
+
+    def makeProducer(self, request: Any, fileForReading: Any) -> Any:
+        producer = super().makeProducer(request, fileForReading)
+        producer.bufferSize = BLOB_CHUNK
+        return producer
+
+
 def _blob_file(path: str) -> IResource:
-    """A stored blob as a file resource: HEAD, Range and Content-Length come with it."""
-    resource = static.File(path, defaultType="application/octet-stream")
-    resource.isLeaf = True
-    return resource
+    return _BlobFile(path, defaultType="application/octet-stream")
 
 
 def _split(rest: str) -> tuple[str, str, str]:

@@ -120,6 +120,9 @@ class Images:
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
         self._touched: TTLCache[float] = TTLCache(clock)
+        # The manifests themselves, so that a warm pull costs no storage access; an
+        # entry is used only while its digests are in ``_cache`` (which expires).
+        self._bodies: TTLCache[ImageManifests] = TTLCache(clock, max_entries=2048)
         self._metrics = metrics if metrics is not None else Metrics()
 
     @property
@@ -178,15 +181,19 @@ class Images:
     async def _cached_or(
         self, key: str, tag: str, make: Callable[[], Awaitable[ImageManifests]]
     ) -> ImageManifests:
+        remembered = self._bodies.get(key)
         digests = self._cache.get(key)
-        where = "memory"
+        if remembered is not None and digests is not None:
+            self._metrics.cache.labels(result="memory").inc()
+            await self._touch(key, digests)
+            return remembered
         if digests is None:
             digests = await self._stored_digests(key, tag)
-            where = "storage"
         if digests is not None:
             cached = await self._load(digests)
             if cached is not None:
-                self._metrics.cache.labels(result=where).inc()
+                self._metrics.cache.labels(result="storage").inc()
+                self._bodies.put(key, cached, None)
                 await self._touch(key, digests)
                 return cached
         self._metrics.cache.labels(result="miss").inc()
@@ -195,6 +202,7 @@ class Images:
         await self._write_record(key, digests, served=digests.built)
         self._touched.put(key, digests.built, None)
         self._cache.put(key, digests, self._ttl_for(tag))
+        self._bodies.put(key, result, None)
         return result
 
     async def _write_record(self, key: str, digests: _Digests, served: float) -> None:
