@@ -156,8 +156,9 @@ async def _build(reactor: Any, config: Any, image_ref: str) -> None:
 async def _gc(reactor: Any, config: Any, keep_days: float, dry_run: bool) -> None:
     from nixeryd.gc import collect
 
-    if keep_days < 0:
-        raise CommandError("--keep-days: must be at least 0")
+    if keep_days < 0.1:
+        # Instances serve manifests from memory for up to an hour between checks.
+        raise CommandError("--keep-days: must be at least 0.1 (2.4 hours)")
     parts = _parts(config, reactor)
     report = await collect(parts.storage, keep_seconds=keep_days * 86400,
                            now=reactor.seconds(), dry_run=dry_run)

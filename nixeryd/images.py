@@ -62,6 +62,8 @@ def _key(doc: object) -> str:
 # How often an instance refreshes the served time of a cached image's record,
 # which garbage collection keeps images by.
 TOUCH_INTERVAL = 12 * 3600
+# How long manifests are served from memory before being checked against storage.
+BODY_TTL = 3600
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,10 @@ class Images:
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
         self._touched: TTLCache[float] = TTLCache(clock)
-        # The manifests themselves, so that a warm pull costs no storage access; an
-        # entry is used only while its digests are in ``_cache`` (which expires).
+        # The manifests themselves, so that a warm pull costs no storage access. They
+        # are checked against storage again after BODY_TTL: garbage collection
+        # (which keeps whatever was served within its window, longer than this)
+        # may have removed an image no one pulled for a while.
         self._bodies: TTLCache[ImageManifests] = TTLCache(clock, max_entries=2048)
         self._metrics = metrics if metrics is not None else Metrics()
 
@@ -193,7 +197,7 @@ class Images:
             cached = await self._load(digests)
             if cached is not None:
                 self._metrics.cache.labels(result="storage").inc()
-                self._bodies.put(key, cached, None)
+                self._bodies.put(key, cached, BODY_TTL)
                 await self._touch(key, digests)
                 return cached
         self._metrics.cache.labels(result="miss").inc()
@@ -202,7 +206,7 @@ class Images:
         await self._write_record(key, digests, served=digests.built)
         self._touched.put(key, digests.built, None)
         self._cache.put(key, digests, self._ttl_for(tag))
-        self._bodies.put(key, result, None)
+        self._bodies.put(key, result, BODY_TTL)
         return result
 
     async def _write_record(self, key: str, digests: _Digests, served: float) -> None:
