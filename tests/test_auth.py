@@ -9,8 +9,6 @@ from typing import Any
 
 import bcrypt
 from treq.testing import StubTreq
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from nixeryd.api import RegistryAPI
 from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import PKGS, Daemon, daemon_environment
+from tests.daemon import Daemon, daemon_environment
 from tests.test_cache_end_to_end import NixCounter
 
 

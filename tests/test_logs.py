@@ -9,7 +9,7 @@ from twisted.logger import LogLevel, Logger
 from twisted.python.failure import Failure
 
 from nixeryd.logs import JSONLines
-from tests.daemon import TWISTD, Daemon, daemon_environment
+from tests.daemon import Daemon, daemon_environment
 
 
 def test_one_json_object_per_line_with_stable_keys() -> None:
