@@ -26,6 +26,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 20 seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def daemon_environment(storage: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for name in list(env):
@@ -91,13 +102,7 @@ class Daemon:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         if self._reader is not None:
             self._reader.join(timeout=10)
         if self.process.stdout is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import free_port
+from tests.daemon import free_port, terminate
 
 EMULATOR = Path(sys.executable).parent / "gcp-storage-emulator"
 
@@ -48,13 +48,8 @@ class Emulator:
                 self.ready.set()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         self.process = None
 
     def new_bucket(self) -> str:

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
+    remove_quietly,
     StoredObject,
     check_prefix,
     PREFIXES,
@@ -76,12 +77,7 @@ class FilesystemStorage:
         )
 
     def discard(self, staged: str) -> None:
-        try:
-            os.unlink(staged)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warn("could not remove staged file {path}: {error}", path=staged, error=str(e))
+        remove_quietly(staged)
 
     def put(self, key: str, data: bytes, content_type: str) -> "Deferred[None]":
         path = self._path(key)
@@ -141,7 +137,7 @@ class FilesystemStorage:
             os.replace(tmp, path)
             _fsync_dir(os.path.dirname(path))
         finally:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
 
     def _commit(self, staged: str, hexdigest: str, size: int) -> None:
         """Blocking: move a staged blob to ``layers/<hexdigest>``; the staged file is gone after."""
@@ -165,8 +161,8 @@ class FilesystemStorage:
             os.replace(moving, target)
             _fsync_dir(os.path.dirname(target))
         finally:
-            _remove_quietly(moving)
-            _remove_quietly(staged)
+            remove_quietly(moving)
+            remove_quietly(staged)
 
 
 def _prepare(root: str) -> int:
@@ -265,10 +261,3 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warn("could not remove {path}: {error}", path=path, error=str(e))

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
+    remove_quietly,
     StoredObject,
     check_prefix,
     BlobLocation,
@@ -99,12 +100,7 @@ class GCSStorage:
         return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
 
     def discard(self, staged: str) -> None:
-        try:
-            os.unlink(staged)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warn("cannot remove staged file {path}: {error}", path=staged, error=str(e))
+        remove_quietly(staged)
 
     def commit_blob(self, staged: str, info: BlobInfo) -> "Deferred[None]":
         key = "layers/" + blob_hex(info)

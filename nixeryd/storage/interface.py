@@ -18,14 +18,18 @@ than returning a failed Deferred. Failures of the backend itself are
 from __future__ import annotations
 
 import errno
+import os
 import re
 from dataclasses import dataclass
 from typing import Union
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from nixeryd.archive import BlobInfo
+
+log = Logger()
 
 PREFIXES = ("layers", "manifests", "builds")
 _KEY = re.compile(r"(?:layers|manifests|builds)/[0-9a-f]{64}")
@@ -100,6 +104,17 @@ def blob_hex(info: BlobInfo) -> str:
     if not isinstance(info.digest, str) or _DIGEST.fullmatch(info.digest) is None:
         raise ValueError("invalid blob digest {!r}: expected sha256:<64 hex>".format(info.digest))
     return info.digest[len("sha256:"):]
+
+
+def remove_quietly(path: str) -> None:
+    """Remove a local file; a missing one is fine and another failure is only logged,
+    so that it never hides the error that led to the removal."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warn("could not remove {path}: {error}", path=path, error=str(e))
 
 
 def storage_error(action: str, error: OSError) -> StorageError:

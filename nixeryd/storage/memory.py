@@ -19,6 +19,7 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload, inline
 from nixeryd.storage.interface import (
+    remove_quietly,
     StoredObject,
     check_prefix,
     BlobLocation,
@@ -61,10 +62,7 @@ class MemoryStorage:
         return Deferred.fromCoroutine(self._commit(staged, key, info))
 
     def discard(self, staged: str) -> None:
-        try:
-            os.unlink(staged)
-        except FileNotFoundError:
-            pass
+        remove_quietly(staged)
 
     def put(self, key: str, data: bytes, content_type: str) -> "Deferred[None]":
         self._store(check_key(key), bytes(data), content_type)
