@@ -20,6 +20,7 @@ setup(
         "bcrypt>=4",
         # Layer bytes, and so digests, depend on the compressor: pinned exactly.
         "zlib-ng==1.1.0",
+        "zstandard>=0.22",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "gcp-storage-emulator", "hypothesis>=6"],

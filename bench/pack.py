@@ -6,7 +6,8 @@ Builds the benchmark package set (bench/pkgs: documentation, locales, the
 Python standard library; about 340 MB), then packs the same store paths:
   - with `tar -c | gzip -6` (one stream, as a shell would),
   - with nixeryd's writer, one layer per path, in one thread and in parallel
-    threads (as nixeryd packs an image's layers),
+    threads (as nixeryd packs an image's layers), gzip (level 6) and the opt-in
+    zstd (level 3),
 and reports input throughput and compression ratio. Then it packs a 1 GB
 closure as a single layer in a child process and reports its peak RSS.
 """
@@ -57,11 +58,11 @@ def tar_gzip(paths: list[str], out: str) -> tuple[float, int]:
     return time.perf_counter() - start, os.path.getsize(out)
 
 
-def nixeryd_pack(paths: list[str], workdir: str, threads: int) -> tuple[float, int]:
+def nixeryd_pack(paths: list[str], workdir: str, threads: int, compression: str = "gzip") -> tuple[float, int]:
     def one(index_path: tuple[int, str]) -> int:
         index, path = index_path
-        with open(os.path.join(workdir, f"layer{index}.tar.gz"), "wb") as out:
-            return write_layer([path], out).size
+        with open(os.path.join(workdir, f"layer{index}.{compression}"), "wb") as out:
+            return write_layer([path], out, compression=compression).size
 
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -86,16 +87,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nixeryd-bench-") as workdir:
         seconds, packed = tar_gzip(paths, os.path.join(workdir, "tar.gz"))
         rows.append(("tar -c | gzip -6", seconds, packed))
-        for threads in (1, os.cpu_count() or 1):
-            seconds, packed = nixeryd_pack(paths, workdir, threads)
-            rows.append((f"nixeryd, {threads} thread(s)", seconds, packed))
+        for compression in ("gzip", "zstd"):
+            for threads in (1, os.cpu_count() or 1):
+                seconds, packed = nixeryd_pack(paths, workdir, threads, compression)
+                rows.append((f"nixeryd {compression}, {threads} thread(s)", seconds, packed))
         big_size = size_of(big)
         rss = peak_rss_packing(big, workdir)
     base = rows[0][1]
     print(f"input: {len(paths)} store paths, {data / 1e6:.0f} MB of file data\n")
-    print(f"{'packer':<26}{'seconds':>9}{'MB/s in':>10}{'ratio':>8}{'speed vs tar|gzip':>19}")
+    print(f"{'packer':<30}{'seconds':>9}{'MB/s in':>10}{'ratio':>8}{'speed vs tar|gzip':>19}")
     for name, seconds, packed in rows:
-        print(f"{name:<26}{seconds:>9.2f}{data / seconds / 1e6:>10.1f}{packed / data:>8.3f}{base / seconds:>18.2f}x")
+        print(f"{name:<30}{seconds:>9.2f}{data / seconds / 1e6:>10.1f}{packed / data:>8.3f}{base / seconds:>18.2f}x")
     print(f"\npeak RSS packing {big_size / 1e9:.2f} GB as one layer: {rss:.0f} MB")
 
 

@@ -86,7 +86,7 @@ def choose(manifests: ImageManifests, accepted: set[str]) -> StoredManifest | No
     """OCI unless the client takes only Docker's types; None when it takes neither."""
     if not accepted or "*/*" in accepted or manifests.oci.media_type in accepted:
         return manifests.oci
-    if manifests.docker.media_type in accepted:
+    if manifests.docker is not None and manifests.docker.media_type in accepted:
         return manifests.docker
     return None
 
@@ -277,7 +277,7 @@ class RegistryAPI:
                     404,
                     "MANIFEST_UNKNOWN",
                     "the manifest exists only in media types the client does not accept",
-                    {"available": [manifests.oci.media_type, manifests.docker.media_type]},
+                    {"available": [m.media_type for m in (manifests.oci, manifests.docker) if m]},
                 )
             stored = chosen
         return self._send_manifest(request, stored)

@@ -20,7 +20,7 @@ import struct
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Sequence, Union
+from typing import Any, BinaryIO, Iterable, Sequence, Union
 
 from zlib_ng import zlib_ng
 
@@ -125,12 +125,18 @@ def _layer_entries(paths: Sequence[str]) -> list[_Entry]:
 # --- the hashed gzip stream ------------------------------------------------------
 
 
-class _HashedGzip:
-    """A gzip stream written to ``out``, hashing both sides as it goes."""
+COMPRESSIONS = ("gzip", "zstd")
+DEFAULT_LEVELS = {"gzip": 6, "zstd": 3}
 
-    def __init__(self, out: BinaryIO, level: int) -> None:
-        if not 0 <= level <= 9:
-            raise ValueError("gzip level must be within 0..9, got {}".format(level))
+
+class _HashedStream:
+    """A compressed stream (gzip or zstd) written to ``out``, hashing both sides as it goes."""
+
+    def __init__(self, out: BinaryIO, level: int | None, compression: str = "gzip") -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError("compression must be one of {}, got {!r}".format(COMPRESSIONS, compression))
+        level = DEFAULT_LEVELS[compression] if level is None else level
+        self._gzip = compression == "gzip"
         self._out = out
         self._tar_sha = hashlib.sha256()
         self._tar_size = 0
@@ -138,12 +144,25 @@ class _HashedGzip:
         self._sha = hashlib.sha256()
         self._md5 = hashlib.md5()
         self._size = 0
-        # zlib-ng: the same DEFLATE format, about twice zlib's speed at the same level.
-        # Its output is part of every layer's digest, so its version is pinned.
-        self._compressor = zlib_ng.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
-        xfl = 2 if level == 9 else 4 if level == 1 else 0
-        # magic, deflate, no flags (no name), mtime 0, extra flags, OS "unknown".
-        self._emit(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + bytes([xfl, 255]))
+        self._compressor: Any
+        if self._gzip:
+            if not 0 <= level <= 9:
+                raise ValueError("gzip level must be within 0..9, got {}".format(level))
+            # zlib-ng: the same DEFLATE format, about twice zlib's speed at the same level.
+            # Its output is part of every layer's digest, so its version is pinned.
+            self._compressor = zlib_ng.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
+            xfl = 2 if level == 9 else 4 if level == 1 else 0
+            # magic, deflate, no flags (no name), mtime 0, extra flags, OS "unknown".
+            self._emit(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + bytes([xfl, 255]))
+        else:
+            import zstandard
+
+            if not 1 <= level <= 19:
+                raise ValueError("zstd level must be within 1..19, got {}".format(level))
+            # One thread and no content size in the frame: the same bytes every time.
+            self._compressor = zstandard.ZstdCompressor(
+                level=level, write_checksum=True, write_content_size=False, threads=0
+            ).compressobj()
 
     @property
     def tar_size(self) -> int:
@@ -160,13 +179,17 @@ class _HashedGzip:
         """Add uncompressed tar bytes to the stream."""
         self._tar_sha.update(data)
         self._tar_size += len(data)
-        self._crc = zlib_ng.crc32(data, self._crc)
+        if self._gzip:
+            self._crc = zlib_ng.crc32(data, self._crc)
         self._emit(self._compressor.compress(data))
 
     def finish(self) -> BlobInfo:
-        """End the gzip stream and say what was written."""
-        self._emit(self._compressor.flush(zlib.Z_FINISH))
-        self._emit(struct.pack("<II", self._crc & 0xFFFFFFFF, self._tar_size & 0xFFFFFFFF))
+        """End the stream and say what was written."""
+        if self._gzip:
+            self._emit(self._compressor.flush(zlib.Z_FINISH))
+            self._emit(struct.pack("<II", self._crc & 0xFFFFFFFF, self._tar_size & 0xFFFFFFFF))
+        else:
+            self._emit(self._compressor.flush())
         return BlobInfo(
             digest="sha256:" + self._sha.hexdigest(),
             diff_id="sha256:" + self._tar_sha.hexdigest(),
@@ -194,7 +217,7 @@ def _header(entry: _Entry) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _copy_file(entry: _File, stream: _HashedGzip) -> None:
+def _copy_file(entry: _File, stream: _HashedStream) -> None:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     remaining = entry.size
@@ -212,8 +235,10 @@ def _copy_file(entry: _File, stream: _HashedGzip) -> None:
         stream.write(bytes(padding))
 
 
-def _write_entries(entries: Iterable[_Entry], out: BinaryIO, level: int) -> BlobInfo:
-    stream = _HashedGzip(out, level)
+def _write_entries(
+    entries: Iterable[_Entry], out: BinaryIO, level: int | None, compression: str
+) -> BlobInfo:
+    stream = _HashedStream(out, level, compression)
     for entry in entries:
         stream.write(_header(entry))
         if isinstance(entry, _File):
@@ -228,7 +253,9 @@ def _write_entries(entries: Iterable[_Entry], out: BinaryIO, level: int) -> Blob
 # --- public ----------------------------------------------------------------------
 
 
-def write_layer(paths: Sequence[str], out: BinaryIO, *, level: int = 6) -> BlobInfo:
+def write_layer(
+    paths: Sequence[str], out: BinaryIO, *, level: int | None = None, compression: str = "gzip"
+) -> BlobInfo:
     """Write one deterministic tar.gz of ``paths`` (absolute local paths) to ``out``.
 
     Each path is archived under its absolute name without the leading "/"
@@ -236,7 +263,7 @@ def write_layer(paths: Sequence[str], out: BinaryIO, *, level: int = 6) -> BlobI
     (``nix/``, ``nix/store/``, mode 0o555). Modes of files and directories are
     kept as on disk.
     """
-    return _write_entries(_layer_entries(paths), out, level)
+    return _write_entries(_layer_entries(paths), out, level, compression)
 
 
 class _Tree:
@@ -286,7 +313,8 @@ def write_symlink_layer(
     out: BinaryIO,
     *,
     env_target: str | None = None,
-    level: int = 6,
+    level: int | None = None,
+    compression: str = "gzip",
 ) -> BlobInfo:
     """Write the merged tree of the top-level ``roots`` as one deterministic tar.gz.
 
@@ -307,4 +335,4 @@ def write_symlink_layer(
     _subtree(tree, "tmp").mode = TMP_MODE
     if env_target is not None:
         _subtree(_subtree(tree, "usr"), "bin").children["env"] = env_target
-    return _write_entries(sorted(_tree_entries(tree, ""), key=_sort_key), out, level)
+    return _write_entries(sorted(_tree_entries(tree, ""), key=_sort_key), out, level, compression)

@@ -86,12 +86,13 @@ class StoredManifest:
 
 @dataclass(frozen=True)
 class ImageManifests:
-    """One image (or multi-platform index) in both flavours."""
+    """One image (or multi-platform index) in both flavours; Docker's is absent when the
+    layers are compressed in a way Docker schema 2 cannot name (zstd)."""
 
     oci: StoredManifest
-    docker: StoredManifest
+    docker: StoredManifest | None
 
-    def flavour(self, flavour: Flavour) -> StoredManifest:
+    def flavour(self, flavour: Flavour) -> StoredManifest | None:
         return self.oci if flavour is Flavour.OCI else self.docker
 
 
@@ -150,6 +151,7 @@ class ImageBuilder:
         max_builds: int = 2,
         queue: int = 64,
         metrics: Metrics | None = None,
+        compression: str = "gzip",
     ) -> None:
         self._nix = nix
         self._storage = storage
@@ -161,6 +163,7 @@ class ImageBuilder:
         self._slots = DeferredSemaphore(max_builds)
         self._queue = queue
         self._layers: SingleFlight[BlobInfo] = SingleFlight()
+        self.compression = compression
         self._metrics = metrics if metrics is not None else Metrics()
         self._metrics.watch(lambda: self.running, lambda: self.waiting)
         self.active: dict[str, float] = {}  # image label -> when its build started
@@ -258,6 +261,11 @@ class ImageBuilder:
         config_info = await self.put_blob(config)
         config_descriptor = manifest.Descriptor(config_info.digest, config_info.size)
         layer_descriptors = [manifest.Descriptor(i.digest, i.size) for i in infos]
+        if self.compression == "zstd":
+            body = manifest.image_manifest(Flavour.OCI, config_descriptor, layer_descriptors,
+                                           layer_type=manifest.OCI_LAYER_ZSTD)
+            return ImageManifests(oci=await self.store_manifest(body, Flavour.OCI.manifest_type),
+                                  docker=None)
         stored = []
         for flavour in (Flavour.OCI, Flavour.DOCKER):
             body = manifest.image_manifest(flavour, config_descriptor, layer_descriptors)
@@ -274,19 +282,29 @@ class ImageBuilder:
         await self._storage.put(blob_key(info.digest), data, "application/octet-stream")
         return info
 
-    def _layer(self, layer: Layer) -> Deferred[BlobInfo]:
-        paths = layer.paths
-        return self._layers.run(
-            layer.key,
-            lambda: self._packed(layer.key, lambda out: archive.write_layer(paths, out)),
-        )
+    def _record_key(self, key: str) -> str:
+        """A layer's record key: its identity, and how it is compressed (gzip keeps the bare key)."""
+        if self.compression == "gzip":
+            return key
+        return hashlib.sha256(f"{self.compression}:{key}".encode()).hexdigest()
 
-    def _symlink_layer(self, roots: Sequence[str], target: str | None) -> Deferred[BlobInfo]:
-        key = symlink_layer_key(roots, target)
+    def _layer(self, layer: Layer) -> Deferred[BlobInfo]:
+        paths, key, compression = layer.paths, self._record_key(layer.key), self.compression
         return self._layers.run(
             key,
             lambda: self._packed(
-                key, lambda out: archive.write_symlink_layer(roots, out, env_target=target)
+                key, lambda out: archive.write_layer(paths, out, compression=compression)
+            ),
+        )
+
+    def _symlink_layer(self, roots: Sequence[str], target: str | None) -> Deferred[BlobInfo]:
+        key, compression = self._record_key(symlink_layer_key(roots, target)), self.compression
+        return self._layers.run(
+            key,
+            lambda: self._packed(
+                key, lambda out: archive.write_symlink_layer(
+                    roots, out, env_target=target, compression=compression
+                )
             ),
         )
 

@@ -91,6 +91,7 @@ class Config:
     build_queue: int = 64
     nix_dir: str | None = None
     platforms: tuple[Arch, ...] = ()
+    layer_compression: str = "gzip"
     htpasswd: str | None = None
     tokens_file: str | None = None
     child_environment: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -107,6 +108,10 @@ class Config:
             raise ConfigError("GCS_BUCKET: must be set when NIXERY_STORAGE_BACKEND is gcs")
         if bool(self.gcs_signing_key) != bool(self.gcs_signing_account):
             raise ConfigError("GCS_SIGNING_KEY, GCS_SIGNING_ACCOUNT: set both or neither")
+        if self.layer_compression not in ("gzip", "zstd"):
+            raise ConfigError(
+                f"NIXERY_LAYER_COMPRESSION: must be gzip or zstd, got {self.layer_compression!r}"
+            )
         if not 1 <= self.signed_url_ttl <= 604800:
             raise ConfigError(
                 f"NIXERY_SIGNED_URL_TTL: must be between 1 and 604800 seconds, got {self.signed_url_ttl}"
@@ -180,6 +185,7 @@ class Config:
             build_queue=parsed("NIXERY_BUILD_QUEUE", lambda v, raw: _int(v, raw, 0), 64),
             nix_dir=absolute(nix_dir) if nix_dir else None,
             platforms=parsed("NIXERY_PLATFORMS", _platforms, ()),
+            layer_compression=(get("NIXERY_LAYER_COMPRESSION") or "gzip").lower(),
             htpasswd=absolute(htpasswd) if (htpasswd := get("NIXERY_HTPASSWD")) else None,
             tokens_file=absolute(tokens) if (tokens := get("NIXERY_TOKENS_FILE")) else None,
             child_environment=dict(environ),

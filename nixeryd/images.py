@@ -69,7 +69,7 @@ BODY_TTL = 3600
 @dataclass(frozen=True)
 class _Digests:
     oci: str
-    docker: str
+    docker: str | None
     built: float
 
 
@@ -155,29 +155,38 @@ class Images:
 
         return d.addCallback(remember)
 
+    def _identity(self, tag: str) -> str:
+        """What a build comes from: the package set, and how layers are compressed."""
+        identity = self._source.identity(tag)
+        compression = self._builder.compression
+        return identity if compression == "gzip" else f"{identity}#layers={compression}"
+
     def _ttl_for(self, tag: str) -> float | None:
         return None if self._source.pinned(tag) else self._ttl
 
     def _image(self, image: Image, tag: str) -> Deferred[ImageManifests]:
-        key = image_cache_key(image, self._source.identity(tag))
+        key = image_cache_key(image, self._identity(tag))
         return self._flight.run(
             key, lambda: self._cached_or(key, tag, lambda: self._builder.build(image, tag))
         )
 
     def _index(self, image: Image, tag: str) -> Deferred[ImageManifests]:
-        key = index_cache_key(image, self._platforms, self._source.identity(tag))
+        key = index_cache_key(image, self._platforms, self._identity(tag))
 
         async def compose() -> ImageManifests:
             per_platform = [dataclasses.replace(image, arch=arch) for arch in self._platforms]
             built: list[ImageManifests] = await gather([self._image(one, tag) for one in per_platform])
-            stored = []
+            stored: list[StoredManifest | None] = []
             for flavour in (Flavour.OCI, Flavour.DOCKER):
-                entries = []
-                for manifests, one in zip(built, per_platform):
-                    chosen = manifests.flavour(flavour)
-                    entries.append((manifest.Descriptor(chosen.digest, len(chosen.body)), one.arch))
+                chosen = [m.flavour(flavour) for m in built]
+                if any(c is None for c in chosen):
+                    stored.append(None)  # no Docker manifests: no Docker list either
+                    continue
+                entries = [(manifest.Descriptor(c.digest, len(c.body)), one.arch)
+                           for c, one in zip(chosen, per_platform) if c is not None]
                 body = manifest.image_index(flavour, entries)
                 stored.append(await self._builder.store_manifest(body, flavour.index_type))
+            assert stored[0] is not None
             return ImageManifests(oci=stored[0], docker=stored[1])
 
         return self._flight.run(key, lambda: self._cached_or(key, tag, compose))
@@ -202,7 +211,8 @@ class Images:
                 return cached
         self._metrics.cache.labels(result="miss").inc()
         result: ImageManifests = await make()
-        digests = _Digests(result.oci.digest, result.docker.digest, self._clock.seconds())
+        docker = result.docker.digest if result.docker is not None else None
+        digests = _Digests(result.oci.digest, docker, self._clock.seconds())
         await self._write_record(key, digests, served=digests.built)
         self._touched.put(key, digests.built, None)
         self._cache.put(key, digests, self._ttl_for(tag))
@@ -231,7 +241,8 @@ class Images:
         try:
             record = json.loads(data)
             built = float(record["built"])
-            digests = _Digests(str(record["oci"]), str(record["docker"]), built)
+            docker = record["docker"]
+            digests = _Digests(str(record["oci"]), None if docker is None else str(docker), built)
             self._touched.put(key, float(record.get("served", built)), None)
         except (ValueError, KeyError, TypeError):
             log.warn("ignoring an unreadable cache record", cache_key=key)
@@ -246,7 +257,7 @@ class Images:
 
     async def _load(self, digests: _Digests) -> ImageManifests | None:
         oci = await self._builder.stored_manifest(digests.oci)
-        docker = await self._builder.stored_manifest(digests.docker)
-        if oci is None or docker is None:
+        docker = None if digests.docker is None else await self._builder.stored_manifest(digests.docker)
+        if oci is None or (digests.docker is not None and docker is None):
             return None
         return ImageManifests(oci=oci, docker=docker)

@@ -18,6 +18,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -83,14 +84,17 @@ def image_config(
     )
 
 
-def image_manifest(flavour: Flavour, config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
-    """A schema 2 image manifest naming ``config`` and ``layers`` with ``flavour``'s media types."""
+def image_manifest(
+    flavour: Flavour, config: Descriptor, layers: Sequence[Descriptor], *, layer_type: str | None = None
+) -> bytes:
+    """A schema 2 image manifest naming ``config`` and ``layers`` with ``flavour``'s media types
+    (``layer_type`` for layers compressed otherwise than with gzip)."""
     return _dump(
         {
             "schemaVersion": 2,
             "mediaType": flavour.manifest_type,
             "config": _descriptor(flavour.config_type, config),
-            "layers": [_descriptor(flavour.layer_type, layer) for layer in layers],
+            "layers": [_descriptor(layer_type or flavour.layer_type, layer) for layer in layers],
         }
     )
 

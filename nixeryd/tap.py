@@ -263,6 +263,7 @@ def build_parts(config: Config, reactor: Any) -> Parts:
         max_builds=config.max_builds,
         queue=config.build_queue,
         metrics=metrics,
+        compression=config.layer_compression,
     )
     images = Images(
         builder, storage, config.source, reactor,

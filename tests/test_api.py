@@ -445,3 +445,41 @@ class OperatorEndpointTests(APITestCase):
         _, page = self.fetch(self.make_api(), "/", headers={"Host": ["<script>x</script>"]})
         self.assertNotIn(b"<script>", page)
         self.assertIn(b"&lt;script&gt;", page)
+
+
+class ZstdTests(APITestCase):
+    def test_zstd_layers_for_oci_clients_only(self) -> None:
+        """With zstd layers, OCI clients get tar+zstd layers that decompress to the diff_ids,
+        and a client taking only Docker schema 2 gets MANIFEST_UNKNOWN."""
+        import zstandard
+
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                               clock=self.clock, popularity=Popularity({}), compression="zstd")
+        images = Images(builder, self.storage, source, self.clock)
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",)).app.resource())
+
+        def fetch(path: str, **kwargs: Any) -> tuple[Any, bytes]:
+            d = treq.get("http://registry" + path, **kwargs)
+            treq.flush()
+            response = self.successResultOf(d)
+            body = response.content()
+            treq.flush()
+            return response, self.successResultOf(body)
+
+        _, zstd_body = fetch("/v2/alpha/manifests/latest")
+        doc = json.loads(zstd_body)
+        self.assertEqual({l["mediaType"] for l in doc["layers"]},
+                         {"application/vnd.oci.image.layer.v1.tar+zstd"})
+        _, config = fetch(f"/v2/alpha/blobs/{doc['config']['digest']}")
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        for layer, diff_id in zip(doc["layers"], diff_ids):
+            _, blob = fetch(f"/v2/alpha/blobs/{layer['digest']}")
+            tar = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+            self.assertEqual("sha256:" + hashlib.sha256(tar).hexdigest(), diff_id)
+        response, body = fetch("/v2/alpha/manifests/latest", headers={"Accept": [DOCKER_MANIFEST]})
+        self.assertEqual((response.code, self.errors(body)), (404, ["MANIFEST_UNKNOWN"]))
+        # The gzip image of the same packages is another image, built on its own.
+        _, gzip_body = self.get("/v2/alpha/manifests/latest")
+        self.assertNotEqual(json.loads(gzip_body)["layers"], doc["layers"])
+        self.assertEqual(len(self.nix.calls), 2)

@@ -316,3 +316,23 @@ def test_symlink_layer_usr_bin_env(store: Path) -> None:
 def test_symlink_layer_no_roots() -> None:
     """With no roots the layer still holds tmp/."""
     assert list(symlink_layer([])) == ["tmp"]
+
+
+def test_zstd_layers_are_deterministic_and_hold_the_same_tar(tmp_path: Path) -> None:
+    """A zstd layer is the same bytes every time, and holds exactly the tar the gzip one holds."""
+    import zstandard
+
+    tree = tmp_path / "store" / ("z" * 32 + "-pkg")
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "tool").write_bytes(b"#!/bin/sh\necho tool\n" * 1000)
+    outs = []
+    for compression in ("zstd", "zstd", "gzip"):
+        buf = io.BytesIO()
+        info = write_layer([str(tree)], buf, compression=compression)
+        outs.append((buf.getvalue(), info))
+    (first, one), (second, two), (gz, gzinfo) = outs
+    assert first == second and one == two
+    assert one.digest == "sha256:" + hashlib.sha256(first).hexdigest()
+    tar = zstandard.ZstdDecompressor().decompressobj().decompress(first)
+    assert tar == gzip.decompress(gz)
+    assert one.diff_id == gzinfo.diff_id != one.digest

@@ -237,3 +237,24 @@ def test_tls_handshake_on_plain_port_is_closed_at_once(daemon: Daemon) -> None:
         assert s.recv(1024) == b""  # closed; a wait would raise socket.timeout
     status, _, _ = daemon.request("/v2/")
     assert status == 200
+
+
+def test_zstd_layers_pull_and_run(tmp_path: Path) -> None:
+    """With NIXERY_LAYER_COMPRESSION=zstd, skopeo pulls tar+zstd layers that unpack into a
+    root where the program runs."""
+    storage = tmp_path / "storage"
+    zstd_daemon = Daemon(storage, daemon_environment(storage, NIXERY_LAYER_COMPRESSION="zstd")).start()
+    try:
+        layout = skopeo_copy(zstd_daemon, "shell/hello:latest", tmp_path / "oci")
+    finally:
+        zstd_daemon.stop()
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+    assert {l["mediaType"] for l in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    for layer in manifest["layers"]:
+        blob = layout / "blobs" / "sha256" / layer["digest"][7:]
+        subprocess.run(["tar", "--zstd", "-xf", str(blob), "-C", str(rootfs)], check=True)
+    run = subprocess.run(["chroot", str(rootfs), "/bin/hello"], capture_output=True, text=True)
+    assert run.stdout.strip() == "Hello from nixeryd", run.stderr
