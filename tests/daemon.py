@@ -26,6 +26,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def drain(process: subprocess.Popen[bytes], output: list[str], ready: threading.Event, marker: str,
+          hooks: list[Callable[[str], None]] | None = None) -> threading.Thread:
+    """Read a child's output as it comes (so it never blocks on a full pipe) into ``output``;
+    ``ready`` is set at the first line holding ``marker``."""
+
+    def read() -> None:
+        assert process.stdout is not None
+        for raw in iter(process.stdout.readline, b""):
+            line = raw.decode(errors="replace")
+            output.append(line)
+            for hook in list(hooks or ()):
+                hook(line)
+            if marker in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader
+
+
 def terminate(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL if it is still there after 20 seconds."""
     if process.poll() is None:
@@ -77,23 +97,11 @@ class Daemon:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
+        self._reader = drain(self.process, self.output, self._started, "starting on", self.on_line)
         if self._started.wait(timeout):
             return self
         self.stop()
         raise AssertionError("nixeryd did not start:\n" + self.log)
-
-    def _drain(self) -> None:
-        """Read the daemon's output as it comes, so that it never blocks on a full pipe."""
-        assert self.process is not None and self.process.stdout is not None
-        for raw in iter(self.process.stdout.readline, b""):
-            line = raw.decode(errors="replace")
-            self.output.append(line)
-            for hook in list(self.on_line):
-                hook(line)
-            if "starting on" in line:
-                self._started.set()
 
     @property
     def log(self) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import free_port, terminate
+from tests.daemon import drain, free_port, terminate
 
 EMULATOR = Path(sys.executable).parent / "gcp-storage-emulator"
 
@@ -33,19 +33,11 @@ class Emulator:
             [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-        threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
+        drain(self.process, self.output, self.ready, "All services started")
         if not self.ready.wait(60):
             self.stop()
             raise AssertionError("the storage emulator did not start:\n" + "".join(self.output))
         return self
-
-    def _drain(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None
-        for raw in iter(process.stdout.readline, b""):
-            line = raw.decode(errors="replace")
-            self.output.append(line)
-            if "All services started" in line:
-                self.ready.set()
 
     def stop(self) -> None:
         if self.process is not None:

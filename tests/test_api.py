@@ -58,11 +58,15 @@ class APITestCase(SynchronousTestCase):
         self.treq = StubTreq(api.app.resource())
 
     def get(self, path: str, method: str = "GET", **kwargs: Any) -> tuple[Any, bytes]:
-        d = self.treq.request(method, "http://registry" + path, **kwargs)
-        self.treq.flush()
+        return self.fetch(self.treq, path, method, **kwargs)
+
+    def fetch(self, treq: StubTreq, path: str, method: str = "GET", **kwargs: Any) -> tuple[Any, bytes]:
+        """One request through ``treq``: the response and its whole body."""
+        d = treq.request(method, "http://registry" + path, **kwargs)
+        treq.flush()
         response = self.successResultOf(d)
         body: Deferred[bytes] = response.content()
-        self.treq.flush()
+        treq.flush()
         return response, self.successResultOf(body)
 
     def header(self, response: Any, name: str) -> str:
@@ -387,14 +391,6 @@ class OperatorEndpointTests(APITestCase):
                         failures=lambda: list(builder.errors), tail=self.logs.tail, now=self.clock.seconds)
         return StubTreq(RegistryAPI(images, self.storage, (), metrics=self.metrics, status=status).app.resource())
 
-    def fetch(self, treq: StubTreq, path: str, **kwargs: Any) -> tuple[Any, bytes]:
-        d = treq.get("http://registry.internal" + path, **kwargs)
-        treq.flush()
-        response = self.successResultOf(d)
-        body = response.content()
-        treq.flush()
-        return response, self.successResultOf(body)
-
     def test_healthz(self) -> None:
         """/healthz answers 200 ok for load balancers."""
         response, body = self.fetch(self.make_api(), "/healthz")
@@ -460,12 +456,7 @@ class ZstdTests(APITestCase):
         treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",)).app.resource())
 
         def fetch(path: str, **kwargs: Any) -> tuple[Any, bytes]:
-            d = treq.get("http://registry" + path, **kwargs)
-            treq.flush()
-            response = self.successResultOf(d)
-            body = response.content()
-            treq.flush()
-            return response, self.successResultOf(body)
+            return self.fetch(treq, path, **kwargs)
 
         _, zstd_body = fetch("/v2/alpha/manifests/latest")
         doc = json.loads(zstd_body)

@@ -41,12 +41,7 @@ class AuthTests(APITestCase):
 
     def call(self, treq: StubTreq, path: str, authorization: str | None = None) -> tuple[Any, bytes]:
         headers = {"Authorization": [authorization]} if authorization else {}
-        d = treq.get("http://registry" + path, headers=headers)
-        treq.flush()
-        response = self.successResultOf(d)
-        body = response.content()
-        treq.flush()
-        return response, self.successResultOf(body)
+        return self.fetch(treq, path, headers=headers)
 
     def test_basic_auth(self) -> None:
         """Without valid credentials /v2/ is a 401 with a Basic challenge; with them, 200."""

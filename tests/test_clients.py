@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import Daemon, daemon_environment
+from tests.daemon import Daemon, daemon_environment, drain, terminate
 
 IMAGE = "shell/hello"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -109,22 +109,13 @@ class Containerd:
             ["containerd", "--config", str(config)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-        threading.Thread(target=self._drain, daemon=True).start()
+        drain(self.process, self.output, self.ready, "containerd successfully booted")
         assert self.ready.wait(60), "containerd did not start:\n" + "".join(self.output)
         return self
 
-    def _drain(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for raw in iter(self.process.stdout.readline, b""):
-            line = raw.decode(errors="replace")
-            self.output.append(line)
-            if "containerd successfully booted" in line:
-                self.ready.set()
-
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
+            terminate(self.process)
 
     def ctr(self, *args: str) -> str:
         return run("ctr", "--address", self.socket, *args)
