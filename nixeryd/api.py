@@ -6,7 +6,7 @@ Every error a client can see is the spec's JSON.
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 from urllib.parse import quote
 
 from klein import Klein
@@ -19,7 +19,14 @@ from werkzeug.exceptions import HTTPException
 
 from nixeryd import manifest
 from nixeryd.auth import Authenticator
-from nixeryd.builder import BuildQueueFull, ImageManifests, StoredManifest
+from nixeryd.errors import (
+    RegistryError,
+    as_registry_errors,
+    no_endpoint,
+    storage_call,
+    unsupported,
+)
+from nixeryd.builder import ImageManifests, StoredManifest
 from nixeryd.images import Images
 from nixeryd.metrics import Metrics
 from nixeryd.names import (
@@ -31,9 +38,7 @@ from nixeryd.names import (
     parse_name,
     parse_reference,
 )
-from nixeryd.nix import NixError, NixTimedOut, PackagesNotFound
-from nixeryd.popularity import PopularityUnavailable
-from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect, StorageError
+from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect
 from nixeryd.web import Status, render_index
 
 log = Logger()
@@ -43,28 +48,7 @@ T = TypeVar("T")
 API_VERSION_HEADER = (b"Docker-Distribution-API-Version", b"registry/2.0")
 READ_METHODS = ["GET", "HEAD"]
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
-RETRY_AFTER_SECONDS = 10
 TAGS_SUFFIX = "/tags/list"
-
-
-class RegistryError(Exception):
-    """An error answered with the distribution spec's JSON body."""
-
-    def __init__(
-        self, status: int, code: str, message: str, detail: Any = None, retry_after: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.detail = detail
-        self.retry_after = retry_after
-
-    def body(self) -> bytes:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.detail is not None:
-            error["detail"] = self.detail
-        return json.dumps({"errors": [error]}).encode()
 
 
 def _set(request: IRequest, name: str, value: str | int) -> None:
@@ -130,7 +114,7 @@ class RegistryAPI:
     @app.route("/", methods=READ_METHODS)
     async def index(self, request: IRequest) -> bytes:
         if self._status is None:
-            raise _no_endpoint("/")
+            raise no_endpoint("/")
         body = await render_index(self._status, request)
         _set(request, "Content-Type", "text/html; charset=utf-8")
         _set(request, "Content-Length", len(body))
@@ -159,8 +143,8 @@ class RegistryAPI:
     def _routing_error(self, request: IRequest, failure: Any) -> bytes:
         error: HTTPException = failure.value
         if error.code == 405:
-            return self._error_response(request, _unsupported())
-        return self._error_response(request, _no_endpoint(request.path.decode("utf-8", "replace")))
+            return self._error_response(request, unsupported())
+        return self._error_response(request, no_endpoint(request.path.decode("utf-8", "replace")))
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Any) -> bytes:
@@ -198,11 +182,11 @@ class RegistryAPI:
 
     @app.route("/v2/", methods=WRITE_METHODS)
     def base_write(self, request: IRequest) -> bytes:
-        raise _unsupported()
+        raise unsupported()
 
     @app.route("/v2/<path:rest>", methods=WRITE_METHODS)
     def write(self, request: IRequest, rest: str) -> bytes:
-        raise _unsupported()
+        raise unsupported()
 
     @app.route("/v2/<path:rest>", methods=READ_METHODS)
     async def read(self, request: IRequest, rest: str) -> Any:
@@ -261,7 +245,7 @@ class RegistryAPI:
         except ReferenceInvalid as e:
             raise RegistryError(404, "MANIFEST_UNKNOWN", str(e), {"reference": ref})
         if isinstance(reference, Digest):
-            stored = await _storage_call(self._images.stored_manifest(reference.digest))
+            stored = await storage_call(self._images.stored_manifest(reference.digest))
             if stored is None:
                 raise RegistryError(
                     404, "MANIFEST_UNKNOWN", "no manifest with this digest", {"digest": ref}
@@ -301,7 +285,7 @@ class RegistryAPI:
             raise RegistryError(400, "NAME_INVALID", str(e), {"name": name})
         except DigestInvalid as e:
             raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref})
-        location = await _storage_call(self._storage.locate_blob(digest.hex))
+        location = await storage_call(self._storage.locate_blob(digest.hex))
         if location is None:
             raise RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": ref})
         _set(request, "Docker-Content-Digest", digest.digest)
@@ -327,41 +311,6 @@ class RegistryAPI:
     def _served(self, request: IRequest, size: int) -> None:
         if request.method == b"GET":
             self._metrics.served_bytes.inc(size)
-
-
-async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
-    """Waits for a build; its failures become registry errors."""
-    try:
-        return await pending
-    except PackagesNotFound as e:
-        raise RegistryError(
-            404,
-            "MANIFEST_UNKNOWN",
-            "packages not found: " + ", ".join(e.packages),
-            {"packages": list(e.packages)},
-        )
-    except NixTimedOut as e:
-        log.error("build of {image} timed out", image=name)
-        raise RegistryError(500, "UNKNOWN", e.message)
-    except NixError as e:
-        log.error("build of {image} failed: {message}", image=name, message=e.message)
-        raise RegistryError(500, "UNKNOWN", e.message)
-    except BuildQueueFull:
-        raise RegistryError(
-            429, "TOOMANYREQUESTS", "too many images are being built; try again shortly",
-            retry_after=RETRY_AFTER_SECONDS,
-        )
-    except PopularityUnavailable as e:
-        raise RegistryError(503, "UNKNOWN", str(e), retry_after=RETRY_AFTER_SECONDS)
-    except StorageError as e:
-        raise _unavailable(e)
-
-
-async def _storage_call(pending: Awaitable[T]) -> T:
-    try:
-        return await pending
-    except StorageError as e:
-        raise _unavailable(e)
 
 
 def _arg(request: IRequest, name: bytes) -> str | None:
@@ -395,21 +344,4 @@ def _split(rest: str) -> tuple[str, str, str]:
         name, found, ref = rest.rpartition("/" + kind + "/")
         if found and name and ref and "/" not in ref:
             return name, kind, ref
-    raise _no_endpoint("/v2/" + rest)
-
-
-def _no_endpoint(path: str) -> RegistryError:
-    return RegistryError(404, "NAME_UNKNOWN", "no such endpoint in the registry API", {"path": path})
-
-
-def _unsupported() -> RegistryError:
-    return RegistryError(
-        405, "UNSUPPORTED", "this registry builds images on demand; pushing and deleting are not supported"
-    )
-
-
-def _unavailable(error: StorageError) -> RegistryError:
-    log.error("storage failed: {error}", error=str(error))
-    return RegistryError(
-        503, "UNKNOWN", "storage is unavailable; try again shortly", retry_after=RETRY_AFTER_SECONDS
-    )
+    raise no_endpoint("/v2/" + rest)

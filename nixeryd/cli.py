@@ -129,7 +129,7 @@ def _parts(config: Any, reactor: Any) -> Any:
 
 
 async def _build(reactor: Any, config: Any, image_ref: str) -> None:
-    from nixeryd.api import as_registry_errors
+    from nixeryd.errors import as_registry_errors
     from nixeryd.names import NameInvalid, TagInvalid, parse_name, parse_reference
 
     name, tag = image_ref, "latest"
@@ -143,7 +143,7 @@ async def _build(reactor: Any, config: Any, image_ref: str) -> None:
     if not hasattr(reference, "value"):
         raise CommandError(f"{image_ref}: build takes a tag, not a digest")
     parts = _parts(config, reactor)
-    from nixeryd.api import RegistryError
+    from nixeryd.errors import RegistryError
 
     try:
         manifests = await as_registry_errors(image.name, parts.images.manifests(image, tag))
