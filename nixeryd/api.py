@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from nixeryd import manifest
 from nixeryd.auth import Authenticator
+from nixeryd.builder import ImageManifests, StoredManifest
 from nixeryd.errors import (
     RegistryError,
     as_registry_errors,
@@ -26,7 +27,6 @@ from nixeryd.errors import (
     storage_call,
     unsupported,
 )
-from nixeryd.builder import ImageManifests, StoredManifest
 from nixeryd.images import Images
 from nixeryd.metrics import Metrics
 from nixeryd.names import (

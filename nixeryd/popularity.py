@@ -92,7 +92,7 @@ async def compute_popularity(
     import json
     import os
 
-    from nixeryd.nix import NixBuildFailed, NixBuilder
+    from nixeryd.nix import NixBuilder, NixBuildFailed
 
     nix = NixBuilder(reactor, nix_dir, timeout, environ)
     deadline = reactor.seconds() + timeout

@@ -22,9 +22,9 @@ from nixeryd.api import RegistryAPI
 from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
 from nixeryd.builder import ImageBuilder
 from nixeryd.buildlog import BuildLogs
+from nixeryd.config import Config, ConfigError
 from nixeryd.images import Images
 from nixeryd.metrics import Metrics
-from nixeryd.config import Config, ConfigError
 from nixeryd.nix import NixBuilder
 from nixeryd.offload import thread_pool
 from nixeryd.popularity import Popularity, is_url, read_popularity_file, treq_fetch

@@ -5,9 +5,9 @@ import http.client
 import json
 import os
 import socket
-import threading
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ import pytest
 
 from tests.daemon import TWISTD, Daemon, daemon_environment
 
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     storage = tmp_path_factory.mktemp("storage")

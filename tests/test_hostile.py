@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -16,7 +16,14 @@ from twisted.internet.task import Clock
 from nixeryd.api import RegistryAPI
 from nixeryd.builder import ImageBuilder
 from nixeryd.images import Images
-from nixeryd.names import DigestInvalid, NameInvalid, ReferenceInvalid, parse_digest, parse_name, parse_reference
+from nixeryd.names import (
+    DigestInvalid,
+    NameInvalid,
+    ReferenceInvalid,
+    parse_digest,
+    parse_name,
+    parse_reference,
+)
 from nixeryd.offload import inline
 from nixeryd.pkgsource import PathSource
 from nixeryd.popularity import Popularity

@@ -5,7 +5,7 @@ import io
 import json
 from pathlib import Path
 
-from twisted.logger import LogLevel, Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from nixeryd.logs import JSONLines

@@ -20,8 +20,8 @@ from zope.interface import provider
 
 from nixeryd.nix import (
     NixBuild,
-    NixBuildFailed,
     NixBuilder,
+    NixBuildFailed,
     NixProcessProtocol,
     NixTimedOut,
     PackagesNotFound,

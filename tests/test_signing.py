@@ -13,7 +13,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from google.cloud import storage
 from google.oauth2 import service_account
 
-from nixeryd.storage.signing import SigningKey, load_pem_key, load_service_account, signed_url
+from nixeryd.storage.signing import (
+    SigningKey,
+    load_pem_key,
+    load_service_account,
+    signed_url,
+)
 
 ACCOUNT = "nixeryd@example-project.iam.gserviceaccount.com"
 NOW = datetime(2026, 3, 7, 23, 59, 30, tzinfo=timezone.utc)

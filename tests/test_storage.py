@@ -20,7 +20,14 @@ from zope.interface.verify import verifyObject
 
 from nixeryd.archive import BlobInfo, blob_info
 from nixeryd.offload import inline
-from nixeryd.storage import BlobLocation, InMemory, IStorage, LocalFile, Redirect, StorageError
+from nixeryd.storage import (
+    BlobLocation,
+    InMemory,
+    IStorage,
+    LocalFile,
+    Redirect,
+    StorageError,
+)
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.gcs import GCSStorage, plain_url
 from nixeryd.storage.memory import MemoryStorage

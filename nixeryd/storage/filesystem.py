@@ -20,17 +20,17 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
-    remove_quietly,
-    StoredObject,
-    check_prefix,
     PREFIXES,
     BlobLocation,
     IStorage,
     LocalFile,
     StorageError,
+    StoredObject,
     blob_hex,
     check_hex,
     check_key,
+    check_prefix,
+    remove_quietly,
     storage_error,
 )
 

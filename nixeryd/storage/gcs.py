@@ -23,16 +23,16 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
-    remove_quietly,
-    StoredObject,
-    check_prefix,
     BlobLocation,
     IStorage,
     Redirect,
     StorageError,
+    StoredObject,
     blob_hex,
     check_hex,
     check_key,
+    check_prefix,
+    remove_quietly,
 )
 
 log = Logger()

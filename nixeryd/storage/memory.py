@@ -6,8 +6,8 @@ in a private temporary directory); ``commit_blob`` reads that file into memory.
 from __future__ import annotations
 
 import os
-import shutil
 import secrets
+import shutil
 import tempfile
 import time
 import weakref
@@ -19,16 +19,16 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload, inline
 from nixeryd.storage.interface import (
-    remove_quietly,
-    StoredObject,
-    check_prefix,
     BlobLocation,
     InMemory,
     IStorage,
     StorageError,
+    StoredObject,
     blob_hex,
     check_hex,
     check_key,
+    check_prefix,
+    remove_quietly,
     storage_error,
 )
 
