@@ -38,6 +38,7 @@ from nixeryd.names import (
     parse_name,
     parse_reference,
 )
+from nixeryd.sendfile import SendfileProducer, can_sendfile
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect
 from nixeryd.web import Status, render_index
 
@@ -306,6 +307,11 @@ class RegistryAPI:
         assert isinstance(location, LocalFile)
         if request.getHeader(b"range") is None:
             self._served(request, location.size)
+            if request.method == b"GET" and location.size > 0 and can_sendfile(request):
+                _set(request, "Content-Type", "application/octet-stream")
+                _set(request, "Content-Length", location.size)
+                _set(request, "Accept-Ranges", "bytes")
+                return await SendfileProducer(request, location.path, location.size).start()
         return _blob_file(location.path)
 
     def _served(self, request: IRequest, size: int) -> None:

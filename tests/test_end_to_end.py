@@ -7,7 +7,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -259,3 +259,38 @@ def test_zstd_layers_pull_and_run(tmp_path: Path) -> None:
         subprocess.run(["tar", "--zstd", "-xf", str(blob), "-C", str(rootfs)], check=True)
     run = subprocess.run(["chroot", str(rootfs), "/bin/hello"], capture_output=True, text=True)
     assert run.stdout.strip() == "Hello from nixeryd", run.stderr
+
+
+def read_response(stream: Any) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length from a buffered socket file."""
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, stream.read(int(headers["content-length"]))
+
+
+def test_pipelined_large_blob_and_manifest_arrive_whole_and_in_order(daemon: Daemon) -> None:
+    """A multi-megabyte blob (sent with sendfile) followed by a manifest on one keep-alive
+    connection arrive byte for byte, each after the other."""
+    import socket
+
+    status, _, body = daemon.request("/v2/noise/manifests/latest")
+    assert status == 200
+    manifest = json.loads(body)
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    assert layer["size"] > 10_000_000
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(
+            f"GET /v2/noise/blobs/{layer['digest']} HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET /v2/noise/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        stream = s.makefile("rb")
+        blob_status, blob_headers, blob = read_response(stream)
+        second_status, _, second = read_response(stream)
+    assert blob_status == 200 and len(blob) == layer["size"]
+    assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
+    assert blob_headers["docker-content-digest"] == layer["digest"]
+    assert second_status == 200 and second == body

@@ -97,6 +97,12 @@ in
     echo "big ${busybox}" > $out/share/big/README
   '';
 
+  # Incompressible bytes: a layer of several MB on the wire.
+  noise = mk "noise-1.0" ''
+    mkdir -p $out/share/noise
+    head -c 12000000 /dev/urandom > $out/share/noise/noise.bin
+  '';
+
   oddnames = mk "oddnames-1.0" ''
     d=$out/share/odd
     mkdir -p "$d/with space" "$d/empty dir" "$d/ünïcødé"
