@@ -82,7 +82,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nixeryd-bench-"))
     env = daemon_environment(work / "nixeryd", NIXERY_PKGS_PATH=str(ROOT / "bench" / "pkgs"), NIX_TIMEOUT="600")
     nixeryd = Daemon(work / "nixeryd", env).start()
-    distribution, port = start_distribution(work / "distribution")
+    try:
+        distribution, port = start_distribution(work / "distribution")
+    except BaseException:
+        nixeryd.stop()
+        raise
     try:
         status, _, body = nixeryd.request(f"/v2/{IMAGE}/manifests/latest", headers={"Accept": OCI})
         assert status == 200, body
