@@ -2,14 +2,20 @@
 #
 #   nix-build build.nix --argstr source '<json>' --argstr packages '<json list>' --argstr system x86_64-linux
 #
-# Evaluates to the list of outputs to install for every package; nix-build
-# builds them and prints their store paths. When a name is not found,
-# evaluation fails with one line naming every missing package:
+# Evaluates to the default output of every package (what `nix-build -A name`
+# gives: no man pages or other extra outputs); nix-build builds them and
+# prints their store paths. Before that, two lines are traced for nixeryd:
+#   nixeryd-roots: {"name": "/nix/store/...", ...}   the output each name stands for
+#   nixeryd-revision: "<40 hex>" or null             the git revision of the package set
+# When a name is not found, or its attribute throws (how nixpkgs marks removed
+# aliases), one line names every such package:
 #   nixeryd-not-found: ["name", ...]
+# and, for an attribute that throws, Nix's own message follows it.
 { source, packages, system }:
 
 let
-  pkgs = import ./load-pkgs.nix { src = builtins.fromJSON source; inherit system; };
+  loaded = import ./load-pkgs.nix { src = builtins.fromJSON source; inherit system; };
+  pkgs = loaded.pkgs;
   names = builtins.fromJSON packages;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
@@ -29,34 +35,52 @@ let
     else if matches != [ ] then builtins.head matches
     else null;
 
-  isSet = value: (builtins.tryEval (builtins.isAttrs value)).value or false;
+  partsOf = name: builtins.filter builtins.isString (builtins.split "\\." name);
 
+  # Everything nix-build will evaluate of a package: whether it is a
+  # derivation, and its paths.
+  check = value:
+    builtins.seq (builtins.isAttrs value && (value.type or null) == "derivation")
+      (builtins.seq value.drvPath value.outPath);
+
+  # { status = "ok"; value; } | { status = "missing"; } | { status = "throws"; }
   # Dotted names select nested sets, matched exactly below the top level.
-  lookup = name:
+  resolve = name:
     let
-      parts = builtins.filter builtins.isString (builtins.split "\\." name);
+      parts = partsOf name;
       top = topLevel (builtins.head parts);
       walk = value: rest:
-        if rest == [ ] then value
-        else if isSet value && builtins.hasAttr (builtins.head rest) value
-        then walk value.${builtins.head rest} (builtins.tail rest)
-        else null;
+        let forced = builtins.tryEval value; in
+        if !forced.success then { status = "throws"; }
+        else if rest == [ ] then asPackage forced.value
+        else if builtins.isAttrs forced.value && builtins.hasAttr (builtins.head rest) forced.value
+        then walk forced.value.${builtins.head rest} (builtins.tail rest)
+        else { status = "missing"; };
+      asPackage = value:
+        let isDrv = builtins.tryEval (builtins.isAttrs value && (value.type or null) == "derivation"); in
+        if !isDrv.success then { status = "throws"; }
+        else if !isDrv.value then { status = "missing"; }
+        else if !(builtins.tryEval (check value)).success then { status = "throws"; }
+        else { status = "ok"; inherit value; };
     in
-    if top == null then null else walk pkgs.${top} (builtins.tail parts);
+    if top == null then { status = "missing"; } else walk pkgs.${top} (builtins.tail parts);
 
-  isDerivation = value: value != null && isSet value && (value.type or null) == "derivation";
+  # The same walk without tryEval: evaluating it raises the package's own error.
+  force = name:
+    let parts = partsOf name; in
+    check (builtins.foldl' (value: attr: value.${attr}) pkgs.${topLevel (builtins.head parts)} (builtins.tail parts));
 
-  found = map (name: { inherit name; value = lookup name; }) names;
-  missing = map (f: f.name) (builtins.filter (f: !(isDerivation f.value)) found);
-
-  outputsOf = drv:
-    let
-      wanted = drv.meta.outputsToInstall or [ "out" ];
-      present = builtins.filter (o: builtins.hasAttr o drv) wanted;
-    in
-    if present == [ ] then [ drv ] else map (o: drv.${o}) present;
+  resolved = map (name: resolve name // { inherit name; }) names;
+  unresolved = builtins.filter (r: r.status != "ok") resolved;
+  throwing = builtins.filter (r: r.status == "throws") resolved;
+  notFound = "nixeryd-not-found: ${builtins.toJSON (map (r: r.name) unresolved)}";
+  roots = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.outPath; }) resolved);
 in
-if missing != [ ] then
-  throw "nixeryd-not-found: ${builtins.toJSON missing}"
+if unresolved == [ ] then
+  builtins.trace "nixeryd-roots: ${builtins.toJSON roots}"
+    (builtins.trace "nixeryd-revision: ${builtins.toJSON loaded.revision}"
+      (map (r: r.value) resolved))
+else if throwing == [ ] then
+  throw notFound
 else
-  builtins.concatLists (map (f: outputsOf f.value) found)
+  builtins.trace notFound (builtins.seq (force (builtins.head throwing).name) (throw notFound))

@@ -5,27 +5,49 @@
 #   { type = "git"; url = "..."; } with an optional `rev` or `ref`
 #   { type = "path"; path = "/absolute/path"; }
 # Only Nix builtins are used, so this works for nixpkgs and for small package sets.
+#
+# Gives { pkgs; revision; }: the package set, and the git revision it came
+# from where one is known (null otherwise).
 { src, system }:
 
 let
   archive = name: "https://github.com/NixOS/nixpkgs/archive/${name}.tar.gz";
 
+  git = builtins.fetchGit (
+    { url = src.url; }
+    // (if src ? rev then { rev = src.rev; allRefs = true; } else { })
+    // (if src ? ref then { ref = src.ref; } else { })
+  );
+
   fetched =
     if src.type == "channel" then
       builtins.fetchTarball (archive (src.rev or src.channel))
     else if src.type == "git" then
-      builtins.fetchGit (
-        { url = src.url; }
-        // (if src ? rev then { rev = src.rev; allRefs = true; } else { })
-        // (if src ? ref then { ref = src.ref; } else { })
-      )
+      git
     else if src.type == "path" then
       /. + src.path
     else
       throw "nixeryd: unknown package source type '${src.type}'";
+
+  revision =
+    if src.type == "git" then git.rev
+    else if src.type == "channel" then src.rev or null
+    else null;
+
+  # What a package set may be given. nixpkgs takes all three (and pure
+  # settings keep the host's ~/.config/nixpkgs out of the build); a team's
+  # own set may take `{ system }` alone, without `...`, and is handed only
+  # the arguments its function names. A set that is not a function is used
+  # as it is.
+  offered = {
+    inherit system;
+    config = { };
+    overlays = [ ];
+  };
+  imported = import fetched;
+  pkgs =
+    if builtins.isFunction imported
+    then imported (builtins.intersectAttrs (builtins.functionArgs imported) offered)
+    else imported;
 in
-import fetched {
-  inherit system;
-  config = { };
-  overlays = [ ];
-}
+{ inherit pkgs revision; }

@@ -6,7 +6,7 @@
 { source, system }:
 
 let
-  pkgs = import ./load-pkgs.nix { src = builtins.fromJSON source; inherit system; };
+  inherit (import ./load-pkgs.nix { src = builtins.fromJSON source; inherit system; }) pkgs;
   usable = name:
     let attempt = builtins.tryEval (
       let value = pkgs.${name}; in

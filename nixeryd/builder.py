@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections import deque
+from functools import partial
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
@@ -20,7 +21,7 @@ from twisted.logger import Logger
 from nixeryd import archive, manifest
 from nixeryd.archive import BlobInfo
 from nixeryd.cache import SingleFlight, TTLCache, gather
-from nixeryd.layers import Layer, PathInfo, group_layers, package_name
+from nixeryd.layers import Layer, PathInfo, closure_of, group_layers, package_name
 from nixeryd.manifest import Flavour
 from nixeryd.metrics import Metrics
 from nixeryd.names import Image
@@ -36,6 +37,8 @@ SSL_CERT_FILE = "/etc/ssl/certs/ca-bundle.crt"
 class NixBuildResult(Protocol):
     roots: tuple[str, ...]
     closure: Mapping[str, PathInfo]
+    named: Mapping[str, str]
+    revision: str | None
 
 
 class Nix(Protocol):
@@ -146,7 +149,7 @@ class ImageBuilder:
         offload: Offload,
         source: PackageSource,
         clock: IReactorTime,
-        popularity: Callable[[], Awaitable[Mapping[str, int]]],
+        popularity: Mapping[str, int],
         layer_budget: int = 94,
         max_builds: int = 2,
         queue: int = 64,
@@ -231,7 +234,7 @@ class ImageBuilder:
         finally:
             self._slots.release()
         nix_done = self._clock.seconds()
-        manifests = await self._pack(image, built)
+        manifests = await self._pack(image, tag, built)
         log.info(
             "built {image} in {seconds:.1f}s ({nix_seconds:.1f}s in Nix): {digest}",
             image=image.name,
@@ -241,11 +244,12 @@ class ImageBuilder:
         )
         return manifests
 
-    async def _pack(self, image: Image, built: NixBuildResult) -> ImageManifests:
-        popularity = await self._popularity()
+    async def _pack(self, image: Image, tag: str, built: NixBuildResult) -> ImageManifests:
+        base = closure_of((built.named[b] for b in image.base if b in built.named), built.closure)
         # The symlink layer takes one place of the budget.
         layers: list[Layer] = await self._offload(
-            group_layers, built.roots, built.closure, popularity, max(1, self._budget - 1)
+            partial(group_layers, favoured=base),
+            built.roots, built.closure, self._popularity, max(1, self._budget - 1),
         )
         target = env_target(built.roots)
         infos: list[BlobInfo] = await gather(
@@ -255,8 +259,9 @@ class ImageBuilder:
         config = manifest.image_config(
             image.arch,
             [i.diff_id for i in infos],
-            env=["PATH=/bin", "SSL_CERT_FILE=" + SSL_CERT_FILE],
+            env=["PATH=" + manifest.DEFAULT_PATH, "SSL_CERT_FILE=" + SSL_CERT_FILE],
             cmd=["bash"] if image.shell else None,
+            labels=self._source.labels(tag, built.revision),
         )
         config_info = await self.put_blob(config)
         config_descriptor = manifest.Descriptor(config_info.digest, config_info.size)

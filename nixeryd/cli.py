@@ -34,7 +34,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"nixeryd: {e}")
     if options.command == "build":
-        _react(_build, config, options.image)
+        from nixeryd.tap import load_popularity_setting
+
+        try:
+            popularity = load_popularity_setting(config)
+        except ConfigError as e:
+            sys.exit(f"nixeryd: {e}")
+        _react(_build, config, options.image, popularity)
     elif options.command == "gc":
         _react(_gc, config, options.keep_days, options.dry_run)
     elif options.command == "popularity":
@@ -119,16 +125,16 @@ class Progress:
         self._out.flush()
 
 
-def _parts(config: Any, reactor: Any) -> Any:
+def _parts(config: Any, reactor: Any, popularity: Any = None) -> Any:
     from nixeryd.tap import build_parts
 
-    parts = build_parts(config, reactor)
+    parts = build_parts(config, reactor, popularity or {})
     parts.top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", parts.top.stopService)
     return parts
 
 
-async def _build(reactor: Any, config: Any, image_ref: str) -> None:
+async def _build(reactor: Any, config: Any, image_ref: str, popularity: Any) -> None:
     from nixeryd.errors import as_registry_errors
     from nixeryd.names import NameInvalid, TagInvalid, parse_name, parse_reference
 
@@ -142,7 +148,7 @@ async def _build(reactor: Any, config: Any, image_ref: str) -> None:
         raise CommandError(f"{image_ref}: {e}") from None
     if not hasattr(reference, "value"):
         raise CommandError(f"{image_ref}: build takes a tag, not a digest")
-    parts = _parts(config, reactor)
+    parts = _parts(config, reactor, popularity)
     from nixeryd.errors import RegistryError
 
     try:

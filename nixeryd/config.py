@@ -36,13 +36,14 @@ def _int(variable: str, raw: str, low: int, high: int | None = None) -> int:
     return value
 
 
-def _seconds(variable: str, raw: str) -> float:
+def _seconds(variable: str, raw: str, *, zero: bool = False) -> float:
     try:
         value = float(raw.strip())
     except ValueError:
         value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{variable}: must be a positive number of seconds, got {raw!r}")
+    if not ((value >= 0 if zero else value > 0) and math.isfinite(value)):
+        kind = "zero or a positive" if zero else "a positive"
+        raise ConfigError(f"{variable}: must be {kind} number of seconds, got {raw!r}")
     return value
 
 
@@ -83,6 +84,8 @@ class Config:
     signed_url_ttl: int = 300
     storage_emulator_host: str | None = None
     nix_timeout: float = 60.0
+    build_deadline: float = 3600.0
+    failure_ttl: float = 60.0
     popularity_url: str | None = None
     base_packages: tuple[str, ...] = DEFAULT_BASE_PACKAGES
     layer_budget: int = 94
@@ -116,8 +119,16 @@ class Config:
             raise ConfigError(
                 f"NIXERY_SIGNED_URL_TTL: must be between 1 and 604800 seconds, got {self.signed_url_ttl}"
             )
-        if not (self.nix_timeout > 0 and math.isfinite(self.nix_timeout)):
-            raise ConfigError(f"NIX_TIMEOUT: must be a positive number of seconds, got {self.nix_timeout!r}")
+        if not (self.nix_timeout >= 1 and math.isfinite(self.nix_timeout)):
+            raise ConfigError(f"NIX_TIMEOUT: must be at least 1 second, got {self.nix_timeout!r}")
+        if not (self.build_deadline > 0 and math.isfinite(self.build_deadline)):
+            raise ConfigError(
+                f"NIXERY_BUILD_DEADLINE: must be a positive number of seconds, got {self.build_deadline!r}"
+            )
+        if not (self.failure_ttl >= 0 and math.isfinite(self.failure_ttl)):
+            raise ConfigError(
+                f"NIXERY_FAILURE_TTL: must be zero or a positive number of seconds, got {self.failure_ttl!r}"
+            )
         if not 2 <= self.layer_budget <= 125:
             raise ConfigError(f"NIXERY_LAYER_BUDGET: must be between 2 and 125, got {self.layer_budget}")
         if self.max_builds < 1:
@@ -141,16 +152,18 @@ class Config:
             return os.path.normpath(os.path.join(cwd, path))
 
         port = parsed("PORT", lambda v, raw: _int(v, raw, 1, 65535), 8080)
-        repo, path = get("NIXERY_PKGS_REPO"), get("NIXERY_PKGS_PATH")
-        if repo and path:
-            raise ConfigError("NIXERY_PKGS_REPO, NIXERY_PKGS_PATH: set at most one of them")
+        channel, repo, path = get("NIXERY_CHANNEL"), get("NIXERY_PKGS_REPO"), get("NIXERY_PKGS_PATH")
+        chosen = [name for name, value in [("NIXERY_CHANNEL", channel), ("NIXERY_PKGS_REPO", repo),
+                                           ("NIXERY_PKGS_PATH", path)] if value]
+        if len(chosen) > 1:
+            raise ConfigError(f"{', '.join(chosen)}: set at most one package source")
         source: PackageSource
         if path:
             source = PathSource(absolute(path))
         elif repo:
             source = GitSource(repo)
         else:
-            source = ChannelSource(get("NIXERY_CHANNEL") or "nixos-unstable")
+            source = ChannelSource(channel or "nixos-unstable")
         raw_base = environ.get("NIXERY_BASE_PACKAGES")
         credentials = get("GOOGLE_APPLICATION_CREDENTIALS")
         signing_key = get("GCS_SIGNING_KEY")
@@ -177,6 +190,8 @@ class Config:
             ),
             storage_emulator_host=emulator.rstrip("/") if emulator else None,
             nix_timeout=parsed("NIX_TIMEOUT", _seconds, 60.0),
+            build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds, 3600.0),
+            failure_ttl=parsed("NIXERY_FAILURE_TTL", lambda v, raw: _seconds(v, raw, zero=True), 60.0),
             popularity_url=get("NIX_POPULARITY_URL"),
             base_packages=DEFAULT_BASE_PACKAGES if raw_base is None else _packages(raw_base),
             layer_budget=parsed("NIXERY_LAYER_BUDGET", lambda v, raw: _int(v, raw, 2, 125), 94),

@@ -8,7 +8,6 @@ from twisted.logger import Logger
 
 from nixeryd.builder import BuildQueueFull
 from nixeryd.nix import NixError, NixTimedOut, PackagesNotFound
-from nixeryd.popularity import PopularityUnavailable
 from nixeryd.storage.interface import StorageError
 
 log = Logger()
@@ -43,12 +42,10 @@ async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
     try:
         return await pending
     except PackagesNotFound as e:
-        raise RegistryError(
-            404,
-            "MANIFEST_UNKNOWN",
-            "packages not found: " + ", ".join(e.packages),
-            {"packages": list(e.packages)},
-        )
+        detail: dict[str, Any] = {"packages": list(e.packages)}
+        if e.reason:
+            detail["nix"] = e.reason
+        raise RegistryError(404, "MANIFEST_UNKNOWN", "packages not found: " + ", ".join(e.packages), detail)
     except NixTimedOut as e:
         log.error("build of {image} timed out", image=name)
         raise RegistryError(500, "UNKNOWN", e.message)
@@ -60,8 +57,6 @@ async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
             429, "TOOMANYREQUESTS", "too many images are being built; try again shortly",
             retry_after=RETRY_AFTER_SECONDS,
         )
-    except PopularityUnavailable as e:
-        raise RegistryError(503, "UNKNOWN", str(e), retry_after=RETRY_AFTER_SECONDS)
     except StorageError as e:
         raise unavailable(e)
 

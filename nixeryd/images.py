@@ -25,6 +25,7 @@ from nixeryd.cache import SingleFlight, TTLCache, gather
 from nixeryd.manifest import Flavour
 from nixeryd.metrics import Metrics
 from nixeryd.names import ARM64, Arch, Image
+from nixeryd.nix import NixError
 from nixeryd.pkgsource import PackageSource
 from nixeryd.storage.interface import IStorage, StorageError
 
@@ -111,6 +112,7 @@ class Images:
         cache_ttl: float = 6 * 3600,
         platforms: Sequence[Arch] = (),
         metrics: Metrics | None = None,
+        failure_ttl: float = 60.0,
     ) -> None:
         self._builder = builder
         self._storage = storage
@@ -128,6 +130,10 @@ class Images:
         # may have removed an image no one pulled for a while.
         self._bodies: TTLCache[ImageManifests] = TTLCache(clock, max_entries=2048)
         self._metrics = metrics if metrics is not None else Metrics()
+        # Builds that failed, remembered briefly: a client's HEAD and GET (or a CI
+        # job retrying) then cost one build, not one each.
+        self._failures: TTLCache[NixError] = TTLCache(clock, max_entries=1024)
+        self._failure_ttl = failure_ttl
 
     @property
     def building(self) -> int:
@@ -209,8 +215,17 @@ class Images:
                 self._bodies.put(key, cached, BODY_TTL)
                 await self._touch(key, digests)
                 return cached
+        failed = self._failures.get(key)
+        if failed is not None:
+            self._metrics.cache.labels(result="failure").inc()
+            raise failed.with_traceback(None)
         self._metrics.cache.labels(result="miss").inc()
-        result: ImageManifests = await make()
+        try:
+            result: ImageManifests = await make()
+        except NixError as e:
+            if self._failure_ttl > 0:
+                self._failures.put(key, e, self._failure_ttl)
+            raise
         docker = result.docker.digest if result.docker is not None else None
         digests = _Digests(result.oci.digest, docker, self._clock.seconds())
         await self._write_record(key, digests, served=digests.built)

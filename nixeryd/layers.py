@@ -11,8 +11,9 @@ lowest merge rating are merged until the budget is met.
 
 Popularity data maps a package name to a count. The name is the store path's
 name after its hash (``/nix/store/<hash>-git-2.40.1`` -> ``git-2.40.1``), see
-``package_name``. ``cacert*`` and ``iana-etc*``, which every image holds, count
-as more popular than anything in the data.
+``package_name``. The base packages every image holds (cacert, iana-etc) and
+their closures are known by their store paths, not their names: they count as
+more popular than anything in the data, are merged last, and come first.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import heapq
 import json
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import AbstractSet, Iterable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Layer:
 
     paths: tuple[str, ...]  # sorted
     size: int  # sum of NAR sizes
-    rating: int  # merge rating; manifests order layers by it, highest first
+    rating: int  # merge rating; manifests order layers by it, highest first, base layers before all
 
     @property
     def key(self) -> str:
@@ -55,10 +56,6 @@ def layer_key(paths: Iterable[str]) -> str:
 # Nix store hashes are 32 characters of Nix's base-32 alphabet; accept any
 # lower-case alphanumerics so that test stores with made-up hashes work too.
 _HASH_PREFIX = re.compile(r"^[0-9a-z]{32}-(.+)$")
-
-# Package name prefixes every image holds; they rank above all popularity data.
-COMMON_PREFIXES: tuple[str, ...] = ("cacert", "iana-etc")
-
 
 def package_name(store_path: str) -> str:
     """The name popularity data is keyed by: the store path's name after its hash.
@@ -94,13 +91,29 @@ def parse_popularity(data: bytes) -> dict[str, int]:
 
 
 def popularity_of(
-    store_path: str, popularity: Mapping[str, int], *, popularity_threshold: int = 100
+    store_path: str,
+    popularity: Mapping[str, int],
+    *,
+    favoured: AbstractSet[str] = frozenset(),
+    popularity_threshold: int = 100,
 ) -> int:
-    """The popularity of one store path; common paths beat everything in the data."""
-    name = package_name(store_path)
-    if name.startswith(COMMON_PREFIXES):
+    """The popularity of one store path; ``favoured`` paths beat everything in the data."""
+    if store_path in favoured:
         return max(max(popularity.values(), default=0), popularity_threshold) + 1
-    return popularity.get(name, 0)
+    return popularity.get(package_name(store_path), 0)
+
+
+def closure_of(roots: Iterable[str], closure: Mapping[str, PathInfo]) -> frozenset[str]:
+    """Every path ``roots`` reach through references, themselves included."""
+    seen: set[str] = set()
+    stack = [root for root in roots if root in closure]
+    while stack:
+        path = stack.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        stack.extend(ref for ref in closure[path].references if ref in closure)
+    return frozenset(seen)
 
 
 def immediate_dominators(graph: Mapping[str, Iterable[str]], start: str) -> dict[str, str]:
@@ -236,14 +249,16 @@ class _Candidate:
     key: str
     paths: tuple[str, ...]
     size: int
+    base: bool  # holds a base package's path: merged last, ordered first
 
     def __lt__(self, other: _Candidate) -> bool:
-        return (self.rating, self.key) < (other.rating, other.key)
+        return (self.base, self.rating, self.key) < (other.base, other.rating, other.key)
 
 
 def _merge(a: _Candidate, b: _Candidate) -> _Candidate:
     paths = tuple(sorted(a.paths + b.paths))
-    return _Candidate(a.rating + b.rating, layer_key(paths), paths, a.size + b.size)
+    return _Candidate(a.rating + b.rating, layer_key(paths), paths, a.size + b.size,
+                      a.base or b.base)
 
 
 def group_layers(
@@ -252,6 +267,7 @@ def group_layers(
     popularity: Mapping[str, int],
     budget: int = 93,
     *,
+    favoured: AbstractSet[str] = frozenset(),
     size_threshold: int = 100 * 1024 * 1024,
     popularity_threshold: int = 100,
 ) -> list[Layer]:
@@ -260,7 +276,10 @@ def group_layers(
     The merge rating of a candidate layer is ``(popularity of its root node + 1)
     x total NAR size``; the ``+ 1`` keeps zero-popularity layers ordered by
     size. A merged layer's rating is the sum of the two ratings. Ties are broken
-    by layer key. The result is sorted by rating, highest first, then by key.
+    by layer key. ``favoured`` paths (the base packages' closures) rank above all
+    popularity data; layers holding them are merged only when nothing else is
+    left to merge. The result puts those layers first, then sorts by rating,
+    highest first, then by key.
     """
     if budget < 1:
         raise ValueError("the layer budget must be at least 1, got {}".format(budget))
@@ -271,7 +290,8 @@ def group_layers(
     }
     sizes = {path: info.nar_size for path, info in closure.items()}
     pop = {
-        path: popularity_of(path, popularity, popularity_threshold=popularity_threshold)
+        path: popularity_of(path, popularity, favoured=favoured,
+                            popularity_threshold=popularity_threshold)
         for path in closure
     }
 
@@ -300,7 +320,8 @@ def group_layers(
             stack.extend(children.get(node, ()))
         paths = tuple(sorted(members))
         size = sum(sizes[p] for p in paths)
-        candidates.append(_Candidate((pop[top] + 1) * size, layer_key(paths), paths, size))
+        candidates.append(_Candidate((pop[top] + 1) * size, layer_key(paths), paths, size,
+                                     any(p in favoured for p in paths)))
 
     heapq.heapify(candidates)
     while len(candidates) > budget:
@@ -308,5 +329,5 @@ def group_layers(
         b = heapq.heappop(candidates)
         heapq.heappush(candidates, _merge(a, b))
 
-    candidates.sort(key=lambda c: (-c.rating, c.key))
+    candidates.sort(key=lambda c: (not c.base, -c.rating, c.key))
     return [Layer(paths=c.paths, size=c.size, rating=c.rating) for c in candidates]

@@ -1,8 +1,8 @@
 """Media types, image configs and image manifests, as deterministic bytes.
 
 Pure: no I/O, no Twisted. JSON is written with sorted keys and compact
-separators, and the config holds no timestamps, so the same image gives the
-same bytes (and digests) on every machine. The config blob is the same for both
+separators, and the config's only time is a fixed one (``CREATED``), so the
+same image gives the same bytes (and digests) on every machine. The config blob is the same for both
 manifest flavours; only the media types in the manifest's descriptors differ.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from nixeryd.names import Arch
 
@@ -28,6 +28,10 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 """The media types of single-image manifests."""
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 """The media types of multi-platform indexes."""
+CREATED = "1970-01-01T00:00:01Z"
+"""The creation time of every image: fixed, so that digests are too; clients show it."""
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""PATH as other images have it: derived images put tools in the usual places."""
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 """No manifest or index nixeryd writes comes near this; larger blobs are layers."""
 
@@ -68,15 +72,24 @@ def _dump(doc: Any) -> bytes:
 
 
 def image_config(
-    arch: Arch, diff_ids: Sequence[str], *, env: Sequence[str], cmd: Sequence[str] | None
+    arch: Arch,
+    diff_ids: Sequence[str],
+    *,
+    env: Sequence[str],
+    cmd: Sequence[str] | None,
+    labels: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The image configuration blob: platform, layers' diffIDs (in order), Env and Cmd."""
+    """The image configuration blob: platform, layers' diffIDs (in order), Env, Cmd
+    and labels, created at the fixed time ``CREATED``."""
     container: dict[str, Any] = {"Env": list(env)}
     if cmd is not None:
         container["Cmd"] = list(cmd)
+    if labels:
+        container["Labels"] = dict(labels)
     return _dump(
         {
             "architecture": arch.oci,
+            "created": CREATED,
             "os": "linux",
             "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
             "config": container,

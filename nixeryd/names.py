@@ -29,6 +29,7 @@ class Image:
     packages: tuple[str, ...]  # sorted and de-duplicated; includes meta expansion and base packages
     arch: Arch
     shell: bool  # the image has a shell: Cmd is ["bash"]
+    base: tuple[str, ...] = ()  # the configured base packages, also in ``packages``
 
 
 class NameInvalid(ValueError):
@@ -97,7 +98,8 @@ def parse_name(name: str, base_packages: Sequence[str] = DEFAULT_BASE_PACKAGES) 
     packages = set(rest) | set(base_packages)
     if shell:
         packages |= set(SHELL_PACKAGES)
-    return Image(name=name, packages=tuple(sorted(packages)), arch=arch, shell=shell)
+    return Image(name=name, packages=tuple(sorted(packages)), arch=arch, shell=shell,
+                 base=tuple(sorted(set(base_packages))))
 
 
 def parse_digest(value: str) -> Digest:

@@ -8,11 +8,12 @@ build past its deadline is killed whole: SIGTERM, then SIGKILL.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -26,6 +27,11 @@ from nixeryd.layers import PathInfo
 log = Logger()
 
 NOT_FOUND_MARKER = re.compile(r"nixeryd-not-found: (\[.*\])")
+ROOTS_MARKER = re.compile(r"^trace: nixeryd-roots: (\{.*\})$")
+REVISION_MARKER = re.compile(r"^trace: nixeryd-revision: (.*)$")
+# How nix-build reports a derivation stopped by `--timeout`.
+DERIVATION_TIMED_OUT = re.compile(r"timed out after \d+ seconds")
+SHOW_TRACE_HINT = "(use '--show-trace'"
 TAIL_LINES = 40
 MESSAGE_LINES = 12
 SETSID = "setsid"
@@ -38,6 +44,8 @@ class NixBuild:
 
     roots: tuple[str, ...]
     closure: Mapping[str, PathInfo]
+    named: Mapping[str, str] = field(default_factory=dict)  # package name -> its root
+    revision: str | None = None  # the package set's git revision, where Nix knows it
 
 
 class NixError(Exception):
@@ -50,11 +58,15 @@ class NixError(Exception):
 
 
 class PackagesNotFound(NixError):
-    """Some packages are not in the package set."""
+    """Some packages are not in the package set, or their attributes throw;
+    ``reason`` is Nix's own message for one that throws, else empty."""
 
-    def __init__(self, message: str, log_tail: str, packages: Sequence[str]) -> None:
+    def __init__(
+        self, message: str, log_tail: str, packages: Sequence[str], reason: str = ""
+    ) -> None:
         super().__init__(message, log_tail)
         self.packages = tuple(packages)
+        self.reason = reason
 
 
 class NixBuildFailed(NixError):
@@ -74,6 +86,8 @@ class NixExit:
     stdout: bytes
     tail: tuple[str, ...]  # the last stderr lines
     not_found: tuple[str, ...] | None  # names from the not-found marker, when Nix printed it
+    named: Mapping[str, str] | None = None  # from the roots marker
+    revision: str | None = None  # from the revision marker
 
 
 class NixProcessProtocol(ProcessProtocol):
@@ -86,6 +100,8 @@ class NixProcessProtocol(ProcessProtocol):
         self._partial = b""
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._not_found: tuple[str, ...] | None = None
+        self._named: dict[str, str] | None = None
+        self._revision: str | None = None
 
     def outReceived(self, data: bytes) -> None:
         self._stdout.append(data)
@@ -100,15 +116,26 @@ class NixProcessProtocol(ProcessProtocol):
         line = raw.decode("utf-8", "replace").rstrip("\r")
         if not line.strip():
             return
-        self._tail.append(line)
         log.info("{line}", line=line, image=self.label, build_log=True)
+        roots = ROOTS_MARKER.match(line)
+        if roots:
+            named = _json_or_none(roots.group(1))
+            if isinstance(named, dict):
+                self._named = {str(k): str(v) for k, v in named.items()}
+            return
+        revision = REVISION_MARKER.match(line)
+        if revision:
+            value = _json_or_none(revision.group(1))
+            self._revision = value if isinstance(value, str) else None
+            return
         match = NOT_FOUND_MARKER.search(line)
         if match:
-            try:
-                names = json.loads(match.group(1))
+            names = _json_or_none(match.group(1))
+            if isinstance(names, list):
                 self._not_found = tuple(str(n) for n in names)
-            except ValueError:
-                pass
+            if line.startswith("trace: "):
+                return  # Nix's own message for the package follows
+        self._tail.append(line)
 
     def processEnded(self, reason: Failure) -> None:
         if self._partial:
@@ -122,8 +149,23 @@ class NixProcessProtocol(ProcessProtocol):
         elif not isinstance(reason.value, ProcessDone):
             exit_code = None
         self.ended.callback(
-            NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._not_found)
+            NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._not_found,
+                    self._named, self._revision)
         )
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _nix_reason(tail: Sequence[str]) -> str:
+    """Nix's message for an attribute that throws: the error lines, without the hint."""
+    lines = [line for line in tail if not line.startswith(SHOW_TRACE_HINT)
+             and not NOT_FOUND_MARKER.search(line)]
+    return _tail_text(lines)
 
 
 def _tail_text(lines: Sequence[str], count: int = MESSAGE_LINES) -> str:
@@ -151,21 +193,29 @@ def parse_closure(data: bytes) -> dict[str, PathInfo]:
 
 
 class NixBuilder:
-    """Builds package lists with Nix, within a deadline."""
+    """Builds package lists with Nix.
+
+    ``timeout`` is handed to ``nix-build --timeout``: the time one derivation's
+    builder may take (``NIX_TIMEOUT``, as in Nixery). ``deadline`` bounds a
+    whole build, evaluation, downloads and closure query included; past it the
+    process group is killed.
+    """
 
     def __init__(
         self,
         reactor: Any,
         nix_dir: str,
-        timeout: float,
         environ: Mapping[str, str],
         *,
+        timeout: float = 60.0,
+        deadline: float = 3600.0,
         kill_grace: float = 5.0,
         killpg: Callable[[int, int], None] = os.killpg,
     ) -> None:
         self._reactor = reactor
         self._build_nix = os.path.join(nix_dir, "build.nix")
         self._timeout = timeout
+        self._deadline = deadline
         self._environ = dict(environ)
         self._environ.setdefault("PATH", DEFAULT_PATH)
         self._kill_grace = kill_grace
@@ -192,10 +242,11 @@ class NixBuilder:
         self, source: Mapping[str, str], packages: Sequence[str], system: str, *, label: str = ""
     ) -> NixBuild:
         """Build ``packages`` from ``source`` for ``system``; the closure comes with them."""
-        deadline = self._reactor.seconds() + self._timeout
+        deadline = self._reactor.seconds() + self._deadline
         built = await self.run(
             [
                 "nix-build", self._build_nix, "--no-out-link",
+                "--timeout", f"{math.ceil(self._timeout):d}",
                 "--argstr", "source", json.dumps(dict(source), sort_keys=True),
                 "--argstr", "packages", json.dumps(list(packages)),
                 "--argstr", "system", system,
@@ -209,6 +260,13 @@ class NixBuilder:
                     "packages not found: " + ", ".join(built.not_found),
                     _tail_text(built.tail),
                     built.not_found,
+                    _nix_reason(built.tail),
+                )
+            if any(DERIVATION_TIMED_OUT.search(line) for line in built.tail):
+                raise NixTimedOut(
+                    f"a package took longer than NIX_TIMEOUT ({self._timeout:g} seconds) to build\n"
+                    + _tail_text(built.tail),
+                    _tail_text(built.tail),
                 )
             raise NixBuildFailed(
                 "Nix failed to build the image:\n" + _tail_text(built.tail), _tail_text(built.tail)
@@ -231,7 +289,8 @@ class NixBuilder:
             closure = parse_closure(queried.stdout)
         except (ValueError, KeyError, TypeError) as e:
             raise NixBuildFailed(f"unreadable closure from Nix: {e}") from None
-        return NixBuild(roots=roots, closure=closure)
+        return NixBuild(roots=roots, closure=closure, named=dict(built.named or {}),
+                        revision=built.revision)
 
     async def run(self, argv: Sequence[str], label: str, deadline: float) -> NixExit:
         """Run one Nix command in its own process group, killed at ``deadline``."""
@@ -259,7 +318,8 @@ class NixBuilder:
         if killer.fired:
             log.warn("Nix ran past its deadline and was killed", image=label)
             raise NixTimedOut(
-                f"the build took longer than {self._timeout:g} seconds and was stopped\n"
+                f"the build took longer than its deadline ({self._deadline:g} seconds) "
+                "and was stopped\n"
                 + _tail_text(result.tail),
                 _tail_text(result.tail),
             )

@@ -8,8 +8,29 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 _REV = re.compile(r"[0-9a-f]{40}")
+NIXPKGS_URL = "https://github.com/NixOS/nixpkgs"
+SOURCE_LABEL = "org.opencontainers.image.source"
+REVISION_LABEL = "org.opencontainers.image.revision"
+
+
+def _labels(source: str | None, revision: str | None) -> dict[str, str]:
+    labels = {}
+    if source:
+        labels[SOURCE_LABEL] = source
+    if revision:
+        labels[REVISION_LABEL] = revision
+    return labels
+
+
+def public_url(url: str) -> str:
+    """``url`` without the user name or password it may carry (``https://user:token@host/``)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def is_rev(value: str) -> bool:
@@ -29,6 +50,10 @@ class PackageSource(Protocol):
 
     def describe(self) -> str:
         """One line for people."""
+
+    def labels(self, tag: str, revision: str | None) -> dict[str, str]:
+        """The image labels naming the package set at ``tag`` and ``revision``, the
+        git revision Nix fetched where it knows one."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +77,9 @@ class ChannelSource:
         kind = "nixpkgs commit" if is_rev(self.channel) else "nixpkgs channel"
         return f"{kind} {self.channel}"
 
+    def labels(self, tag: str, revision: str | None) -> dict[str, str]:
+        return _labels(NIXPKGS_URL, revision or (self.channel if is_rev(self.channel) else None))
+
 
 @dataclass(frozen=True)
 class GitSource:
@@ -73,7 +101,10 @@ class GitSource:
         return f"git:{self.url}@{tag}"
 
     def describe(self) -> str:
-        return f"git repository {self.url} (tags are refs or revisions)"
+        return f"git repository {public_url(self.url)} (tags are refs or revisions)"
+
+    def labels(self, tag: str, revision: str | None) -> dict[str, str]:
+        return _labels(public_url(self.url), revision or (tag if is_rev(tag) else None))
 
 
 @dataclass(frozen=True)
@@ -93,3 +124,6 @@ class PathSource:
 
     def describe(self) -> str:
         return f"local package set {self.path}"
+
+    def labels(self, tag: str, revision: str | None) -> dict[str, str]:
+        return {}  # a path on the build machine names nothing a reader could fetch

@@ -1,76 +1,43 @@
 """Popularity data for layering: package name -> number of references.
 
-From a file (read once, at start-up, so a bad file stops start-up) or a URL
-(fetched at the first build and kept; a failed fetch is retried next time).
+Loaded once, at start-up, from a file or a URL (as Nixery does): a file that
+cannot be read or a URL that does not answer within the timeout stops
+start-up, and no build ever waits for it.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Mapping
-
-from twisted.logger import Logger
+import urllib.error
+import urllib.request
+from typing import Any, Mapping
 
 from nixeryd.layers import package_name, parse_popularity
 
-log = Logger()
-
-Fetch = Callable[[str], Awaitable[bytes]]
-
-
-class PopularityUnavailable(Exception):
-    """The popularity data could not be fetched."""
+LOAD_TIMEOUT = 30.0
 
 
 def is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
+    return location.startswith(("http://", "https://", "file://"))
 
 
-def read_popularity_file(path: str) -> dict[str, int]:
-    """Blocking, for start-up: the popularity file at ``path``; ValueError on bad data."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    return parse_popularity(data)
-
-
-class Popularity:
-    """The popularity table, loaded once and shared by every build."""
-
-    def __init__(self, table: Mapping[str, int] | None = None, url: str | None = None,
-                 fetch: Fetch | None = None) -> None:
-        self._table: Mapping[str, int] | None = dict(table) if table is not None else None
-        self._url = url
-        self._fetch = fetch
-        if self._table is None and (url is None or fetch is None):
-            self._table = {}
-
-    async def __call__(self) -> Mapping[str, int]:
-        if self._table is not None:
-            return self._table
-        assert self._url is not None and self._fetch is not None
+def load_popularity(location: str, *, timeout: float = LOAD_TIMEOUT) -> dict[str, int]:
+    """Blocking, for start-up: the popularity data at ``location``, a URL or a file;
+    ValueError, with one line saying why, when it cannot be had or read."""
+    if is_url(location):
         try:
-            data = await self._fetch(self._url)
-            table = parse_popularity(data)
-        except Exception as e:
-            log.error("cannot load popularity data: {error}", error=str(e))
-            raise PopularityUnavailable("popularity data is unavailable: " + str(e)) from None
-        log.info("loaded popularity data for {count} packages", count=len(table))
-        self._table = table
-        return table
-
-
-def treq_fetch(client: Any) -> Fetch:
-    """A Fetch that GETs a URL with a treq client; non-200 is an error."""
-
-    async def fetch(url: str) -> bytes:
-        response = await client.get(url)
-        if response.code != 200:
-            raise ValueError(f"HTTP {response.code} from the popularity URL")
-        body: bytes = await response.content()
-        return body
-
-    return fetch
+            with urllib.request.urlopen(location, timeout=timeout) as response:
+                data = response.read()
+        except urllib.error.HTTPError as e:
+            raise ValueError(f"HTTP {e.code} from {location}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise ValueError(f"cannot fetch {location}: {reason}") from None
+    else:
+        try:
+            with open(location, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read {location}: {e.strerror}") from None
+    return parse_popularity(data)
 
 
 def count_references(derivations: Mapping[str, Any]) -> dict[str, int]:
@@ -94,7 +61,7 @@ async def compute_popularity(
 
     from nixeryd.nix import NixBuilder, NixBuildFailed
 
-    nix = NixBuilder(reactor, nix_dir, timeout, environ)
+    nix = NixBuilder(reactor, nix_dir, environ, deadline=timeout)
     deadline = reactor.seconds() + timeout
     listed = await nix.run(
         ["nix-instantiate", os.path.join(nix_dir, "popularity.nix"),

@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -27,7 +27,7 @@ from nixeryd.images import Images
 from nixeryd.metrics import Metrics
 from nixeryd.nix import NixBuilder
 from nixeryd.offload import thread_pool
-from nixeryd.popularity import Popularity, is_url, read_popularity_file, treq_fetch
+from nixeryd.popularity import load_popularity
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import IStorage
 from nixeryd.web import Status
@@ -35,6 +35,10 @@ from nixeryd.web import Status
 log = Logger()
 
 IDLE_TIMEOUT = 60
+TLS_ON_PLAIN_PORT = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\n400 Bad Request: this port speaks plain HTTP, not TLS\n"
+)
 
 
 def default_nix_dir() -> str:
@@ -100,11 +104,15 @@ class LogObserverService(Service):
 
 
 class _RefuseTLS(ProtocolWrapper):
-    """Closes at once a connection that opens with a TLS handshake on a plain-HTTP port.
+    """Answers a TLS handshake on a plain-HTTP port with an HTTP 400, at once.
 
-    Clients told a registry is insecure (skopeo, podman, containerd) try HTTPS
-    first; left waiting, they give up on the handshake only after 10 seconds,
-    and do so for every operation. Closed, they fall back to HTTP at once.
+    Clients told a registry is insecure (docker, containerd, skopeo, podman)
+    try HTTPS first. Left waiting, they give up on the handshake only after 10
+    seconds, for every operation. Closed without a word, Go's TLS client sees
+    an EOF, which Docker and containerd take for a failure. An HTTP answer is
+    what Go's TLS client reports as "first record does not look like a TLS
+    handshake": the sign they fall back to plain HTTP on, as Go's own server
+    and CNCF distribution give it.
     """
 
     _first = True
@@ -113,6 +121,7 @@ class _RefuseTLS(ProtocolWrapper):
         if self._first and data:
             self._first = False
             if data[:1] == b"\x16":  # a TLS record of type handshake
+                self.transport.write(TLS_ON_PLAIN_PORT)
                 self.transport.loseConnection()
                 return
         super().dataReceived(data)
@@ -209,16 +218,13 @@ def _gcs_storage(config: Config, offload: Any, reactor: Any, threads: int) -> IS
     )
 
 
-def _popularity(config: Config) -> Popularity:
-    location = config.popularity_url
-    if location is None:
-        return Popularity({})
-    if is_url(location):
-        import treq
-
-        return Popularity(url=location, fetch=treq_fetch(treq))
+def load_popularity_setting(config: Config) -> dict[str, int]:
+    """Blocking, for start-up (before the reactor serves anything): the popularity
+    data NIX_POPULARITY_URL names, or none."""
+    if config.popularity_url is None:
+        return {}
     try:
-        return Popularity(read_popularity_file(location))
+        return load_popularity(config.popularity_url)
     except ValueError as e:
         raise ConfigError(f"NIX_POPULARITY_URL: {e}") from None
 
@@ -236,7 +242,7 @@ class Parts:
     offload: Any
 
 
-def build_parts(config: Config, reactor: Any) -> Parts:
+def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> Parts:
     """Storage, Nix, builder and caches, wired from ``config``; no listening yet."""
     top = MultiService()
     threads = max(4, (os.cpu_count() or 1) * 2)
@@ -247,7 +253,8 @@ def build_parts(config: Config, reactor: Any) -> Parts:
     nix_dir = config.nix_dir or default_nix_dir()
     if not os.path.isfile(os.path.join(nix_dir, "build.nix")):
         raise ConfigError(f"NIXERY_NIX_DIR: no build.nix in {nix_dir}")
-    nix = NixBuilder(reactor, nix_dir, config.nix_timeout, config.child_environment)
+    nix = NixBuilder(reactor, nix_dir, config.child_environment,
+                     timeout=config.nix_timeout, deadline=config.build_deadline)
     NixService(nix).setServiceParent(top)
     metrics = Metrics()
     logs = BuildLogs()
@@ -258,7 +265,7 @@ def build_parts(config: Config, reactor: Any) -> Parts:
         offload=offload,
         source=config.source,
         clock=reactor,
-        popularity=_popularity(config),
+        popularity=popularity,
         layer_budget=config.layer_budget,
         max_builds=config.max_builds,
         queue=config.build_queue,
@@ -268,6 +275,7 @@ def build_parts(config: Config, reactor: Any) -> Parts:
     images = Images(
         builder, storage, config.source, reactor,
         cache_ttl=config.cache_ttl, platforms=config.platforms, metrics=metrics,
+        failure_ttl=config.failure_ttl,
     )
     return Parts(top, storage, builder, images, metrics, logs, offload)
 
@@ -299,7 +307,7 @@ def _authenticator(config: Config, offload: Any, reactor: Any) -> Authenticator:
 
 def build_service(config: Config, reactor: Any) -> MultiService:
     """Every part of a running nixeryd, wired from ``config``."""
-    parts = build_parts(config, reactor)
+    parts = build_parts(config, reactor, load_popularity_setting(config))
     builder = parts.builder
     status = Status(
         source=config.source.describe(),

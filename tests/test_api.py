@@ -19,7 +19,6 @@ from nixeryd.images import Images
 from nixeryd.names import AMD64, ARM64, Arch
 from nixeryd.offload import inline
 from nixeryd.pkgsource import GitSource, PathSource
-from nixeryd.popularity import Popularity
 from nixeryd.storage.memory import MemoryStorage
 from tests.fakes import FakeNix, make_store
 
@@ -49,7 +48,7 @@ class APITestCase(SynchronousTestCase):
             offload=inline,
             source=source,
             clock=self.clock,
-            popularity=Popularity({}),
+            popularity={},
             max_builds=self.max_builds,
             queue=self.queue,
         )
@@ -338,7 +337,7 @@ class CacheTests(APITestCase):
 
     def builder_for(self, source: Any) -> ImageBuilder:
         return ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
-                            clock=self.clock, popularity=Popularity({}))
+                            clock=self.clock, popularity={})
 
     def test_a_new_instance_serves_from_storage(self) -> None:
         """Another instance on the same storage serves a built image without Nix."""
@@ -384,7 +383,7 @@ class OperatorEndpointTests(APITestCase):
         self.logs = BuildLogs()
         source = PathSource("/srv/pkgs")
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
-                               clock=self.clock, popularity=Popularity({}), metrics=self.metrics)
+                               clock=self.clock, popularity={}, metrics=self.metrics)
         self.op_builder = builder
         images = Images(builder, self.storage, source, self.clock, metrics=self.metrics)
         status = Status(source=source.describe(), active=lambda: builder.active,
@@ -451,7 +450,7 @@ class ZstdTests(APITestCase):
 
         source = PathSource("/srv/pkgs")
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
-                               clock=self.clock, popularity=Popularity({}), compression="zstd")
+                               clock=self.clock, popularity={}, compression="zstd")
         images = Images(builder, self.storage, source, self.clock)
         treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",)).app.resource())
 

@@ -30,11 +30,10 @@ class AuthTests(APITestCase):
         from nixeryd.builder import ImageBuilder
         from nixeryd.images import Images
         from nixeryd.pkgsource import PathSource
-        from nixeryd.popularity import Popularity
 
         source = PathSource("/srv/pkgs")
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
-                               clock=self.clock, popularity=Popularity({}))
+                               clock=self.clock, popularity={})
         auth = Authenticator(parse_htpasswd(users, "htpasswd"), parse_tokens(tokens), inline, self.clock)
         images = Images(builder, self.storage, source, self.clock)
         return StubTreq(RegistryAPI(images, self.storage, (), auth=auth).app.resource())

@@ -14,7 +14,6 @@ from nixeryd.images import Images
 from nixeryd.names import parse_name
 from nixeryd.offload import inline
 from nixeryd.pkgsource import GitSource
-from nixeryd.popularity import Popularity
 from nixeryd.storage.memory import MemoryStorage
 from tests.fakes import FakeNix, make_store
 from tests.test_api import DEPENDENCIES
@@ -31,7 +30,7 @@ class CollectTests(SynchronousTestCase):
         self.nix = FakeNix(make_store(Path(self.mktemp()).absolute(), DEPENDENCIES), DEPENDENCIES)
         source = GitSource("https://git.internal/pkgs.git")
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
-                               clock=self.clock, popularity=Popularity({}))
+                               clock=self.clock, popularity={})
         self.images = Images(builder, self.storage, source, self.clock)
 
     def pull(self, name: str) -> ImageManifests:

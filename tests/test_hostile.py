@@ -26,7 +26,6 @@ from nixeryd.names import (
 )
 from nixeryd.offload import inline
 from nixeryd.pkgsource import PathSource
-from nixeryd.popularity import Popularity
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import check_key
 from nixeryd.storage.memory import MemoryStorage
@@ -69,7 +68,7 @@ def make_api(root: str) -> StubTreq:
     storage = MemoryStorage()
     source = PathSource("/srv/pkgs")
     builder = ImageBuilder(nix=FakeNix(store, DEPENDENCIES), storage=storage, offload=inline,
-                           source=source, clock=clock, popularity=Popularity({}))
+                           source=source, clock=clock, popularity={})
     images = Images(builder, storage, source, clock)
     return StubTreq(RegistryAPI(images, storage, ("cacert",)).app.resource())
 

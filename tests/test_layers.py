@@ -11,6 +11,7 @@ from nixeryd.layers import (
     Layer,
     PathInfo,
     group_layers,
+    closure_of as closure_paths,
     immediate_dominators,
     layer_key,
     package_name,
@@ -86,14 +87,24 @@ def test_parse_popularity_rejects_bad_data(data: bytes, message: str) -> None:
         parse_popularity(data)
 
 
-def test_common_paths_are_most_popular() -> None:
-    """cacert and iana-etc rank above the most popular entry and the threshold."""
-    pop = {"glibc-2.37": 5000, "cacert-3.86": 1}
-    assert popularity_of(sp("cacert-3.86"), pop) == 5001
-    assert popularity_of(sp("iana-etc-20230316"), pop) == 5001
-    assert popularity_of(sp("iana-etc-20230316"), {}) == 101
-    assert popularity_of(sp("glibc-2.37"), pop) == 5000
-    assert popularity_of(sp("unknown-1"), pop) == 0
+def test_favoured_paths_are_most_popular() -> None:
+    """Base packages' paths rank above the most popular entry and the threshold, by
+    identity: a path merely named like them ranks by the data."""
+    pop = {"glibc-2.37": 5000, "nss-cacert-3.86": 1, "cacert-3.86": 1}
+    base = frozenset({sp("nss-cacert-3.86"), sp("iana-etc-20230316")})
+    assert popularity_of(sp("nss-cacert-3.86"), pop, favoured=base) == 5001
+    assert popularity_of(sp("iana-etc-20230316"), pop, favoured=base) == 5001
+    assert popularity_of(sp("iana-etc-20230316"), {}, favoured=base) == 101
+    assert popularity_of(sp("cacert-3.86"), pop, favoured=base) == 1
+    assert popularity_of(sp("glibc-2.37"), pop, favoured=base) == 5000
+    assert popularity_of(sp("unknown-1"), pop, favoured=base) == 0
+
+
+def test_closure_of_follows_references() -> None:
+    """The closure of some roots is every path they reach, and nothing else."""
+    closure = closure_of({"a": (1, ["b"]), "b": (1, ["c"]), "c": (1, []), "d": (1, ["a"])})
+    assert closure_paths([sp("a")], closure) == {sp("a"), sp("b"), sp("c")}
+    assert closure_paths([], closure) == frozenset()
 
 
 # --- dominators ---------------------------------------------------------------
@@ -232,25 +243,47 @@ def test_popular_path_pulled_out() -> None:
     assert layer_sets(lower) == [{"app", "zlib", "other"}]
 
 
-def test_cacert_and_iana_etc_always_pulled_out_and_first() -> None:
-    """cacert and iana-etc get their own layers and rank above popular paths, even without data."""
+def test_base_packages_always_pulled_out_and_first() -> None:
+    """The base packages' paths get their own layers and come before popular, bigger
+    layers, even without data; they are found by identity (nixpkgs names cacert
+    nss-cacert-<version>)."""
     closure = closure_of(
         {
-            "app": (50, ["cacert-3.86", "iana-etc-2023", "glibc"]),
-            "cacert-3.86": (2, []),
+            "app": (50, ["nss-cacert-3.86", "iana-etc-2023", "glibc"]),
+            "nss-cacert-3.86": (2, []),
             "iana-etc-2023": (1, []),
-            "glibc": (1, []),
+            "glibc": (30, []),
         }
     )
-    layers = group_layers([sp("app")], closure, {"glibc": 1000})
+    base = frozenset({sp("nss-cacert-3.86"), sp("iana-etc-2023")})
+    layers = group_layers([sp("app")], closure, {"glibc": 1000}, favoured=base)
     assert [(names(layer), layer.rating) for layer in layers] == [
-        ({"cacert-3.86"}, 1002 * 2),
+        ({"nss-cacert-3.86"}, 1002 * 2),
         ({"iana-etc-2023"}, 1002 * 1),
-        ({"glibc"}, 1001 * 1),
+        ({"glibc"}, 1001 * 30),
         ({"app"}, 50),
     ]
-    no_data = group_layers([sp("app")], closure, {})
-    assert sorted(map(sorted, layer_sets(no_data))) == [["app", "glibc"], ["cacert-3.86"], ["iana-etc-2023"]]
+    no_data = group_layers([sp("app")], closure, {}, favoured=base)
+    assert sorted(map(sorted, layer_sets(no_data))) == [["app", "glibc"], ["iana-etc-2023"], ["nss-cacert-3.86"]]
+    assert layer_sets(no_data)[:2] == [{"nss-cacert-3.86"}, {"iana-etc-2023"}]
+    # Without knowing which paths are base packages, nothing is special about the name.
+    unknown = group_layers([sp("app")], closure, {"glibc": 1000})
+    assert layer_sets(unknown)[0] == {"glibc"}
+    assert {"nss-cacert-3.86"} not in layer_sets(unknown)
+
+
+def test_base_layers_are_merged_last() -> None:
+    """Under a tight budget, the other layers are merged before a base package's layer."""
+    closure = closure_of(
+        {
+            "a": (5, []), "b": (6, []), "c": (7, []),
+            "nss-cacert-3.86": (1, []),
+        }
+    )
+    base = frozenset({sp("nss-cacert-3.86")})
+    roots = [sp(n) for n in ["a", "b", "c", "nss-cacert-3.86"]]
+    layers = group_layers(roots, closure, {}, 2, favoured=base)
+    assert layer_sets(layers) == [{"nss-cacert-3.86"}, {"a", "b", "c"}]
 
 
 def test_rating_is_popularity_plus_one_times_size() -> None:
@@ -390,7 +423,8 @@ def test_nixery_like_image() -> None:
     )
     roots = [sp(n) for n in ["bash-interactive-5.2", "coreutils-9.1", "git-2.40.1", "cacert-3.86", "iana-etc-20230316"]]
     pop = {"glibc-2.37": 2000, "perl-5.36": 300, "ncurses-6.4": 10}
-    layers = group_layers(roots, closure, pop)
+    base = frozenset({sp("cacert-3.86"), sp("iana-etc-20230316")})
+    layers = group_layers(roots, closure, pop, favoured=base)
     assert_partition(layers, closure)
     sets = layer_sets(layers)
     assert {"glibc-2.37", "libidn2-2.3", "libunistring-1.1", "xgcc-12-libgcc"} in sets
@@ -398,11 +432,11 @@ def test_nixery_like_image() -> None:
     assert {"git-2.40.1", "curl-8.0"} in sets
     assert {"coreutils-9.1", "acl-2.3", "attr-2.5"} in sets
     assert {"bash-interactive-5.2", "readline-8.2", "ncurses-6.4"} in sets
-    # glibc: 2001 x 33 MB; perl: 301 x 60 MB; cacert: 2002 x 1 MB; then by size.
-    assert sets[:4] == [
+    # Base packages first; then glibc: 2001 x 33 MB; perl: 301 x 60 MB; then by size.
+    assert sets[:5] == [
+        {"cacert-3.86"},
+        {"iana-etc-20230316"},
         {"glibc-2.37", "libidn2-2.3", "libunistring-1.1", "xgcc-12-libgcc"},
         {"perl-5.36"},
-        {"cacert-3.86"},
         {"git-2.40.1", "curl-8.0"},
     ]
-    assert sets[-1] == {"iana-etc-20230316"}

@@ -18,7 +18,8 @@ def config_doc(**kwargs: object) -> dict[str, object]:
     env = kwargs.pop("env", ["PATH=/bin"])
     cmd = kwargs.pop("cmd", None)
     arch = kwargs.pop("arch", AMD64)
-    body = manifest.image_config(arch, DIFF_IDS, env=env, cmd=cmd)  # type: ignore[arg-type]
+    labels = kwargs.pop("labels", None)
+    body = manifest.image_config(arch, DIFF_IDS, env=env, cmd=cmd, labels=labels)  # type: ignore[arg-type]
     result: dict[str, object] = json.loads(body)
     return result
 
@@ -50,14 +51,25 @@ def test_flavour_types() -> None:
 
 
 def test_config_shape() -> None:
-    """The config names the platform, keeps the diffIDs in order and carries Env and Cmd."""
-    doc = config_doc(env=["PATH=/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"], cmd=["bash"])
+    """The config names the platform, keeps the diffIDs in order and carries Env, Cmd,
+    labels and the fixed creation time."""
+    labels = {"org.opencontainers.image.source": "https://example.org/pkgs.git"}
+    doc = config_doc(env=["PATH=/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"], cmd=["bash"],
+                     labels=labels)
     assert doc == {
         "architecture": "amd64",
+        "created": "1970-01-01T00:00:01Z",
         "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": DIFF_IDS},
-        "config": {"Env": ["PATH=/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"], "Cmd": ["bash"]},
+        "config": {"Env": ["PATH=/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"], "Cmd": ["bash"],
+                   "Labels": labels},
     }
+
+
+def test_default_path_holds_the_usual_directories() -> None:
+    """PATH keeps the directories derived images install into, /bin among them."""
+    assert manifest.DEFAULT_PATH.split(":") == [
+        "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
 
 
 def test_config_without_cmd() -> None:
@@ -72,13 +84,13 @@ def test_config_architecture() -> None:
 
 
 def test_config_is_deterministic_and_compact() -> None:
-    """The same inputs give the same bytes: sorted keys, compact separators, no timestamps."""
+    """The same inputs give the same bytes: sorted keys, compact separators, one fixed time."""
     first = manifest.image_config(AMD64, DIFF_IDS, env=["PATH=/bin"], cmd=["bash"])
     second = manifest.image_config(AMD64, list(DIFF_IDS), env=("PATH=/bin",), cmd=("bash",))
     assert first == second
     doc = json.loads(first)
     assert first == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    assert "created" not in doc and "history" not in doc
+    assert doc["created"] == manifest.CREATED and "history" not in doc
 
 
 @pytest.mark.parametrize("flavour", list(Flavour))

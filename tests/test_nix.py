@@ -109,7 +109,7 @@ class DeadlineTests(SynchronousTestCase):
         self.reactor = ProcessReactor()
         self.signals: list[tuple[int, int]] = []
         self.builder = NixBuilder(
-            self.reactor, NIX_DIR, 10, {}, kill_grace=5,
+            self.reactor, NIX_DIR, {}, timeout=3, deadline=10, kill_grace=5,
             killpg=lambda pid, sig: self.signals.append((pid, sig)),
         )
 
@@ -174,7 +174,7 @@ def test_parse_closure_both_shapes() -> None:
 def builder(nix_env: dict[str, str]) -> NixBuilder:
     from twisted.internet import reactor
 
-    return NixBuilder(reactor, NIX_DIR, 60, nix_env, kill_grace=2)
+    return NixBuilder(reactor, NIX_DIR, nix_env, timeout=60, deadline=120, kill_grace=2)
 
 
 def build(builder: NixBuilder, packages: list[str], source: dict[str, str] = PATH_SOURCE) -> Deferred[NixBuild]:
@@ -228,11 +228,11 @@ def group_members(pattern: str) -> list[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_hanging_build_is_killed_whole(nix_env: dict[str, str]) -> None:
-    """A build past NIX_TIMEOUT fails with NixTimedOut and leaves no process behind."""
+    """A build past its deadline fails with NixTimedOut and leaves no process behind."""
     from twisted.internet import reactor
 
     before = set(group_members("sleep 100000"))
-    builder = NixBuilder(reactor, NIX_DIR, 2, nix_env, kill_grace=2)
+    builder = NixBuilder(reactor, NIX_DIR, nix_env, timeout=600, deadline=2, kill_grace=2)
     with pytest.raises(NixTimedOut):
         await build(builder, ["hangs"])
     # Nix takes its builder down on SIGTERM; give it a moment on the real clock.

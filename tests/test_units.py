@@ -4,7 +4,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from nixeryd.config import Config
+import pytest
+
+from nixeryd.config import Config, ConfigError
 from tests.daemon import ROOT, TWISTD
 
 
@@ -43,5 +45,9 @@ def test_example_environment_is_valid() -> None:
             name, value = line.split("=", 1)
             env[name] = value
     assert {"PORT", "NIXERY_CHANNEL", "STORAGE_PATH", "GCS_BUCKET", "NIX_TIMEOUT"} <= set(env)
-    env.pop("NIXERY_PKGS_REPO")  # the example offers a repository or a path, not both
-    Config.from_env(env)
+    # The example offers a channel, a repository or a path: one at a time.
+    for source in ("NIXERY_CHANNEL", "NIXERY_PKGS_REPO", "NIXERY_PKGS_PATH"):
+        others = {"NIXERY_CHANNEL", "NIXERY_PKGS_REPO", "NIXERY_PKGS_PATH"} - {source}
+        Config.from_env({k: v for k, v in env.items() if k not in others})
+    with pytest.raises(ConfigError, match="NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_PKGS_PATH"):
+        Config.from_env(env)

@@ -3,9 +3,27 @@
 # program is the static busybox from Debian's busybox-static, so images made
 # of these packages run in a chroot that holds nothing else.
 #
+# It is called the way nixpkgs is (nixpkgs/pkgs/top-level/impure.nix): with
+# `system`, `config` and `overlays`, and more through `...`. nixpkgs reads
+# `~/.config/nixpkgs` for a `config` or `overlays` it is not given; here a
+# missing one fails the evaluation, so a caller that forgets them is caught.
+#
 # The `system` argument is accepted and ignored: derivations always build for
 # the machine running the tests, so `arm64/...` images can be built here too.
-{ system ? builtins.currentSystem, ... }:
+#
+# Shaped like nixpkgs where nixeryd depends on it: cacert is `nss-cacert-<v>`,
+# a multi-output package lists more in `meta.outputsToInstall` than its default
+# output, removed aliases throw, an unfree package throws when its drvPath is
+# asked for, nested sets carry `recurseForDerivations`, attributes have
+# capitals. `system-only/` is a team's own set taking `{ system }` alone.
+{ system ? builtins.currentSystem
+, config ? throw "the test package set was not given `config` (nixpkgs would read ~/.config/nixpkgs)"
+, overlays ? throw "the test package set was not given `overlays` (nixpkgs would read ~/.config/nixpkgs)"
+, ...
+}:
+
+assert config == { };
+assert overlays == [ ];
 
 let
   mk = name: script: derivation {
@@ -128,7 +146,48 @@ in
     sleep 100000
   '';
 
+  # A package with its manual in an output of its own, as nixpkgs splits them:
+  # `nix-build -A manual-tool` gives `out`, nix-env would install `man` too.
+  manual-tool = (derivation {
+    name = "manual-tool-1.0";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    outputs = [ "out" "man" ];
+    PATH = "/usr/bin:/bin";
+    args = [ "-e" "-c" ''
+      mkdir -p $out/bin $man/share/man/man1
+      printf '#!${busybox}/bin/sh\necho manual-tool\n' > $out/bin/manual-tool
+      chmod 0555 $out/bin/manual-tool
+      echo ".TH MANUAL-TOOL 1" > $man/share/man/man1/manual-tool.1
+    '' ];
+  }) // { meta.outputsToInstall = [ "out" "man" ]; };
+
+  # How nixpkgs' aliases.nix marks a removed package.
+  oldtool = throw "'oldtool' has been removed from the test package set; use 'hello' instead";
+
+  # How nixpkgs' check-meta refuses an unfree package: the attribute set is
+  # there, its drvPath throws.
+  unfreetool = let drv = script "unfreetool" "echo unfree"; in drv // {
+    drvPath = throw "Package 'unfreetool-1.0' has an unfree license ('unfree'), refusing to evaluate.";
+    outPath = throw "Package 'unfreetool-1.0' has an unfree license ('unfree'), refusing to evaluate.";
+  };
+
+  # A capitalised attribute, like nixpkgs' SDL2 or libX11 below.
+  SDL2 = mk "SDL2-2.28" ''
+    mkdir -p $out/lib
+    echo "sdl" > $out/lib/libSDL2.txt
+  '';
+
+  python3Packages = {
+    recurseForDerivations = true;
+    requests = mk "python3-requests-2.31" ''
+      mkdir -p $out/lib/python3
+      echo "requests" > $out/lib/python3/requests.py
+    '';
+  };
+
   pythonPackages = {
+    recurseForDerivations = true;
     requests = mk "python-requests-2.31" ''
       mkdir -p $out/lib/python
       echo "requests" > $out/lib/python/requests.py
