@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from twisted.internet.defer import Deferred, succeed
 
 from nixeryd.layers import PathInfo
-from nixeryd.nix import NixBuild, PackagesNotFound
+from nixeryd.nix import NixBuild, NixBuildFailed, PackagesNotFound
 
 
 def make_store(root: Path, packages: Mapping[str, Sequence[str]]) -> dict[str, str]:
@@ -40,6 +40,7 @@ class FakeNix:
     store: Mapping[str, str]
     dependencies: Mapping[str, Sequence[str]]
     hold: bool = False
+    broken: Sequence[str] = ()  # packages whose build fails, as a failing builder does
     calls: list[tuple[str, ...]] = field(default_factory=list)
     pending: list[Deferred[NixBuild]] = field(default_factory=list)
     _results: list[NixBuild] = field(default_factory=list)
@@ -51,6 +52,11 @@ class FakeNix:
         if missing:
             d: Deferred[NixBuild] = Deferred()
             d.errback(PackagesNotFound("packages not found: " + ", ".join(missing), "", missing))
+            return d
+        failing = [p for p in packages if p in self.broken]
+        if failing:
+            d = Deferred()
+            d.errback(NixBuildFailed(f"builder for {failing[0]} failed with exit code 3"))
             return d
         result = self._result(packages)
         if not self.hold:
@@ -81,4 +87,5 @@ class FakeNix:
             closure[path] = PathInfo(path=path, references=refs, nar_size=size)
             todo.extend(deps)
         roots = tuple(sorted({self.store[p] for p in packages}))
-        return NixBuild(roots=roots, closure=closure)
+        # Real Nix names the output each package stands for (build.nix's roots line).
+        return NixBuild(roots=roots, closure=closure, named={p: self.store[p] for p in packages})

@@ -97,6 +97,25 @@ class ProtocolTests(SynchronousTestCase):
         protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
         self.assertEqual(self.successResultOf(protocol.ended).not_found, ("a", "b.c"))
 
+    def test_roots_and_revision_markers(self) -> None:
+        """build.nix's traced lines become the package -> root map and the revision, and
+        stay out of the tail that error messages are made of."""
+        protocol = NixProcessProtocol("img")
+        protocol.errReceived(b'trace: nixeryd-roots: {"git":"/nix/store/aaa-git-2.4","cacert":"/nix/store/bbb-nss-cacert-3.9"}\n')
+        protocol.errReceived(b'trace: nixeryd-revision: "' + b"a" * 40 + b'"\nbuilding x\n')
+        protocol.processEnded(Failure(ProcessDone(0)))
+        result = self.successResultOf(protocol.ended)
+        self.assertEqual(result.named, {"git": "/nix/store/aaa-git-2.4", "cacert": "/nix/store/bbb-nss-cacert-3.9"})
+        self.assertEqual(result.revision, "a" * 40)
+        self.assertEqual(result.tail, ("building x",))
+
+    def test_null_revision(self) -> None:
+        """A package set with no git revision (a path, a channel) has none."""
+        protocol = NixProcessProtocol("img")
+        protocol.errReceived(b"trace: nixeryd-revision: null\n")
+        protocol.processEnded(Failure(ProcessDone(0)))
+        self.assertIsNone(self.successResultOf(protocol.ended).revision)
+
     def test_clean_exit(self) -> None:
         """A clean exit is exit code 0."""
         protocol = NixProcessProtocol("img")
@@ -118,6 +137,8 @@ class DeadlineTests(SynchronousTestCase):
         d = ensureDeferred(self.builder.build(PATH_SOURCE, ["hangs"], SYSTEM))
         (protocol, args), = self.reactor.spawned
         self.assertEqual(args[:5], ["setsid", "setpriv", "--pdeathsig", "TERM", "nix-build"])
+        # NIX_TIMEOUT is Nix's own limit per derivation; the deadline is ours, for all of it.
+        self.assertEqual(args[args.index("--timeout") + 1], "3")
         self.reactor.advance(9.9)
         self.assertEqual(self.signals, [])
         self.reactor.advance(0.1)
@@ -200,9 +221,81 @@ async def test_build_gives_roots_and_closure(builder: NixBuilder) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_name_rules(builder: NixBuilder) -> None:
-    """Case-insensitive top level, leading digits, nested sets, meta outputs."""
-    result = await build(builder, ["libx11", "1password", "pythonPackages.requests"])
-    assert names(result.roots) == {"libX11-1.8", "1password", "python-requests-2.31"}
+    """Case-insensitive top level, leading digits, nested sets (with recurseForDerivations),
+    and the roots named by the names asked for."""
+    asked = ["libx11", "sdl2", "1password", "pythonPackages.requests", "python3packages.requests"]
+    result = await build(builder, asked)
+    assert names(result.roots) == {"libX11-1.8", "SDL2-2.28", "1password", "python-requests-2.31",
+                                   "python3-requests-2.31"}
+    assert sorted(result.named) == sorted(asked)
+    assert names([result.named["sdl2"]]) == {"SDL2-2.28"}
+    assert result.revision is None  # a path has no revision
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_output_only(builder: NixBuilder) -> None:
+    """A multi-output package gives its default output, as `nix-build -A` does, not the
+    extra outputs meta.outputsToInstall lists (its man page stays out of the image)."""
+    result = await build(builder, ["manual-tool"])
+    assert names(result.roots) == {"manual-tool-1.0"}
+    assert not any(p.endswith("-man") for p in result.closure)
+    (root,) = result.roots
+    assert (Path(root) / "bin" / "manual-tool").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_set_taking_system_alone(builder: NixBuilder) -> None:
+    """A package set whose function takes `{ system }` alone, without `...`, is called with
+    that alone; the system it is given is the image's."""
+    source = {"type": "path", "path": PKGS + "/system-only"}
+    result = await build(builder, ["team-tool", "cacert"], source)
+    assert names(result.roots) == {"team-tool-0.1", "nss-cacert-3.92"}
+    script = (Path(result.named["team-tool"]) / "bin" / "team-tool").read_text()
+    assert "team-tool for x86_64-linux" in script
+
+
+@pytest_twisted.ensureDeferred
+async def test_nixpkgs_shaped_set_gets_pure_config_and_overlays(nix_env: dict[str, str], tmp_path: Path) -> None:
+    """A set taking `{ system, config, overlays, ... }` gets an empty config and no overlays,
+    whatever the host's ~/.config/nixpkgs holds."""
+    from twisted.internet import reactor
+
+    home = tmp_path / "home"
+    (home / ".config" / "nixpkgs").mkdir(parents=True)
+    (home / ".config" / "nixpkgs" / "config.nix").write_text("{ allowUnfree = true; }")
+    (home / ".config" / "nixpkgs" / "overlays.nix").write_text("[ (self: super: { }) ]")
+    impure = NixBuilder(reactor, NIX_DIR, {**nix_env, "HOME": str(home)}, kill_grace=2)
+    result = await build(impure, ["config-report"])
+    (root,) = result.roots
+    assert json.loads((Path(root) / "share" / "config.json").read_text()) == {"config": {}, "overlays": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_throwing_attributes_are_unknown_with_nix_message(builder: NixBuilder) -> None:
+    """A removed alias (an attribute that throws) and an unfree package (whose drvPath
+    throws) are unknown names, with Nix's own message; missing names are listed too."""
+    with pytest.raises(PackagesNotFound) as error:
+        await build(builder, ["hello", "oldtool", "nosuch"])
+    assert error.value.packages == ("oldtool", "nosuch")
+    assert "'oldtool' has been removed from the test package set" in error.value.reason
+    assert "nixeryd-not-found" not in error.value.reason and "--show-trace" not in error.value.reason
+    with pytest.raises(PackagesNotFound) as unfree:
+        await build(builder, ["unfreetool"])
+    assert unfree.value.packages == ("unfreetool",)
+    assert "unfree license" in unfree.value.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_nix_timeout_stops_one_derivation(nix_env: dict[str, str]) -> None:
+    """NIX_TIMEOUT is nix-build's --timeout: a builder past it is stopped by Nix itself,
+    reported as timed out, well before the whole build's deadline."""
+    from twisted.internet import reactor
+
+    builder = NixBuilder(reactor, NIX_DIR, nix_env, timeout=2, deadline=600, kill_grace=2)
+    started = reactor.seconds()
+    with pytest.raises(NixTimedOut, match="NIX_TIMEOUT"):
+        await build(builder, ["hangs"])
+    assert reactor.seconds() - started < 300
 
 
 @pytest_twisted.ensureDeferred
@@ -294,3 +387,6 @@ async def test_git_source_by_ref_and_rev(builder: NixBuilder, git_pkgs: tuple[st
     assert at_ref.roots != at_rev.roots
     (script,) = [Path(r) / "bin" / "hello" for r in at_ref.roots]
     assert "Hello from release" in script.read_text()
+    # Nix says which commit it fetched: the revision asked for, or the one HEAD was.
+    assert at_rev.revision == rev and at_head.revision == rev
+    assert at_ref.revision is not None and at_ref.revision != rev

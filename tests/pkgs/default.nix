@@ -4,9 +4,9 @@
 # of these packages run in a chroot that holds nothing else.
 #
 # It is called the way nixpkgs is (nixpkgs/pkgs/top-level/impure.nix): with
-# `system`, `config` and `overlays`, and more through `...`. nixpkgs reads
-# `~/.config/nixpkgs` for a `config` or `overlays` it is not given; here a
-# missing one fails the evaluation, so a caller that forgets them is caught.
+# `system`, `config` and `overlays`, and more through `...`. Like nixpkgs, it
+# reads `~/.config/nixpkgs` for a `config` or `overlays` it is not given, and
+# `config-report` shows what it got.
 #
 # The `system` argument is accepted and ignored: derivations always build for
 # the machine running the tests, so `arm64/...` images can be built here too.
@@ -16,14 +16,17 @@
 # output, removed aliases throw, an unfree package throws when its drvPath is
 # asked for, nested sets carry `recurseForDerivations`, attributes have
 # capitals. `system-only/` is a team's own set taking `{ system }` alone.
+let
+  home = builtins.getEnv "HOME";
+  fromHome = file: default:
+    if home != "" && builtins.pathExists "${home}/.config/nixpkgs/${file}"
+    then import "${home}/.config/nixpkgs/${file}" else default;
+in
 { system ? builtins.currentSystem
-, config ? throw "the test package set was not given `config` (nixpkgs would read ~/.config/nixpkgs)"
-, overlays ? throw "the test package set was not given `overlays` (nixpkgs would read ~/.config/nixpkgs)"
+, config ? fromHome "config.nix" { }
+, overlays ? fromHome "overlays.nix" [ ]
 , ...
 }:
-
-assert config == { };
-assert overlays == [ ];
 
 let
   mk = name: script: derivation {
@@ -161,6 +164,12 @@ in
       echo ".TH MANUAL-TOOL 1" > $man/share/man/man1/manual-tool.1
     '' ];
   }) // { meta.outputsToInstall = [ "out" "man" ]; };
+
+  # What the set was called with: impure settings would show here.
+  config-report = mk "config-report" ''
+    mkdir -p $out/share
+    echo '${builtins.toJSON { inherit config; overlays = builtins.length overlays; }}' > $out/share/config.json
+  '';
 
   # How nixpkgs' aliases.nix marks a removed package.
   oldtool = throw "'oldtool' has been removed from the test package set; use 'hello' instead";
