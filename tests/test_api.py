@@ -322,6 +322,52 @@ class QueueTests(APITestCase):
         self.assertEqual(response.code, 200)
 
 
+class FailureMemoryTests(APITestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.nix.broken = ("beta",)
+
+    def test_head_then_get_of_a_failing_image_builds_once(self) -> None:
+        """docker pull's HEAD then GET of an image that fails to build run Nix once; after
+        NIXERY_FAILURE_TTL (60 s) the next request builds again."""
+        head, _ = self.get("/v2/beta/manifests/latest", "HEAD")
+        response, body = self.get("/v2/beta/manifests/latest")
+        self.assertEqual((head.code, response.code), (500, 500))
+        self.assertIn("builder for beta failed", json.loads(body)["errors"][0]["message"])
+        self.assertEqual(len(self.nix.calls), 1)
+        self.clock.advance(59)
+        self.get("/v2/beta/manifests/latest")
+        self.assertEqual(len(self.nix.calls), 1)
+        self.clock.advance(2)
+        self.get("/v2/beta/manifests/latest")
+        self.assertEqual(len(self.nix.calls), 2)
+
+    def test_unknown_names_are_remembered_too(self) -> None:
+        """An unknown name is a 404 each time, from one Nix evaluation within the TTL."""
+        for _ in range(3):
+            response, body = self.get("/v2/nosuch/manifests/latest")
+            self.assertEqual((response.code, self.errors(body)), (404, ["MANIFEST_UNKNOWN"]))
+        self.assertEqual(len(self.nix.calls), 1)
+
+    def test_other_images_and_tags_are_not_affected(self) -> None:
+        """A failure is remembered under its own cache key: other images build."""
+        self.get("/v2/beta/manifests/latest")
+        response, _ = self.get("/v2/alpha/manifests/latest")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.nix.calls), 2)
+
+    def test_a_zero_ttl_remembers_nothing(self) -> None:
+        """NIXERY_FAILURE_TTL=0 turns the memory off."""
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                               clock=self.clock, popularity={})
+        images = Images(builder, self.storage, source, self.clock, failure_ttl=0)
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert", "iana-etc")).app.resource())
+        for _ in range(2):
+            self.fetch(treq, "/v2/beta/manifests/latest")
+        self.assertEqual(len(self.nix.calls), 2)
+
+
 class CacheTests(APITestCase):
     def test_pinned_git_revisions_are_kept_for_good(self) -> None:
         """An image at a 40-hex git revision is never rebuilt; a branch is, after the TTL."""

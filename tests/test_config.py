@@ -16,6 +16,7 @@ def test_defaults() -> None:
     assert (config.nix_timeout, config.layer_budget, config.cache_ttl) == (60, 94, 21600)
     assert config.base_packages == ("cacert", "iana-etc")
     assert (config.max_builds, config.build_queue) == (8, 64)
+    assert (config.build_deadline, config.failure_ttl) == (3600, 60)
 
 
 def test_every_variable() -> None:
@@ -25,7 +26,7 @@ def test_every_variable() -> None:
         "STORAGE_PATH": "data", "NIX_TIMEOUT": "2.5", "NIX_POPULARITY_URL": "pop.json",
         "NIXERY_BASE_PACKAGES": "cacert zlib, openssl", "NIXERY_LAYER_BUDGET": "10",
         "NIXERY_CACHE_TTL": "60", "NIXERY_MAX_BUILDS": "3", "NIXERY_BUILD_QUEUE": "0",
-        "NIXERY_NIX_DIR": "/opt/nix",
+        "NIXERY_NIX_DIR": "/opt/nix", "NIXERY_BUILD_DEADLINE": "7200", "NIXERY_FAILURE_TTL": "0",
     }
     config = Config.from_env(env, cwd="/srv")
     assert config.listen == ("tcp:9000",)
@@ -35,6 +36,7 @@ def test_every_variable() -> None:
     assert config.base_packages == ("cacert", "zlib", "openssl")
     assert (config.layer_budget, config.cache_ttl, config.max_builds, config.build_queue) == (10, 60, 3, 0)
     assert config.nix_dir == "/opt/nix"
+    assert (config.build_deadline, config.failure_ttl) == (7200, 0)
     assert config.child_environment["PORT"] == "9000"
 
 
@@ -61,7 +63,14 @@ def test_path_source_and_empty_base() -> None:
         ({"NIXERY_MAX_BUILDS": "0"}, "NIXERY_MAX_BUILDS"),
         ({"NIXERY_BUILD_QUEUE": "-1"}, "NIXERY_BUILD_QUEUE"),
         ({"NIXERY_BASE_PACKAGES": "ok, ${evil}"}, "NIXERY_BASE_PACKAGES"),
-        ({"NIXERY_PKGS_REPO": "r", "NIXERY_PKGS_PATH": "p"}, "NIXERY_PKGS_PATH"),
+        ({"NIXERY_PKGS_REPO": "r", "NIXERY_PKGS_PATH": "p"}, "NIXERY_PKGS_REPO, NIXERY_PKGS_PATH"),
+        ({"NIXERY_CHANNEL": "nixos-23.05", "NIXERY_PKGS_REPO": "r"}, "NIXERY_CHANNEL, NIXERY_PKGS_REPO"),
+        ({"NIXERY_CHANNEL": "c", "NIXERY_PKGS_PATH": "p"}, "NIXERY_CHANNEL, NIXERY_PKGS_PATH"),
+        ({"NIX_TIMEOUT": "0.5"}, "NIX_TIMEOUT"),
+        ({"NIXERY_BUILD_DEADLINE": "0"}, "NIXERY_BUILD_DEADLINE"),
+        ({"NIXERY_BUILD_DEADLINE": "soon"}, "NIXERY_BUILD_DEADLINE"),
+        ({"NIXERY_FAILURE_TTL": "-1"}, "NIXERY_FAILURE_TTL"),
+        ({"NIXERY_FAILURE_TTL": "nan"}, "NIXERY_FAILURE_TTL"),
         ({"GCS_SIGNING_KEY": "k.pem"}, "GCS_SIGNING_ACCOUNT"),
         ({"GCS_SIGNING_ACCOUNT": "a@b"}, "GCS_SIGNING_KEY"),
         ({"NIXERY_SIGNED_URL_TTL": "0"}, "NIXERY_SIGNED_URL_TTL"),
