@@ -67,17 +67,24 @@ def accepted_types(request: IRequest) -> set[str]:
     return types
 
 
+def usable(media_type: str, accepted: set[str]) -> bool:
+    """Whether a client that sent ``accepted`` can read a manifest of this type, and, for an
+    index, the manifests it lists (Docker's CLI takes an OCI index but no OCI manifest)."""
+    wanted = {media_type, manifest.ENTRY_TYPE.get(media_type, media_type)}
+    return not accepted or "*/*" in accepted or wanted <= accepted
+
+
 def choose(manifests: ImageManifests, accepted: set[str]) -> StoredManifest | None:
     """OCI unless the client takes only Docker's types; None when it takes neither."""
-    if not accepted or "*/*" in accepted or manifests.oci.media_type in accepted:
+    if usable(manifests.oci.media_type, accepted):
         return manifests.oci
-    if manifests.docker is not None and manifests.docker.media_type in accepted:
+    if manifests.docker is not None and usable(manifests.docker.media_type, accepted):
         return manifests.docker
     return None
 
 
 def takes_index(accepted: set[str]) -> bool:
-    return not accepted or "*/*" in accepted or bool(accepted & set(manifest.INDEX_TYPES))
+    return any(usable(media_type, accepted) for media_type in manifest.INDEX_TYPES)
 
 
 def not_modified(request: IRequest, digest: str) -> bool:

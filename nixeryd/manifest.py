@@ -28,6 +28,8 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 """The media types of single-image manifests."""
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 """The media types of multi-platform indexes."""
+ENTRY_TYPE = {OCI_INDEX: OCI_MANIFEST, DOCKER_MANIFEST_LIST: DOCKER_MANIFEST}
+"""The media type of the manifests each kind of index lists."""
 CREATED = "1970-01-01T00:00:01Z"
 """The creation time of every image: fixed, so that digests are too; clients show it."""
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -7,6 +7,9 @@ from typing import Iterator
 
 import pytest
 
+# Every helper process a test starts is stopped, however the test ends.
+from tests.processes import pytest_sessionfinish, stop_leftovers  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from tests.processes import die_with_parent, register, unregister
+
 ROOT = Path(__file__).resolve().parent.parent
 PKGS = ROOT / "tests" / "pkgs"
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -29,7 +31,8 @@ def free_port() -> int:
 def drain(process: subprocess.Popen[bytes], output: list[str], ready: threading.Event, marker: str,
           hooks: list[Callable[[str], None]] | None = None) -> threading.Thread:
     """Read a child's output as it comes (so it never blocks on a full pipe) into ``output``;
-    ``ready`` is set at the first line holding ``marker``."""
+    ``ready`` is set at the first line holding ``marker``, or when the output ends (the
+    child is gone: the caller finds no marker in ``output`` and need not wait any longer)."""
 
     def read() -> None:
         assert process.stdout is not None
@@ -40,10 +43,17 @@ def drain(process: subprocess.Popen[bytes], output: list[str], ready: threading.
                 hook(line)
             if marker in line:
                 ready.set()
+        ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     return reader
+
+
+def came_up(ready: threading.Event, output: list[str], marker: str, timeout: float) -> bool:
+    """Wait for what ``drain`` reports: True once ``marker`` was printed, False when the
+    child ended first or ``timeout`` passed."""
+    return ready.wait(timeout) and any(marker in line for line in output)
 
 
 def terminate(process: subprocess.Popen[bytes]) -> None:
@@ -96,9 +106,11 @@ class Daemon:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),
         )
+        register(self)
         self._reader = drain(self.process, self.output, self._started, "starting on", self.on_line)
-        if self._started.wait(timeout):
+        if came_up(self._started, self.output, "starting on", timeout):
             return self
         self.stop()
         raise AssertionError("nixeryd did not start:\n" + self.log)
@@ -108,6 +120,7 @@ class Daemon:
         return "".join(self.output)
 
     def stop(self) -> None:
+        unregister(self)
         if self.process is None:
             return
         terminate(self.process)

@@ -1,7 +1,6 @@
 """gcp-storage-emulator from PyPI, started for real on loopback for the tests."""
 from __future__ import annotations
 
-import atexit
 import secrets
 import subprocess
 import sys
@@ -10,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import drain, free_port, terminate
+from tests.daemon import came_up, drain, free_port, terminate
+from tests.processes import die_with_parent, keep_for_session, register, unregister
 
 EMULATOR = Path(sys.executable).parent / "gcp-storage-emulator"
 
@@ -32,14 +32,17 @@ class Emulator:
         self.process = subprocess.Popen(
             [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),
         )
+        register(self)
         drain(self.process, self.output, self.ready, "All services started")
-        if not self.ready.wait(60):
+        if not came_up(self.ready, self.output, "All services started", 60):
             self.stop()
             raise AssertionError("the storage emulator did not start:\n" + "".join(self.output))
         return self
 
     def stop(self) -> None:
+        unregister(self)
         if self.process is not None:
             terminate(self.process)
         self.process = None
@@ -67,5 +70,5 @@ def shared_emulator() -> Emulator:
     global _shared
     if _shared is None:
         _shared = Emulator().start()
-        atexit.register(_shared.stop)
+        keep_for_session(_shared)
     return _shared

@@ -285,6 +285,19 @@ class MultiPlatformTests(APITestCase):
         self.assertEqual(doc["mediaType"], DOCKER_LIST)
         self.assertEqual({m["mediaType"] for m in doc["manifests"]}, {DOCKER_MANIFEST})
 
+    def test_an_index_only_with_entries_the_client_reads(self) -> None:
+        """Docker's CLI (20.10, `docker manifest inspect`) takes an OCI index but no OCI
+        manifest: it gets the Docker list, whose entries it can read; a client taking the OCI
+        index and OCI manifests, but no Docker list, still gets the OCI index."""
+        docker_cli = [DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX]
+        response, body = self.get("/v2/alpha/manifests/latest", headers={"Accept": docker_cli})
+        self.assertEqual((json.loads(body)["mediaType"], self.header(response, "Content-Type")),
+                         (DOCKER_LIST, DOCKER_LIST))
+        _, body = self.get("/v2/alpha/manifests/latest", headers={"Accept": [OCI_INDEX, OCI_MANIFEST]})
+        self.assertEqual(json.loads(body)["mediaType"], OCI_INDEX)
+        _, body = self.get("/v2/alpha/manifests/latest", headers={"Accept": [OCI_INDEX, DOCKER_MANIFEST]})
+        self.assertEqual(json.loads(body)["mediaType"], DOCKER_MANIFEST)
+
     def test_clients_without_index_support_get_the_first_platform(self) -> None:
         """A client that takes no index gets the first platform's image."""
         _, body = self.get("/v2/alpha/manifests/latest", headers={"Accept": [OCI_MANIFEST]})

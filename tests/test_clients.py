@@ -1,6 +1,6 @@
 """Real registry clients pull from a running nixeryd serving multi-platform images:
-skopeo (inspect and copy, unpacked with umoci), podman, containerd's ctr, and a
-minimal client that takes only Docker schema 2."""
+skopeo (inspect and copy, unpacked with umoci), podman, containerd's ctr, Docker's
+engine and CLI, and a minimal client that takes only Docker schema 2."""
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +16,14 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import Daemon, daemon_environment, drain, terminate
+from tests.daemon import Daemon, came_up, daemon_environment, drain, terminate
+from tests.processes import die_with_parent, register, unregister
 
 IMAGE = "shell/hello"
+# Debian's docker.io (installed by `make install`), named in full: another docker CLI may
+# come first on PATH.
+DOCKER = "/usr/bin/docker"
+DOCKERD = "/usr/sbin/dockerd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
@@ -84,59 +89,80 @@ def test_podman_pull_and_run(daemon: Daemon, tmp_path: Path, short_tmp: Path) ->
 
 
 @dataclass
-class Containerd:
-    """A containerd daemon of the test's own, on a private socket."""
+class Service:
+    """A client-side daemon of the test's own (containerd, dockerd), stopped with SIGTERM
+    however the test ends (see tests/processes.py)."""
 
     root: Path
+    command: list[str]
+    marker: str
     process: subprocess.Popen[bytes] | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     output: list[str] = field(default_factory=list)
 
-    @property
-    def socket(self) -> str:
-        return str(self.root / "containerd.sock")
-
-    def start(self) -> "Containerd":
-        config = self.root / "config.toml"
-        config.write_text(
-            "version = 2\n"
-            f'root = "{self.root / "root"}"\n'
-            f'state = "{self.root / "state"}"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            f'[grpc]\n  address = "{self.socket}"\n'
-        )
+    def start(self) -> "Service":
         self.process = subprocess.Popen(
-            ["containerd", "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),
         )
-        drain(self.process, self.output, self.ready, "containerd successfully booted")
-        assert self.ready.wait(60), "containerd did not start:\n" + "".join(self.output)
+        register(self)
+        drain(self.process, self.output, self.ready, self.marker)
+        if not came_up(self.ready, self.output, self.marker, 60):
+            self.stop()
+            raise AssertionError(f"{self.command[0]} did not start:\n" + "".join(self.output))
         return self
 
     def stop(self) -> None:
+        unregister(self)
         if self.process is not None:
             terminate(self.process)
+            self.process = None
 
-    def ctr(self, *args: str) -> str:
-        return run("ctr", "--address", self.socket, *args)
+
+def containerd(root: Path) -> Service:
+    socket = root / "containerd.sock"
+    config = root / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{root / "root"}"\n'
+        f'state = "{root / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{socket}"\n'
+    )
+    return Service(root, ["containerd", "--config", str(config)], "containerd successfully booted")
+
+
+def dockerd(root: Path) -> Service:
+    """dockerd as a sandbox allows it: vfs storage, no iptables, no bridge (containers run
+    with --network none), its own data root, exec root and socket. Loopback registries are
+    insecure (plain HTTP) by Docker's own default."""
+    return Service(root, [
+        DOCKERD, "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
+        "--pidfile", str(root / "docker.pid"), "--host", f"unix://{root / 'docker.sock'}",
+        "--storage-driver", "vfs", "--iptables=false", "--ip6tables=false", "--bridge=none",
+    ], "API listen on")
 
 
 @pytest.fixture
-def containerd(tmp_path: Path) -> Iterator[Containerd]:
-    c = Containerd(tmp_path).start()
-    yield c
-    c.stop()
+def containerd_service(tmp_path: Path) -> Iterator[Service]:
+    service = containerd(tmp_path).start()
+    yield service
+    service.stop()
 
 
-def test_containerd_pulls_by_head_then_digest_and_runs(daemon: Daemon, containerd: Containerd) -> None:
+def ctr(service: Service, *args: str) -> str:
+    return run("ctr", "--address", str(service.root / "containerd.sock"), *args)
+
+
+def test_containerd_pulls_by_head_then_digest_and_runs(daemon: Daemon, containerd_service: Service) -> None:
     """ctr pulls over plain HTTP (HEAD on the tag, then GET by digest) and runs the image."""
     ref = f"{daemon.registry}/{IMAGE}:latest"
     start = len(daemon.output)
-    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "native", ref)
+    ctr(containerd_service, "images", "pull", "--plain-http", "--snapshotter", "native", ref)
     requests = [line for line in daemon.output[start:] if f"/v2/{IMAGE}/manifests/" in line]
     assert any(f'"HEAD /v2/{IMAGE}/manifests/latest' in line for line in requests), requests
     assert any(f'"GET /v2/{IMAGE}/manifests/sha256:' in line for line in requests), requests
-    output = containerd.ctr("run", "--rm", "--snapshotter", "native", ref, "hello-test", "hello")
+    output = ctr(containerd_service, "run", "--rm", "--snapshotter", "native", ref, "hello-test", "hello")
     assert output.strip() == "Hello from nixeryd"
 
 
@@ -160,3 +186,54 @@ def test_docker_schema2_only_client(daemon: Daemon, tmp_path: Path) -> None:
         if descriptor is not manifest["config"]:
             subprocess.run(["tar", "-xzf", "-", "-C", str(rootfs)], input=data, check=True)
     assert run("chroot", str(rootfs), "/bin/hello").strip() == "Hello from nixeryd"
+
+
+@pytest.fixture(scope="module")
+def docker() -> Iterator[list[str]]:
+    """A dockerd of the test's own; yields the docker command line that talks to it."""
+    root = Path(tempfile.mkdtemp(prefix="dk", dir="/tmp"))  # short: unix socket paths are bounded
+    service = dockerd(root)
+    try:
+        service.start()
+        yield [DOCKER, "--config", str(root / "client"), "--host", f"unix://{root / 'docker.sock'}"]
+    finally:
+        service.stop()
+        # dockerd bind-mounts its data root onto itself and leaves the mount behind
+        mounts = Path("/proc/self/mounts").read_text().split("\n")
+        if any(line.split(" ")[1:2] == [str(root / "data")] for line in mounts):
+            subprocess.run(["umount", "--recursive", str(root / "data")], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_docker_pull_and_run(daemon: Daemon, docker: list[str]) -> None:
+    """Docker's engine pulls from the manifest list over plain HTTP and runs the image."""
+    ref = f"{daemon.registry}/{IMAGE}:latest"
+    run(*docker, "pull", ref)
+    info = json.loads(run(*docker, "image", "inspect", ref))
+    assert info[0]["Architecture"] == "amd64"
+    assert info[0]["Config"]["Cmd"] == ["bash"]
+    assert "/usr/bin" in info[0]["Config"]["Env"][0] or any(
+        e.startswith("PATH=") and "/usr/local/bin" in e for e in info[0]["Config"]["Env"])
+    output = run(*docker, "run", "--rm", "--network", "none", ref, "hello")
+    assert output.strip() == "Hello from nixeryd"
+
+
+def test_docker_pull_by_digest_of_another_image(daemon: Daemon, docker: list[str]) -> None:
+    """An image pulled by digest (as Dockerfiles pin it) comes back with that digest."""
+    status, headers, _ = daemon.request(
+        "/v2/hello/manifests/latest", "HEAD",
+        {"Accept": f"application/vnd.docker.distribution.manifest.list.v2+json, {DOCKER_MANIFEST}"})
+    assert status == 200
+    digest = headers["Docker-Content-Digest"]
+    run(*docker, "pull", f"{daemon.registry}/hello@{digest}")
+    info = json.loads(run(*docker, "image", "inspect", f"{daemon.registry}/hello@{digest}"))
+    assert f"{daemon.registry}/hello@{digest}" in info[0]["RepoDigests"]
+
+
+def test_docker_manifest_inspect_insecure(daemon: Daemon, docker: list[str]) -> None:
+    """The docker CLI's own Go client first tries TLS on the plain port, reads the 400 it
+    gets, falls back to HTTP and lists both platforms."""
+    output = run(*docker, "manifest", "inspect", "--insecure", f"{daemon.registry}/{IMAGE}:latest")
+    manifest = json.loads(output)
+    assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.list.v2+json"
+    assert sorted(m["platform"]["architecture"] for m in manifest["manifests"]) == ["amd64", "arm64"]
