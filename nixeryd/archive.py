@@ -274,19 +274,90 @@ class _Tree:
         self.children: dict[str, _Tree | str] = {}  # str: a symlink target
 
 
-def _merge_into(tree: _Tree, source: str, active: frozenset[str]) -> None:
-    """Merge directory ``source`` into ``tree``; earlier entries win conflicts."""
-    with os.scandir(source) as it:
+MAX_LINK_HOPS = 40
+"""Symlinks followed while resolving one path, as the kernel allows (ELOOP past it)."""
+
+
+def store_target(path: str, store: str) -> str | None:
+    """The real path that ``path`` (below ``store``) leads to, resolved one component at a
+    time the way the kernel does, without ever looking at anything outside ``store``.
+
+    None when the path leaves the store (an absolute link elsewhere, ``..`` past the
+    store, a link to the store directory itself), dangles, or loops. Nothing outside
+    the store is ever stat'ed or read, so a hostile package cannot make the layer
+    depend on the host.
+    """
+    store = store.rstrip("/")
+    if not path.startswith(store + "/"):
+        return None
+    done = store  # a real directory, never above the store
+    rest = path[len(store) + 1:].split("/")
+    hops = 0
+    while rest:
+        name = rest.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if done == store:
+                return None
+            done = os.path.dirname(done)
+            continue
+        candidate = done + "/" + name
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                if not target.startswith(store + "/"):
+                    return None
+                done, target = store, target[len(store) + 1:]
+            rest = target.split("/") + rest
+        elif rest and not stat.S_ISDIR(st.st_mode):
+            return None  # a file in the middle of a path
+        else:
+            done = candidate
+    return None if done == store else done
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _merge_into(tree: _Tree, source: str, real_source: str, store: str, active: frozenset[str]) -> None:
+    """Merge directory ``source`` (whose real path is ``real_source``) into ``tree``;
+    earlier entries win conflicts.
+
+    As buildEnv does, directories are merged and everything else becomes a link to
+    its path under ``source``. A link to a directory is followed only when it
+    resolves inside the store (openjdk's ``bin -> lib/openjdk/bin`` merges with
+    other packages' ``bin``); a link out of the store (``etc -> /etc``), a dangling
+    one, or one back into a directory being merged stays a link, never followed.
+    """
+    with os.scandir(real_source) as it:
         children = sorted(it, key=lambda e: os.fsencode(e.name))
     for child in children:
         path = os.path.join(source, child.name)
         existing = tree.children.get(child.name)
-        real = os.path.realpath(path)
-        if child.is_dir(follow_symlinks=True) and real not in active:
+        real: str | None = None
+        if child.is_dir(follow_symlinks=False):
+            real = os.path.join(real_source, child.name)
+        elif child.is_symlink():
+            real = store_target(os.path.join(real_source, child.name), store)
+            if real is not None and not _is_dir(real):
+                real = None
+        if real is not None and real not in active:
             if existing is None:
                 existing = tree.children[child.name] = _Tree()
             if isinstance(existing, _Tree):
-                _merge_into(existing, path, active | {real})
+                _merge_into(existing, path, real, store, active | {real})
         elif existing is None:
             tree.children[child.name] = path
 
@@ -321,17 +392,21 @@ def write_symlink_layer(
     Like Nix's ``buildEnv``: the directories of every root are merged into real
     directories (0o755); every other entry becomes a symlink to its absolute
     path in the root (``bin/git -> /nix/store/<hash>-git/bin/git``). A symlink
-    to a directory is followed and merged as a directory. When roots collide on
-    a non-directory, the first root in sorted order wins. A root that is not a
-    directory contributes nothing. ``tmp/`` (0o1777) is always there, and
-    ``usr/bin/env -> env_target`` when ``env_target`` is given.
+    to a directory is merged as a directory only when it resolves inside the
+    store (the directory holding the root); see ``_merge_into``. When roots
+    collide on a non-directory, the first root in sorted order wins. A root that
+    is not a directory contributes nothing. ``tmp/`` (0o1777) is always there,
+    and ``usr/bin/env -> env_target`` when ``env_target`` is given.
     """
     tree = _Tree()
     for root in sorted(set(roots), key=os.fsencode):
         if not os.path.isabs(root):
             raise ValueError("symlink layer roots must be absolute, got {!r}".format(root))
-        if os.path.isdir(root):
-            _merge_into(tree, root, frozenset([os.path.realpath(root)]))
+        root = os.path.normpath(root)
+        store = os.path.dirname(root)
+        real = store_target(root, store)
+        if real is not None and _is_dir(real):
+            _merge_into(tree, root, real, store, frozenset([real]))
     _subtree(tree, "tmp").mode = TMP_MODE
     if env_target is not None:
         _subtree(_subtree(tree, "usr"), "bin").children["env"] = env_target

@@ -5,11 +5,16 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
+import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nixeryd.archive import BlobInfo, blob_info, write_layer, write_symlink_layer
 
@@ -336,3 +341,120 @@ def test_zstd_layers_are_deterministic_and_hold_the_same_tar(tmp_path: Path) -> 
     tar = zstandard.ZstdDecompressor().decompressobj().decompress(first)
     assert tar == gzip.decompress(gz)
     assert one.diff_id == gzinfo.diff_id != one.digest
+
+
+# --- hostile package outputs -------------------------------------------------------
+
+_OPENED: list[str] | None = None
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _OPENED is not None and event in ("open", "os.scandir", "os.listdir") and args:
+        target = args[0]
+        if isinstance(target, (str, bytes)):
+            _OPENED.append(os.fsdecode(target))
+
+
+sys.addaudithook(_audit)
+
+
+def symlink_layer_reading(roots: list[str], store: Path) -> tuple[dict[str, tarfile.TarInfo], list[str]]:
+    """The symlink layer of ``roots``, and every path it opened or listed outside ``store``."""
+    global _OPENED
+    _OPENED = []
+    try:
+        tree = symlink_layer(roots)
+        outside = [p for p in _OPENED if not p.startswith(str(store) + "/")]
+    finally:
+        _OPENED = None
+    return tree, outside
+
+
+def test_links_out_of_the_store_stay_links(store: Path, tmp_path: Path) -> None:
+    """`etc -> /etc`, `up -> ../../../var`, a link to the store itself and one to /: each
+    stays a link, nothing outside the store is listed or read, and the host's files never
+    reach the layer."""
+    host = tmp_path / "host-etc"
+    host.mkdir()
+    (host / "shadow").write_text("root:secret")
+    pkg = make_package(store, "ffff-hostile")
+    (pkg / "etc").symlink_to(host)
+    (pkg / "up").symlink_to("../../../" + tmp_path.name)
+    (pkg / "all").symlink_to("..")
+    (pkg / "slash").symlink_to("/")
+    (pkg / "nix").symlink_to(str(store.parent))
+    (pkg / "bin" / "escape").symlink_to("../../../../../../../../etc")
+    tree, outside = symlink_layer_reading([str(pkg)], store)
+    assert outside == []
+    for name in ("etc", "up", "all", "slash", "nix", "bin/escape"):
+        assert tree[name].issym(), name
+        assert tree[name].linkname == str(pkg / name)
+    assert not any("shadow" in name for name in tree)
+    assert set(tree) == {"bin", "bin/ffff-hostile", "bin/alias", "bin/escape", "share", "share/README",
+                         "share/empty", "etc", "up", "all", "slash", "nix", "tmp"}
+
+
+def test_links_within_the_store_are_merged(store: Path) -> None:
+    """openjdk's `bin -> lib/openjdk/bin` merges with another package's real bin/, and an
+    absolute link to another store path's directory merges too."""
+    jdk = make_package(store, "gggg-jdk")
+    shutil.rmtree(jdk / "bin")
+    (jdk / "lib" / "openjdk" / "bin").mkdir(parents=True)
+    (jdk / "lib" / "openjdk" / "bin" / "java").write_bytes(b"")
+    (jdk / "bin").symlink_to("lib/openjdk/bin")
+    docs = make_package(store, "hhhh-docs")
+    (docs / "share" / "doc").mkdir()
+    (docs / "share" / "doc" / "guide").write_bytes(b"")
+    git = make_package(store, "iiii-git")
+    (git / "share" / "doc").symlink_to(docs / "share" / "doc")
+    tree, outside = symlink_layer_reading([str(jdk), str(git)], store)
+    assert outside == []
+    assert tree["bin"].isdir()
+    assert tree["bin/java"].linkname == str(jdk / "bin" / "java")
+    assert tree["bin/iiii-git"].linkname == str(git / "bin" / "iiii-git")
+    assert tree["share/doc"].isdir()
+    assert tree["share/doc/guide"].linkname == str(git / "share" / "doc" / "guide")
+
+
+def test_link_loops_and_dangling_links(store: Path) -> None:
+    """Links that loop or lead nowhere stay links; the layer is still written."""
+    pkg = make_package(store, "jjjj-loops")
+    (pkg / "a").symlink_to("b")
+    (pkg / "b").symlink_to("a")
+    (pkg / "self").symlink_to("self")
+    (pkg / "gone").symlink_to("nothing/here")
+    (pkg / "through-file").symlink_to("share/README/x")
+    tree, outside = symlink_layer_reading([str(pkg)], store)
+    assert outside == []
+    for name in ("a", "b", "self", "gone", "through-file"):
+        assert tree[name].issym()
+
+
+LINK_TARGETS = st.sampled_from([
+    "/", "/etc", "/nix", "..", "../..", "../../..", "../../../..", ".", "./", "d", "d/e", "../d",
+    "x", "y", "../{other}", "../{other}/d", "{store}", "{store}/", "{store}/{other}", "{store}/../..",
+    "{store}/{other}/../../..", "/proc/self/root", "d/../../..", "d/./e/../../x",
+])
+
+
+@settings(max_examples=150, deadline=None)
+@given(links=st.lists(st.tuples(st.sampled_from(["x", "y", "d/x", "d/e/y", "l", "d/l"]), LINK_TARGETS),
+                      max_size=8))
+def test_random_links_never_lead_out(tmp_path_factory: Any, links: list[tuple[str, str]]) -> None:
+    """Whatever links two packages hold, the symlink layer reads only inside the store and
+    holds only directories and links into the roots."""
+    store = tmp_path_factory.mktemp("nix") / "store"
+    pkgs = [store / "kkkk-one", store / "llll-two"]
+    for pkg in pkgs:
+        (pkg / "d" / "e").mkdir(parents=True)
+        for name, target in links:
+            link = pkg / name
+            if not os.path.lexists(link):
+                other = pkgs[1].name if pkg == pkgs[0] else pkgs[0].name
+                link.symlink_to(target.format(store=store, other=other))
+    tree, outside = symlink_layer_reading([str(p) for p in pkgs], store)
+    assert outside == []
+    for name, member in tree.items():
+        assert member.isdir() or member.issym(), name
+        if member.issym() and name != "usr/bin/env":
+            assert member.linkname.startswith(tuple(str(p) + "/" for p in pkgs)), (name, member.linkname)

@@ -159,3 +159,20 @@ def test_images_name_their_source_and_revision(git_daemon: tuple[Daemon, str, st
         assert config["config"]["Labels"] == {
             "org.opencontainers.image.source": url, "org.opencontainers.image.revision": rev}
         assert config["created"] == "1970-01-01T00:00:01Z"
+
+
+def test_links_out_of_the_store_stay_links(daemon: Daemon) -> None:
+    """A package linking to /etc, ../../../var and /nix puts those links in the image,
+    never the host's files; a jdk-shaped bin/ link merges with the other packages' bin/."""
+    layers = layer_files(daemon, "hostile-links/jdk-like/hello")
+    top = layers[-1]
+    for name in ("up", "nixroot", "bin/shadow"):
+        assert name in top and top[name] is None, name
+    assert {"bin/java", "bin/hello"} <= set(top)
+    # etc/ merges the base packages' real directories; the host's /etc adds nothing.
+    assert {n for n in top if n.startswith("etc/")} == {
+        "etc/ssl", "etc/ssl/certs", "etc/ssl/certs/ca-bundle.crt", "etc/protocols", "etc/services"}
+    every = [name for files in layers for name in files]
+    assert not any(name.startswith(("up/", "nixroot/", "nix/var")) for name in every), every
+    assert not any("shadow" in name and not name.startswith("nix/store/") and name != "bin/shadow"
+                   for name in every)

@@ -209,4 +209,22 @@ in
   '';
 
   _1password = script "1password" "echo 1password-test";
+
+  # Links out of the store, as careless or hostile packages have them: the
+  # image must hold the links, never the host's files they point at.
+  hostile-links = mk "hostile-links-1.0" ''
+    mkdir -p $out/bin
+    ln -s /etc $out/etc
+    ln -s ../../../var $out/up
+    ln -s /nix $out/nixroot
+    ln -s /etc/shadow $out/bin/shadow
+  '';
+
+  # openjdk's shape: bin/ is a link into lib/, and must merge with other bin/s.
+  jdk-like = mk "jdk-like-17" ''
+    mkdir -p $out/lib/openjdk/bin
+    printf '#!${busybox}/bin/sh\necho java 17-test\n' > $out/lib/openjdk/bin/java
+    chmod 0555 $out/lib/openjdk/bin/java
+    ln -s lib/openjdk/bin $out/bin
+  '';
 }
