@@ -34,6 +34,13 @@ DERIVATION_TIMED_OUT = re.compile(r"timed out after \d+ seconds")
 SHOW_TRACE_HINT = "(use '--show-trace'"
 TAIL_LINES = 40
 MESSAGE_LINES = 12
+MAX_LINE = 256 * 1024
+"""Longest stderr line assembled whole: room for the markers of a large image (the roots
+marker names every package); a builder's longer line is cut, never kept whole."""
+KEPT_LINE = 1024
+"""Longest line kept in the tail, logged, or shown in an error."""
+MAX_MESSAGE = 4096
+"""Most characters of Nix's output in one error message (it goes to every client)."""
 SETSID = "setsid"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -97,7 +104,7 @@ class NixProcessProtocol(ProcessProtocol):
         self.label = label
         self.ended: Deferred[NixExit] = Deferred()
         self._stdout: list[bytes] = []
-        self._partial = b""
+        self._lines = LineAssembler(MAX_LINE)
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._not_found: tuple[str, ...] | None = None
         self._named: dict[str, str] | None = None
@@ -107,16 +114,15 @@ class NixProcessProtocol(ProcessProtocol):
         self._stdout.append(data)
 
     def errReceived(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._line(line)
+        for line, cut in self._lines.feed(data):
+            self._line(line, cut)
 
-    def _line(self, raw: bytes) -> None:
+    def _line(self, raw: bytes, cut: int = 0) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         if not line.strip():
             return
-        log.info("{line}", line=line, image=self.label, build_log=True)
+        kept = shorten(raw, KEPT_LINE, cut)
+        log.info("{line}", line=kept, image=self.label, build_log=True)
         roots = ROOTS_MARKER.match(line)
         if roots:
             named = _json_or_none(roots.group(1))
@@ -135,12 +141,12 @@ class NixProcessProtocol(ProcessProtocol):
                 self._not_found = tuple(str(n) for n in names)
             if line.startswith("trace: "):
                 return  # Nix's own message for the package follows
-        self._tail.append(line)
+        self._tail.append(kept)
 
     def processEnded(self, reason: Failure) -> None:
-        if self._partial:
-            self._line(self._partial)
-            self._partial = b""
+        rest = self._lines.flush()
+        if rest is not None:
+            self._line(*rest)
         exit_code: int | None = 0
         sig: int | None = None
         if isinstance(reason.value, ProcessTerminated):
@@ -152,6 +158,59 @@ class NixProcessProtocol(ProcessProtocol):
             NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._not_found,
                     self._named, self._revision)
         )
+
+
+class LineAssembler:
+    """Splits a byte stream into lines in linear time, keeping at most ``limit`` bytes of
+    any line: the rest of an over-long line is counted, not kept. Lines come out as
+    (bytes kept, bytes cut)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._cut = 0
+
+    def feed(self, data: bytes) -> list[tuple[bytes, int]]:
+        """The lines ``data`` completes, without their newlines."""
+        lines = []
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                self._keep(data[start:])
+                return lines
+            self._keep(data[start:end])
+            lines.append(self._take())
+            start = end + 1
+
+    def flush(self) -> tuple[bytes, int] | None:
+        """The unfinished last line, if any, at the end of the stream."""
+        if not self._chunks and not self._cut:
+            return None
+        return self._take()
+
+    def _keep(self, piece: bytes) -> None:
+        room = self._limit - self._size
+        if len(piece) > room:
+            self._cut += len(piece) - max(room, 0)
+            piece = piece[:max(room, 0)]
+        if piece:
+            self._chunks.append(piece)
+            self._size += len(piece)
+
+    def _take(self) -> tuple[bytes, int]:
+        line = b"".join(self._chunks), self._cut
+        self._chunks, self._size, self._cut = [], 0, 0
+        return line
+
+
+def shorten(raw: bytes, limit: int, cut: int = 0) -> str:
+    """A line as it is kept and shown: at most ``limit`` bytes of it, then a count of the
+    bytes left out (``cut`` of them already dropped while it was read)."""
+    more = max(len(raw) - limit, 0) + cut
+    text = raw[:limit].decode("utf-8", "replace").rstrip("\r")
+    return text + f" [{more} more bytes]" if more else text
 
 
 def _json_or_none(text: str) -> Any:
@@ -169,7 +228,11 @@ def _nix_reason(tail: Sequence[str]) -> str:
 
 
 def _tail_text(lines: Sequence[str], count: int = MESSAGE_LINES) -> str:
-    return "\n".join(lines[-count:])
+    """The last ``count`` lines, at most ``MAX_MESSAGE`` characters (the end is kept)."""
+    text = "\n".join(lines[-count:])
+    if len(text) > MAX_MESSAGE:
+        text = "[...]" + text[-MAX_MESSAGE:]
+    return text
 
 
 def parse_closure(data: bytes) -> dict[str, PathInfo]:

@@ -144,6 +144,18 @@ def test_a_failing_build_is_500_with_nix_output(daemon: Daemon) -> None:
     assert "Traceback" not in body.decode()
 
 
+def test_an_endless_build_log_gives_a_short_error(daemon: Daemon) -> None:
+    """A builder printing 8 MB without a newline gives a 500 of a few KB, twice (the failure
+    is remembered), and the index page stays small."""
+    for _ in range(2):
+        status, _, body = daemon.request("/v2/loud/manifests/latest")
+        assert status == 500
+        assert len(body) < 8192, len(body)
+        assert "more bytes]" in json.loads(body)["errors"][0]["message"]
+    status, _, page = daemon.request("/")
+    assert status == 200 and len(page) < 64 * 1024, len(page)
+
+
 def test_bad_names_and_references_get_registry_errors(daemon: Daemon) -> None:
     """Malformed names, tags and digests are answered with the spec's codes before Nix runs."""
     cases = {

@@ -19,6 +19,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
 from nixeryd.nix import (
+    KEPT_LINE,
+    MAX_LINE,
+    MAX_MESSAGE,
+    TAIL_LINES,
+    LineAssembler,
     NixBuild,
     NixBuilder,
     NixBuildFailed,
@@ -27,6 +32,7 @@ from nixeryd.nix import (
     PackagesNotFound,
     parse_closure,
 )
+from nixeryd.nix import _tail_text as tail_text
 
 ROOT = Path(__file__).resolve().parent.parent
 NIX_DIR = str(ROOT / "nix")
@@ -89,6 +95,58 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(len(result.tail), 40)
         self.assertEqual(result.tail[-1], "no newline at the end")
         self.assertEqual(result.tail[0], "line 61")
+
+    def test_an_endless_line_is_bounded(self) -> None:
+        """8 MB without a newline keeps a bounded head in the tail, the log and the message,
+        with a count of what was cut; the lines around it are whole."""
+        protocol = NixProcessProtocol("img")
+        protocol.errReceived(b"before\n")
+        for _ in range(8 * 64):
+            protocol.errReceived(b"x" * 16384)
+            self.assertLessEqual(protocol._lines._size, MAX_LINE)
+        protocol.errReceived(b"\nafter")
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        result = self.successResultOf(protocol.ended)
+        self.assertEqual(result.tail[0], "before")
+        self.assertEqual(result.tail[-1], "after")
+        long_line = result.tail[1]
+        self.assertLess(len(long_line), KEPT_LINE + 100)
+        self.assertTrue(long_line.startswith("x" * KEPT_LINE))
+        self.assertTrue(long_line.endswith(f"[{8 * 1024 * 1024 - KEPT_LINE} more bytes]"))
+        self.assertTrue(all(len(e["line"]) < KEPT_LINE + 100 for e in self.events))
+        self.assertLess(sum(len(line) for line in result.tail), TAIL_LINES * (KEPT_LINE + 100))
+
+    def test_many_long_lines_keep_the_message_short(self) -> None:
+        """However long the lines, an error message carries at most a few KB of them."""
+        protocol = NixProcessProtocol("img")
+        for i in range(100):
+            protocol.errReceived(b"%d " % i + b"y" * 100000 + b"\n")
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        text = tail_text(self.successResultOf(protocol.ended).tail)
+        self.assertLessEqual(len(text), MAX_MESSAGE + 10)
+        self.assertIn("99 yyy", text)  # the end is what is kept
+
+    def test_long_markers_are_read_whole(self) -> None:
+        """A roots marker naming hundreds of packages is longer than a kept line, and read whole."""
+        named = {f"package{i}": f"/nix/store/{i:032d}-package{i}-1.0" for i in range(600)}
+        line = b"trace: nixeryd-roots: " + json.dumps(named).encode() + b"\n"
+        self.assertGreater(len(line), KEPT_LINE * 10)
+        protocol = NixProcessProtocol("img")
+        for start in range(0, len(line), 1000):
+            protocol.errReceived(line[start:start + 1000])
+        protocol.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(protocol.ended).named, named)
+
+    def test_line_assembler(self) -> None:
+        """Lines split anywhere come out whole; over-long ones cut with a count; flush gives
+        the unfinished last line, or None."""
+        lines = LineAssembler(5)
+        self.assertEqual(lines.feed(b"ab"), [])
+        self.assertEqual(lines.feed(b"c\nde\n\nfghijkl"), [(b"abc", 0), (b"de", 0), (b"", 0)])
+        self.assertEqual(lines.feed(b"mn\n"), [(b"fghij", 4)])
+        self.assertIsNone(lines.flush())
+        self.assertEqual(lines.feed(b"tail"), [])
+        self.assertEqual(lines.flush(), (b"tail", 0))
 
     def test_not_found_marker(self) -> None:
         """The not-found line of build.nix is read into the list of names."""

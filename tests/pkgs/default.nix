@@ -144,6 +144,12 @@ in
     exit 3
   '';
 
+  # A builder that prints 8 MB without a newline, then fails.
+  loud = mk "loud-1.0" ''
+    head -c 8388608 /dev/zero | tr '\0' x >&2
+    exit 1
+  '';
+
   hangs = mk "hangs-1.0" ''
     echo "hangs-1.0: sleeping for good" >&2
     sleep 100000
