@@ -6,6 +6,7 @@ Every error a client can see is the spec's JSON.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Sequence, TypeVar
 from urllib.parse import quote
 
@@ -20,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 from nixeryd import manifest
 from nixeryd.auth import Authenticator
 from nixeryd.builder import ImageManifests, StoredManifest
+from nixeryd.site import PHRASES
 from nixeryd.errors import (
     RegistryError,
     as_registry_errors,
@@ -163,7 +165,7 @@ class RegistryAPI:
 
     def _error_response(self, request: IRequest, error: RegistryError) -> bytes:
         body = error.body()
-        request.setResponseCode(error.status)
+        request.setResponseCode(error.status, PHRASES.get(error.status))
         request.setHeader(*API_VERSION_HEADER)
         for name in (b"Docker-Content-Digest", b"ETag", b"Content-Range"):
             request.responseHeaders.removeHeader(name)
@@ -227,7 +229,7 @@ class RegistryAPI:
         if last is not None:
             items = [i for i in items if i > last]
         raw_n = _arg(request, b"n")
-        if raw_n is not None and raw_n.isdigit():
+        if raw_n is not None and PAGE_SIZE.fullmatch(raw_n):
             n = int(raw_n)
             if len(items) > n:
                 items = items[:n]
@@ -312,6 +314,10 @@ class RegistryAPI:
             self._served(request, len(location.data))
             return location.data
         assert isinstance(location, LocalFile)
+        if not ranges_are_sane(request.getHeader(b"range"), location.size):
+            # As Go's http.ServeContent (and so distribution) does: ranges adding up to more
+            # than the blob are an attack or a confused client; the answer is the blob.
+            request.requestHeaders.removeHeader(b"range")
         if request.getHeader(b"range") is None:
             self._served(request, location.size)
             if request.method == b"GET" and location.size > 0 and can_sendfile(request):
@@ -324,6 +330,36 @@ class RegistryAPI:
     def _served(self, request: IRequest, size: int) -> None:
         if request.method == b"GET":
             self._metrics.served_bytes.inc(size)
+
+
+PAGE_SIZE = re.compile(r"[0-9]{1,9}")
+"""An ``n`` taken for pagination: plain ASCII digits, bounded; any other is ignored."""
+MAX_RANGES = 64
+
+
+def ranges_are_sane(header: bytes | None, size: int) -> bool:
+    """Whether a Range header may be honoured: at most ``MAX_RANGES`` ranges whose lengths
+    add up to no more than the blob. Syntax errors are left to the file resource (416)."""
+    if header is None:
+        return True
+    unit, _, specs = header.partition(b"=")
+    if unit.strip().lower() != b"bytes":
+        return True
+    parts = specs.split(b",")
+    if len(parts) > MAX_RANGES:
+        return False
+    total = 0
+    for part in parts:
+        first, dash, last = part.strip().partition(b"-")
+        if not dash or not (first.isdigit() or first == b"") or not (last.isdigit() or last == b""):
+            return True
+        if first == b"":
+            total += min(int(last or b"0"), size)
+        else:
+            start = int(first)
+            end = min(int(last), size - 1) if last else size - 1
+            total += max(end - start + 1, 0)
+    return total <= size
 
 
 def _arg(request: IRequest, name: bytes) -> str | None:

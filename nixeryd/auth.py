@@ -44,6 +44,10 @@ def parse_tokens(text: str) -> frozenset[str]:
     )
 
 
+BCRYPT_MAX_PASSWORD = 72
+"""bcrypt reads at most 72 bytes of a password."""
+
+
 def _password_matches(password: str, hashed: str) -> bool:
     """Blocking: bcrypt is slow by design."""
     if hashed.startswith("{SHA}"):
@@ -51,7 +55,13 @@ def _password_matches(password: str, hashed: str) -> bool:
         return hmac.compare_digest(digest, hashed[5:])
     import bcrypt
 
-    return bool(bcrypt.checkpw(password.encode(), hashed.replace("$2y$", "$2b$", 1).encode()))
+    secret = password.encode()
+    if len(secret) > BCRYPT_MAX_PASSWORD:
+        return False  # bcrypt 5 refuses these; older versions compared only the first 72 bytes
+    try:
+        return bool(bcrypt.checkpw(secret, hashed.replace("$2y$", "$2b$", 1).encode()))
+    except ValueError:
+        return False  # a malformed hash in the file: no password matches it
 
 
 class Authenticator:
@@ -60,7 +70,7 @@ class Authenticator:
     def __init__(self, users: Mapping[str, str], tokens: frozenset[str], offload: Offload,
                  clock: Any) -> None:
         self._users = dict(users)
-        self._tokens = tokens
+        self._tokens = frozenset(t.encode() for t in tokens)
         self._offload = offload
         self._granted: TTLCache[bool] = TTLCache(clock, max_entries=10_000)
 
@@ -85,7 +95,8 @@ class Authenticator:
         scheme, _, credentials = authorization.decode("latin-1").partition(" ")
         credentials = credentials.strip()
         if scheme.lower() == "bearer":
-            return succeed(any(hmac.compare_digest(credentials, t) for t in self._tokens))
+            offered = credentials.encode("latin-1")  # the header's bytes, whatever they are
+            return succeed(any(hmac.compare_digest(offered, t) for t in self._tokens))
         if scheme.lower() != "basic" or not self._users:
             return succeed(False)
         try:

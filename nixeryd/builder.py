@@ -7,6 +7,7 @@ images lives in ``nixeryd.images``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections import deque
@@ -169,10 +170,16 @@ class ImageBuilder:
         self.compression = compression
         self._metrics = metrics if metrics is not None else Metrics()
         self._metrics.watch(lambda: self.running, lambda: self.waiting)
-        self.active: dict[str, float] = {}  # image label -> when its build started
+        self._active: dict[int, tuple[str, float]] = {}  # build number -> (label, started)
+        self._numbers = itertools.count()
         self.errors: deque[BuildFailure] = deque(maxlen=20)
         # Layer key -> its blob, as in builds/<key>; checked against storage before reuse.
         self._built: TTLCache[BlobInfo] = TTLCache(clock, max_entries=20_000)
+
+    @property
+    def active(self) -> dict[str, float]:
+        """Builds running or waiting: image label -> when the build started."""
+        return {label: started for label, started in sorted(self._active.values(), key=lambda b: b[1])}
 
     @property
     def waiting(self) -> int:
@@ -209,8 +216,9 @@ class ImageBuilder:
             self._metrics.builds.labels(outcome="rejected").inc()
             raise BuildQueueFull()
         started = self._clock.seconds()
-        label = f"{image.name} ({image.arch.oci})"
-        self.active[label] = started
+        label = f"{image.name}:{tag} ({image.arch.oci})"
+        number = next(self._numbers)
+        self._active[number] = (label, started)
         try:
             manifests = await self._build(image, tag, started, label)
         except Exception as e:
@@ -218,7 +226,7 @@ class ImageBuilder:
             self.errors.append(BuildFailure(self._clock.seconds(), label, tag, _message(e)))
             raise
         finally:
-            del self.active[label]
+            del self._active[number]
         self._metrics.builds.labels(outcome="built").inc()
         self._metrics.build_seconds.observe(self._clock.seconds() - started)
         return manifests

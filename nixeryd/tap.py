@@ -2,7 +2,6 @@
 with ``cli.py``, that touches the global reactor and the process environment."""
 from __future__ import annotations
 
-import io
 import os
 import sys
 from dataclasses import dataclass
@@ -13,10 +12,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Request, Site
 
 from nixeryd.api import RegistryAPI
 from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
@@ -28,18 +25,12 @@ from nixeryd.metrics import Metrics
 from nixeryd.nix import NixBuilder
 from nixeryd.offload import thread_pool
 from nixeryd.popularity import load_popularity
+from nixeryd.site import PlainHTTPFactory, make_site
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import IStorage
 from nixeryd.web import Status
 
 log = Logger()
-
-IDLE_TIMEOUT = 60
-TLS_ON_PLAIN_PORT = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Connection: close\r\n\r\n400 Bad Request: this port speaks plain HTTP, not TLS\n"
-)
-
 
 def default_nix_dir() -> str:
     """The Nix expressions: beside the package in a checkout, else the installed copy."""
@@ -101,48 +92,6 @@ class LogObserverService(Service):
     def stopService(self) -> None:
         super().stopService()
         globalLogPublisher.removeObserver(self.observer)
-
-
-class _RefuseTLS(ProtocolWrapper):
-    """Answers a TLS handshake on a plain-HTTP port with an HTTP 400, at once.
-
-    Clients told a registry is insecure (docker, containerd, skopeo, podman)
-    try HTTPS first. Left waiting, they give up on the handshake only after 10
-    seconds, for every operation. Closed without a word, Go's TLS client sees
-    an EOF, which Docker and containerd take for a failure. An HTTP answer is
-    what Go's TLS client reports as "first record does not look like a TLS
-    handshake": the sign they fall back to plain HTTP on, as Go's own server
-    and CNCF distribution give it.
-    """
-
-    _first = True
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._first and data:
-            self._first = False
-            if data[:1] == b"\x16":  # a TLS record of type handshake
-                self.transport.write(TLS_ON_PLAIN_PORT)
-                self.transport.loseConnection()
-                return
-        super().dataReceived(data)
-
-
-class _Discard(io.BytesIO):
-    """A request body that is dropped as it arrives: no endpoint reads one, so
-    an upload costs neither memory nor disk however large it is."""
-
-    def write(self, data: Any) -> int:
-        return len(data)
-
-
-class RegistryRequest(Request):
-    def gotLength(self, length: int | None) -> None:
-        super().gotLength(length)
-        self.content = _Discard()
-
-
-class PlainHTTPFactory(WrappingFactory):
-    protocol = _RefuseTLS
 
 
 class NixService(Service):
@@ -320,11 +269,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status,
         auth=_authenticator(config, parts.offload, reactor),
     )
-    # Idle connections (slow or stalled clients) are dropped after a minute; a
-    # build goes on for the others whatever one client does.
-    site = Site(api.app.resource(), timeout=IDLE_TIMEOUT)
-    site.requestFactory = RegistryRequest
-    site.displayTracebacks = False
+    site = make_site(api.app.resource())
     for description in config.listen:
         try:
             endpoint = serverFromString(reactor, description)

@@ -262,6 +262,18 @@ class NegotiationTests(APITestCase):
         response, body = self.get("/v2/Bad/tags/list")
         self.assertEqual((response.code, self.errors(body)), (400, ["NAME_INVALID"]))
 
+    def test_a_page_size_that_is_not_a_plain_number_is_ignored(self) -> None:
+        """`n` as a Unicode digit, with 5,000 nines, negative or empty lists everything."""
+        for tag in ("v2", "v1"):
+            self.get(f"/v2/beta/manifests/{tag}")
+        for n in ("%C2%B2", "9" * 5000, "-1", "", "1e3", "%EF%BC%91"):
+            for path in (f"/v2/beta/tags/list?n={n}", f"/v2/_catalog?n={n}"):
+                response, body = self.get(path)
+                self.assertEqual(response.code, 200, path[:40])
+                self.assertIsNone(response.headers.getRawHeaders("Link"))
+        _, body = self.get("/v2/beta/tags/list?n=" + "9" * 9)
+        self.assertEqual(json.loads(body)["tags"], ["latest", "v1", "v2"])
+
 
 class MultiPlatformTests(APITestCase):
     platforms = (AMD64, ARM64)
@@ -326,6 +338,7 @@ class QueueTests(APITestCase):
         self.treq.flush()
         response, body = self.get("/v2/beta/manifests/latest")
         self.assertEqual((response.code, self.errors(body)), (429, ["TOOMANYREQUESTS"]))
+        self.assertEqual(response.phrase, b"Too Many Requests")
         self.assertEqual(self.header(response, "Retry-After"), "10")
         self.nix.hold = False
         self.nix.release()
@@ -393,6 +406,22 @@ class CacheTests(APITestCase):
                 self.successResultOf(treq.get(f"http://registry/v2/alpha/manifests/{tag}"))
             self.clock.advance(7 * 3600)
         self.assertEqual(len(self.nix.calls), 3)
+
+    def test_two_tags_of_one_cold_image_at_once(self) -> None:
+        """Two git refs of the same image build side by side; both answer 200, and both show
+        on the index page while they run."""
+        source = GitSource("https://git.internal/pkgs.git")
+        builder = self.builder_for(source)
+        images = Images(builder, self.storage, source, self.clock)
+        treq = StubTreq(RegistryAPI(images, self.storage, ()).app.resource())
+        self.nix.hold = True
+        pending = [treq.get(f"http://registry/v2/alpha/manifests/{tag}") for tag in ("main", "release")]
+        treq.flush()
+        self.assertEqual(sorted(builder.active), ["alpha:main (amd64)", "alpha:release (amd64)"])
+        self.nix.release()
+        treq.flush()
+        self.assertEqual([self.successResultOf(d).code for d in pending], [200, 200])
+        self.assertEqual(builder.active, {})
 
     def builder_for(self, source: Any) -> ImageBuilder:
         return ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
@@ -480,14 +509,14 @@ class OperatorEndpointTests(APITestCase):
         self.nix.hold = True
         pending = treq.get("http://registry.internal/v2/beta/manifests/latest")
         treq.flush()
-        self.logs({"build_log": True, "image": "beta (amd64)", "line": "building '/nix/store/x-beta.drv'..."})
+        self.logs({"build_log": True, "image": "beta:latest (amd64)", "line": "building '/nix/store/x-beta.drv'..."})
         self.clock.advance(12)
         response, page = self.fetch(treq, "/", headers={"Host": ["registry.internal:8080"]})
         html = page.decode()
         self.assertEqual(response.code, 200)
         self.assertIn("docker pull registry.internal:8080/shell/git/htop", html)
         self.assertIn("local package set /srv/pkgs", html)
-        self.assertIn("beta (amd64)</code> for 12 s", html)
+        self.assertIn("beta:latest (amd64)</code> for 12 s", html)
         self.assertIn("x-beta.drv", html)
         self.assertIn("packages not found: nope", html)
         self.nix.release()

@@ -67,6 +67,18 @@ class AuthTests(APITestCase):
         self.assertEqual(response.code, 401)
         self.assertEqual(response.headers.getRawHeaders("WWW-Authenticate"), ['Bearer realm="nixeryd"'])
 
+    def test_hostile_credentials_are_401(self) -> None:
+        """A password past bcrypt's 72 bytes (bcrypt 5 raises on it) and a bearer token with
+        bytes outside ASCII are refused with a 401, not a 500."""
+        treq = self.api(users=HTPASSWD, tokens="abc123\n")
+        long_password = basic("ci", "s3cret" + "x" * 100)
+        raw_bearer = "Bearer abc\u00e9\u00ff123"
+        for authorization in [long_password, raw_bearer, basic("ci", "\u00e9" * 80)]:
+            response, body = self.call(treq, "/v2/", authorization)
+            self.assertEqual(response.code, 401, authorization)
+            self.assertEqual(json.loads(body)["errors"][0]["code"], "UNAUTHORIZED")
+        self.assertEqual(self.call(treq, "/v2/", basic("ci", "s3cret"))[0].code, 200)
+
     def test_off_by_default(self) -> None:
         """With nothing configured every request is let in."""
         self.assertEqual(self.call(self.api(), "/v2/")[0].code, 200)

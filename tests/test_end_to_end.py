@@ -257,6 +257,49 @@ def test_tls_handshake_on_plain_port_gets_http_400_at_once(daemon: Daemon) -> No
     assert status == 200
 
 
+def raw_exchange(daemon: Daemon, request: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; everything the daemon answers until it closes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):  # a wait would raise socket.timeout
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /v2/" + b"a" * 20000 + b"/manifests/latest HTTP/1.1\r\nHost: r\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nHost: r\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nHost: r\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"c" * 900) for i in range(30))
+    + b"\r\n",
+], ids=["request-line", "one-header", "many-headers"])
+def test_over_long_request_lines_and_headers_get_431(daemon: Daemon, request_bytes: bytes) -> None:
+    """A request line, a header, or a header block past 16 KiB is answered 431 and closed,
+    as Go's server answers it, instead of a silent close."""
+    answer = raw_exchange(daemon, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:200]
+    assert raw_exchange(daemon, b"GET /v2/ HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n").startswith(
+        b"HTTP/1.1 200 OK\r\n")
+
+
+def test_overlapping_ranges_get_the_whole_blob(daemon: Daemon) -> None:
+    """`Range: bytes=0-,0-,...` x 1,000 is answered as distribution answers it: 200 with the
+    blob once, never a 206 a thousand times its size; a few sane ranges still get 206."""
+    status, _, body = daemon.request("/v2/noise/manifests/latest")
+    assert status == 200, body
+    layer = max(json.loads(body)["layers"], key=lambda layer: layer["size"])
+    path = f"/v2/noise/blobs/{layer['digest']}"
+    status, headers, data = daemon.request(path, headers={"Range": "bytes=" + ",".join(["0-"] * 1000)})
+    assert status == 200 and len(data) == layer["size"] == int(headers["Content-Length"])
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == layer["digest"]
+    status, headers, data = daemon.request(path, headers={"Range": "bytes=0-9,100-109"})
+    assert status == 206 and headers["Content-Type"].startswith("multipart/byteranges")
+    status, headers, data = daemon.request(path, headers={"Range": "bytes=" + ",".join(["0-0"] * 100)})
+    assert status == 200 and len(data) == layer["size"]
+
+
 def test_zstd_layers_pull_and_run(tmp_path: Path) -> None:
     """With NIXERY_LAYER_COMPRESSION=zstd, skopeo pulls tar+zstd layers that unpack into a
     root where the program runs."""

@@ -45,4 +45,4 @@ def test_daemon_logs_json_with_build_log_lines(tmp_path: Path) -> None:
     records = [json.loads(line) for line in daemon.log.splitlines() if line.strip()]
     build_lines = [r for r in records if r.get("build_log")]
     assert any("meant to fail" in r["message"] for r in build_lines)
-    assert all(r["image"] == "broken (amd64)" for r in build_lines)
+    assert all(r["image"] == "broken:latest (amd64)" for r in build_lines)

@@ -1,0 +1,115 @@
+"""The HTTP side of a connection, below the registry API: the site, its requests and
+its channel. What reaches ``api.py`` has passed through here.
+
+- A TLS handshake on a plain-HTTP port is answered with an HTTP 400 at once.
+- Request bodies are dropped as they arrive (no endpoint reads one).
+- A request line or header block past the limits is answered 431, as Go's server
+  (and so CNCF distribution) does, not dropped without a word.
+- Statuses Twisted has no phrase for (429, 431) carry their names.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web import http
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+IDLE_TIMEOUT = 60
+MAX_HEADER_BYTES = 16384
+"""The request line and headers together, as Twisted's own default; each line too."""
+PHRASES = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
+"""Reason phrases Twisted does not know."""
+TLS_ON_PLAIN_PORT = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\n400 Bad Request: this port speaks plain HTTP, not TLS\n"
+)
+_TOO_LARGE_BODY = b"431 Request Header Fields Too Large\n"
+HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+)
+
+
+class RefuseTLS(ProtocolWrapper):
+    """Answers a TLS handshake on a plain-HTTP port with an HTTP 400, at once.
+
+    Clients told a registry is insecure (docker, containerd, skopeo, podman)
+    try HTTPS first. Left waiting, they give up on the handshake only after 10
+    seconds, for every operation. Closed without a word, Go's TLS client sees
+    an EOF, which Docker and containerd take for a failure. An HTTP answer is
+    what Go's TLS client reports as "first record does not look like a TLS
+    handshake": the sign they fall back to plain HTTP on, as Go's own server
+    and CNCF distribution give it.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first and data:
+            self._first = False
+            if data[:1] == b"\x16":  # a TLS record of type handshake
+                self.transport.write(TLS_ON_PLAIN_PORT)
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class PlainHTTPFactory(WrappingFactory):
+    protocol = RefuseTLS
+
+
+class _Discard(io.BytesIO):
+    """A request body that is dropped as it arrives: no endpoint reads one, so
+    an upload costs neither memory nor disk however large it is."""
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+class RegistryRequest(Request):
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        self.content = _Discard()
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        super().setResponseCode(code, message if message is not None else PHRASES.get(code))
+
+
+class RegistryChannel(http.HTTPChannel):
+    """An HTTP channel that answers over-long request lines and headers with 431."""
+
+    MAX_LENGTH = MAX_HEADER_BYTES
+    totalHeadersSize = MAX_HEADER_BYTES
+    _header_bytes = 0
+    _in_body = False
+
+    def lineReceived(self, line: bytes) -> None:
+        self._header_bytes += len(line)
+        if self._header_bytes > self.totalHeadersSize:
+            self._too_large()
+            return
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._header_bytes = 0
+        super().allHeadersReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._too_large()
+
+    def _too_large(self) -> None:
+        self.transport.write(HEADERS_TOO_LARGE)
+        self.loseConnection()
+
+
+def make_site(resource: IResource) -> Site:
+    """The site every listening endpoint serves (wrapped in ``PlainHTTPFactory``).
+    Idle connections (slow or stalled clients) are dropped after a minute."""
+    site = Site(resource, timeout=IDLE_TIMEOUT)
+    site.protocol = RegistryChannel
+    site.requestFactory = RegistryRequest
+    site.displayTracebacks = False
+    return site
