@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from collections import deque
 from functools import partial
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ from nixeryd.metrics import Metrics
 from nixeryd.names import Image
 from nixeryd.offload import Offload
 from nixeryd.pkgsource import PackageSource
-from nixeryd.storage.interface import InMemory, IStorage, LocalFile, storage_error
+from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, LocalFile, storage_error
 
 log = Logger()
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 SSL_CERT_FILE = "/etc/ssl/certs/ca-bundle.crt"
 
@@ -204,11 +207,38 @@ class ImageBuilder:
             body = await self._storage.get(blob_key(digest))
         if body is None or len(body) > manifest.MAX_MANIFEST_SIZE:
             return None
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            log.warn("stored manifest {digest} does not match its digest: ignored", digest=digest)
+            return None
         try:
             media_type = manifest.manifest_media_type(body)
         except ValueError:
             return None
         return StoredManifest(digest=digest, media_type=media_type, body=body)
+
+    async def intact(self, stored: StoredManifest) -> bool:
+        """Whether every blob ``stored`` names (config, layers; for an index, each listed
+        manifest and its blobs) is in storage at the size the manifest gives."""
+        try:
+            doc = json.loads(stored.body)
+            children = [str(entry["digest"]) for entry in doc.get("manifests", ())]
+            blobs = [(str(d["digest"]), int(d["size"])) for d in
+                     ([doc["config"], *doc["layers"]] if "config" in doc else [])]
+        except (ValueError, KeyError, TypeError):
+            return False
+        for digest in children:
+            child = await self.stored_manifest(digest)
+            if child is None or not await self.intact(child):
+                return False
+        for digest, size in blobs:
+            if not _DIGEST.fullmatch(digest):
+                return False
+            state = await self._storage.check_blob(digest.removeprefix("sha256:"), size, None)
+            if state != INTACT:
+                log.warn("{digest} of manifest {manifest} is {state}; the image is built again",
+                         digest=digest, manifest=stored.digest, state=state)
+                return False
+        return True
 
     async def build(self, image: Image, tag: str) -> ImageManifests:
         """Build ``image`` from the package set at ``tag`` and store everything it is made of."""
@@ -327,9 +357,16 @@ class ImageBuilder:
         if known is None:
             record = await self._storage.get("builds/" + key)
             known = None if record is None else _info_from_json(record)
-        if known is not None and await self._storage.has(blob_key(known.digest)):
-            self._built.put(key, known, None)
-            return known
+        if known is not None:
+            state = await self._storage.check_blob(
+                known.digest.removeprefix("sha256:"), known.size, known.md5)
+            if state == INTACT:
+                self._built.put(key, known, None)
+                return known
+            if state == DAMAGED:
+                log.warn("stored layer {digest} does not match its build record; packing it again",
+                         layer=key, digest=known.digest)
+            self._built.pop(key)
         staged = self._storage.staging_path()
         try:
             info: BlobInfo = await self._offload(_write_to, staged, write)

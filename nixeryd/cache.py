@@ -87,6 +87,13 @@ class TTLCache(Generic[V]):
         self._entries.move_to_end(key)
         return entry.value
 
+    def pop(self, key: str) -> None:
+        """Forget ``key``, if it is there."""
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
     def put(self, key: str, value: V, ttl: float | None) -> None:
         expires = None if ttl is None else self._clock.seconds() + ttl
         self._entries[key] = _Entry(value, expires)

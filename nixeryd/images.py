@@ -65,6 +65,8 @@ def _key(doc: object) -> str:
 TOUCH_INTERVAL = 12 * 3600
 # How long manifests are served from memory before being checked against storage.
 BODY_TTL = 3600
+# Blob sizes remembered to check served blobs against.
+MAX_KNOWN_SIZES = 200_000
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,34 @@ class Images:
         # job retrying) then cost one build, not one each.
         self._failures: TTLCache[NixError] = TTLCache(clock, max_entries=1024)
         self._failure_ttl = failure_ttl
+        # The size every blob of a served image must have: a blob found otherwise on
+        # disk is damaged, and is not served.
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+
+    def expected_size(self, digest: str) -> int | None:
+        """The size a served manifest gives the blob ``digest``, where one is known."""
+        return self._sizes.get(digest)
+
+    def blob_damaged(self, digest: str) -> None:
+        """A blob was found not as its manifest says: forget the manifests held in memory,
+        so that the next pull checks its image's blobs in storage and rebuilds what is
+        damaged."""
+        log.error("blob {digest} in storage does not match its manifest; images are checked "
+                  "again at their next pull", digest=digest)
+        self._sizes.pop(digest, None)
+        self._bodies.clear()
+
+    def _note_sizes(self, result: ImageManifests) -> None:
+        try:
+            doc = json.loads(result.oci.body)
+            descriptors = [doc["config"], *doc["layers"]] if "config" in doc else []
+            for descriptor in descriptors:
+                self._sizes[str(descriptor["digest"])] = int(descriptor["size"])
+                self._sizes.move_to_end(str(descriptor["digest"]))
+        except (ValueError, KeyError, TypeError):
+            return
+        while len(self._sizes) > MAX_KNOWN_SIZES:
+            self._sizes.popitem(last=False)
 
     @property
     def building(self) -> int:
@@ -213,6 +243,7 @@ class Images:
             if cached is not None:
                 self._metrics.cache.labels(result="storage").inc()
                 self._bodies.put(key, cached, BODY_TTL)
+                self._note_sizes(cached)
                 await self._touch(key, digests)
                 return cached
         failed = self._failures.get(key)
@@ -232,6 +263,7 @@ class Images:
         self._touched.put(key, digests.built, None)
         self._cache.put(key, digests, self._ttl_for(tag))
         self._bodies.put(key, result, BODY_TTL)
+        self._note_sizes(result)
         return result
 
     async def _write_record(self, key: str, digests: _Digests, served: float) -> None:
@@ -274,5 +306,8 @@ class Images:
         oci = await self._builder.stored_manifest(digests.oci)
         docker = None if digests.docker is None else await self._builder.stored_manifest(digests.docker)
         if oci is None or (digests.docker is not None and docker is None):
+            return None
+        # Both flavours name the same blobs: checking one is enough.
+        if not await self._builder.intact(oci):
             return None
         return ImageManifests(oci=oci, docker=docker)

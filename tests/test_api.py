@@ -394,6 +394,60 @@ class FailureMemoryTests(APITestCase):
         self.assertEqual(len(self.nix.calls), 2)
 
 
+class DamagedStorageTests(APITestCase):
+    """A blob truncated or replaced in storage is never served under its digest nor reused:
+    it is treated as missing and packed again."""
+
+    def damage(self, digest: str) -> bytes:
+        key = "layers/" + digest.removeprefix("sha256:")
+        good = self.successResultOf(self.storage.get(key))
+        self.successResultOf(self.storage.put(key, good[: len(good) // 2], "application/octet-stream"))
+        return good
+
+    def test_a_damaged_blob_is_not_served_and_the_next_pull_repairs_it(self) -> None:
+        """A warm image whose layer was truncated: the blob GET is 404 BLOB_UNKNOWN, the next
+        manifest GET finds the damage and rebuilds, and the blob is whole again."""
+        _, body = self.get("/v2/alpha/manifests/latest")
+        layer = json.loads(body)["layers"][0]
+        good = self.damage(layer["digest"])
+        response, body = self.get(f"/v2/alpha/blobs/{layer['digest']}")
+        self.assertEqual((response.code, self.errors(body)), (404, ["BLOB_UNKNOWN"]))
+        self.assertEqual(len(self.nix.calls), 1)
+        _, again = self.get("/v2/alpha/manifests/latest")
+        self.assertEqual(json.loads(again)["layers"][0], layer)
+        self.assertEqual(len(self.nix.calls), 2)
+        response, blob = self.get(f"/v2/alpha/blobs/{layer['digest']}")
+        self.assertEqual((response.code, blob), (200, good))
+
+    def test_a_damaged_layer_is_not_reused_by_a_new_image(self) -> None:
+        """A layer recorded as built but damaged in storage is packed again for the next
+        image that needs it, not referenced as it is."""
+        _, body = self.get("/v2/alpha/manifests/latest")
+        digests = [layer["digest"] for layer in json.loads(body)["layers"]]
+        good = {d: self.damage(d) for d in digests}
+        _, body = self.get("/v2/alpha/beta/manifests/latest")
+        for layer in json.loads(body)["layers"]:
+            if layer["digest"] in good:
+                stored = self.successResultOf(self.storage.get("layers/" + layer["digest"][7:]))
+                self.assertEqual(stored, good[layer["digest"]])
+
+    def test_a_new_instance_checks_what_it_loads(self) -> None:
+        """An instance loading a cached image from storage checks its blobs first and rebuilds
+        one found damaged, rather than serving a manifest whose layer is broken."""
+        _, body = self.get("/v2/alpha/manifests/latest")
+        layer = json.loads(body)["layers"][-1]
+        good = self.damage(layer["digest"])
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                               clock=self.clock, popularity={})
+        treq = StubTreq(RegistryAPI(Images(builder, self.storage, source, self.clock),
+                                    self.storage, ("cacert", "iana-etc")).app.resource())
+        _, again = self.fetch(treq, "/v2/alpha/manifests/latest")
+        self.assertEqual(again, body)
+        self.assertEqual(len(self.nix.calls), 2)
+        self.assertEqual(self.fetch(treq, f"/v2/alpha/blobs/{layer['digest']}")[1], good)
+
+
 class CacheTests(APITestCase):
     def test_pinned_git_revisions_are_kept_for_good(self) -> None:
         """An image at a 40-hex git revision is never rebuilt; a branch is, after the TTL."""

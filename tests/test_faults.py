@@ -194,3 +194,34 @@ def test_kill_9_during_a_build_takes_nix_down_too(tmp_path: Path) -> None:
     finally:
         again.stop()
     assert_store_sound(storage)
+
+
+def test_a_blob_damaged_on_disk_is_refused_then_rebuilt(tmp_path: Path) -> None:
+    """A layer truncated on disk under a running daemon is not served (404), the next pull
+    rebuilds it, and an image built afterwards by a fresh daemon does not reuse the damage."""
+    storage = tmp_path / "storage"
+    daemon = Daemon(storage, daemon_environment(storage)).start()
+    status, _, body = daemon.request("/v2/alpha/manifests/latest")
+    assert status == 200, body
+    layers = json.loads(body)["layers"]
+    for layer in layers:
+        path = storage / "layers" / layer["digest"].split(":")[1]
+        with open(path, "r+b") as f:
+            f.truncate(layer["size"] // 2)
+    status, _, body = daemon.request(f"/v2/alpha/blobs/{layers[0]['digest']}")
+    assert (status, daemon.error_codes(body)) == (404, ["BLOB_UNKNOWN"])
+    status, _, again = daemon.request("/v2/alpha/manifests/latest")
+    assert status == 200 and json.loads(again)["layers"] == layers
+    for layer in layers:
+        status, _, data = daemon.request(f"/v2/alpha/blobs/{layer['digest']}")
+        assert status == 200 and "sha256:" + hashlib.sha256(data).hexdigest() == layer["digest"]
+    daemon.stop()
+    # Damage a base layer (every image has it); a fresh daemon building another image
+    # finds it damaged and packs it again.
+    shared = layers[0]
+    (storage / "layers" / shared["digest"].split(":")[1]).write_bytes(b"garbage")
+    fresh = Daemon(storage, daemon_environment(storage)).start()
+    status, _, body = fresh.request("/v2/alpha/beta/manifests/latest")
+    assert status == 200, body
+    assert "damaged" in fresh.log
+    assert_store_sound(storage)

@@ -29,6 +29,7 @@ from nixeryd.storage import (
     StorageError,
 )
 from nixeryd.storage.filesystem import FilesystemStorage
+from nixeryd.storage.interface import DAMAGED, INTACT, MISSING
 from nixeryd.storage.gcs import GCSStorage, plain_url
 from nixeryd.storage.memory import MemoryStorage
 from tests.emulator import shared_emulator
@@ -186,6 +187,34 @@ class StorageContract:
         location = self.result(self.storage.locate_blob(info.digest.removeprefix("sha256:")))
         self.assertEqual(self.located_bytes(location), data)
 
+    def test_check_blob(self) -> None:
+        """check_blob tells a blob as recorded from a missing one and from one truncated or
+        replaced in storage."""
+        data = b"layer bytes " * 1000
+        path, info = self.stage(data)
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, info.md5)), MISSING)
+        self.result(self.storage.commit_blob(path, info))
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, info.md5)), INTACT)
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, None)), INTACT)
+        self.result(self.storage.put("layers/" + hexdigest, data[:100], "application/octet-stream"))
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, info.md5)), DAMAGED)
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, None)), DAMAGED)
+        with self.assertRaises(ValueError):
+            self.storage.check_blob("../" + hexdigest[3:], 1, None)
+
+    def test_commit_replaces_a_damaged_blob(self) -> None:
+        """Committing a blob over a damaged copy of itself puts the right bytes back."""
+        data = b"the right bytes " * 500
+        path, info = self.stage(data)
+        self.result(self.storage.commit_blob(path, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.result(self.storage.put("layers/" + hexdigest, data[:-1], "application/octet-stream"))
+        again, _ = self.stage(data)
+        self.result(self.storage.commit_blob(again, info))
+        self.assertEqual(self.located_bytes(self.result(self.storage.locate_blob(hexdigest))), data)
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, info.md5)), INTACT)
+
     def test_commit_wrong_size(self) -> None:
         """A staged file whose size is not the announced one is refused and not served."""
         path, info = self.stage(b"truncated")
@@ -316,6 +345,16 @@ class GCSStorageTests(ListingContract, SynchronousTestCase):
         self.bucket.blob(key_).upload_from_string(b"wrong", content_type="application/octet-stream")
         self.result(self.storage.commit_blob(path, info))
         self.assertEqual(self.bucket.blob(key_).download_as_bytes(), data)
+
+    def test_same_size_other_bytes_is_damaged(self) -> None:
+        """An object of the right size whose MD5 differs is damaged; so is one with no MD5."""
+        data = b"0123456789" * 10
+        path, info = self.stage(data)
+        self.result(self.storage.commit_blob(path, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.bucket.blob("layers/" + hexdigest).upload_from_string(
+            b"9876543210" * 10, content_type="application/octet-stream")
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, info.md5)), DAMAGED)
 
     def test_no_staging_objects_left(self) -> None:
         """After commits nothing remains under staging/ in the bucket."""

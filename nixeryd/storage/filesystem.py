@@ -20,6 +20,9 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
+    DAMAGED,
+    INTACT,
+    MISSING,
     PREFIXES,
     BlobLocation,
     IStorage,
@@ -91,6 +94,11 @@ class FilesystemStorage:
         path = self._path(key)
         return Deferred.fromCoroutine(self._run("looking up " + key, _exists, path))
 
+    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
+        # The file system keeps no checksum: the size is what a stat can tell.
+        path = self._path("layers/" + check_hex(hexdigest))
+        return Deferred.fromCoroutine(self._run("checking blob " + hexdigest, _check_size, path, size))
+
     def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
         path = self._path("layers/" + check_hex(hexdigest))
         return Deferred.fromCoroutine(self._run("looking up blob " + hexdigest, _local_file, path))
@@ -144,7 +152,7 @@ class FilesystemStorage:
         target = os.path.join(self.root, "layers", hexdigest)
         moving = staged
         try:
-            if _exists(target):
+            if _check_size(target, size) == INTACT:
                 return
             actual = os.stat(staged).st_size
             if actual != size:
@@ -218,6 +226,18 @@ def _read(path: str) -> bytes | None:
             return f.read()
     except FileNotFoundError:
         return None
+
+
+def _check_size(path: str, size: int) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return MISSING
+    if st.st_size != size:
+        log.warn("stored blob {path} has {actual} bytes, its record says {size}: damaged",
+                 path=path, actual=st.st_size, size=size)
+        return DAMAGED
+    return INTACT
 
 
 def _exists(path: str) -> bool:

@@ -23,6 +23,9 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
+    DAMAGED,
+    INTACT,
+    MISSING,
     BlobLocation,
     IStorage,
     Redirect,
@@ -136,6 +139,24 @@ class GCSStorage:
     def has(self, key: str) -> "Deferred[bool]":
         check_key(key)
         return self._call("looking up " + key, self._exists, key)
+
+    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
+        key = "layers/" + check_hex(hexdigest)
+
+        def check() -> str:
+            # The object's metadata, one call, carries both its size and its MD5.
+            found = self._stat(key)
+            if found is None:
+                return MISSING
+            if int(found.size or 0) != size or (md5 is not None and found.md5_hash != md5_base64(md5)):
+                # No MD5 at all (a composite object) counts as damaged: it is uploaded again.
+                log.warn("{key} does not match its record (size {actual}, expected {size}): damaged",
+                         key=key, actual=found.size, size=size, backend=self.backend)
+                self._known.pop(key, None)
+                return DAMAGED
+            return INTACT
+
+        return self._call("checking " + key, check)
 
     def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
         key = "layers/" + check_hex(hexdigest)

@@ -61,6 +61,11 @@ class Redirect:
 
 BlobLocation = Union[LocalFile, InMemory, Redirect]
 
+INTACT = "intact"
+MISSING = "missing"
+DAMAGED = "damaged"
+"""What ``check_blob`` finds: the blob as recorded, no blob, or one that differs."""
+
 
 @dataclass(frozen=True)
 class StoredObject:
@@ -164,6 +169,12 @@ class IStorage(Interface):
 
     def has(key: str) -> "Deferred[bool]":
         """Whether an object exists under ``key``."""
+
+    def check_blob(hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
+        """Whether ``layers/<hexdigest>`` is as its record says, without reading it:
+        ``INTACT`` when its size (and, where the backend keeps one, its MD5, given as
+        hex) match, ``DAMAGED`` when it is there but does not, ``MISSING`` when it is
+        not. One metadata lookup at most. Commits replace a damaged blob."""
 
     def locate_blob(hexdigest: str) -> "Deferred[BlobLocation | None]":
         """Where ``layers/<hexdigest>`` can be served from, or None when it is absent."""

@@ -5,6 +5,7 @@ in a private temporary directory); ``commit_blob`` reads that file into memory.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -19,6 +20,9 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload, inline
 from nixeryd.storage.interface import (
+    DAMAGED,
+    INTACT,
+    MISSING,
     BlobLocation,
     InMemory,
     IStorage,
@@ -74,6 +78,9 @@ class MemoryStorage:
     def has(self, key: str) -> "Deferred[bool]":
         return succeed(check_key(key) in self._objects)
 
+    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
+        return succeed(_state(self._objects.get("layers/" + check_hex(hexdigest)), size, md5))
+
     def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
         data = self._objects.get("layers/" + check_hex(hexdigest))
         return succeed(None if data is None else InMemory(data))
@@ -100,7 +107,7 @@ class MemoryStorage:
 
     async def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
         try:
-            if key in self._objects:
+            if _state(self._objects.get(key), info.size, info.md5) == INTACT:
                 return
             try:
                 data: bytes = await self._offload(_read, staged)
@@ -115,6 +122,14 @@ class MemoryStorage:
             self._store(key, data, "application/octet-stream")
         finally:
             self.discard(staged)
+
+
+def _state(data: bytes | None, size: int, md5: str | None) -> str:
+    if data is None:
+        return MISSING
+    if len(data) != size or (md5 is not None and hashlib.md5(data).hexdigest() != md5):
+        return DAMAGED
+    return INTACT
 
 
 def _read(path: str) -> bytes:
