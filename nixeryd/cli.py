@@ -3,6 +3,7 @@
   nixeryd serve [twistd options for nixeryd]   run the registry in the foreground
   nixeryd build NAME[:TAG]                      build and store an image, no HTTP
   nixeryd gc --keep-days N                      remove blobs no kept image needs
+  nixeryd verify [--repair]                     re-hash every blob, check every record
   nixeryd popularity [-o FILE]                  write popularity data for layering
 
 Settings come from the environment, as for the daemon.
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _react(_build, config, options.image, popularity)
     elif options.command == "gc":
         _react(_gc, config, options.keep_days, options.dry_run)
+    elif options.command == "verify":
+        _react(_verify, config, options.repair)
     elif options.command == "popularity":
         _react(_popularity, config, options.output)
 
@@ -62,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="keep every image built or served in the last N days, and every blob "
                     "written in them")
     gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    verify = sub.add_parser("verify", help="re-hash every stored blob and check every record; "
+                            "exits 1 when something is damaged")
+    verify.add_argument("--repair", action="store_true",
+                        help="remove what is damaged, so that the next pull rebuilds it")
     popularity = sub.add_parser("popularity", help="write popularity data from the package set")
     popularity.add_argument("-o", "--output", default="-", metavar="FILE",
                             help="where to write the JSON (default: standard output)")
@@ -115,12 +122,14 @@ class Progress:
         elif fmt.startswith("packed layer"):
             self.layers += 1
             line = f"  layer {self.layers}: {event.get('size', 0):,} bytes {event.get('digest', '')}"
-        elif fmt.startswith(("building ", "built ", "removed", "would remove", "kept")) or (
+        elif fmt.startswith(("building ", "built ", "removed", "would remove", "kept", "damaged")) or (
             event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)
         ):
             line = formatEvent(event)
         else:
             return
+        if getattr(self._out, "isatty", lambda: False)():
+            line = "\r\x1b[K" + line  # over a progress bar, if one is drawn
         self._out.write(line + "\n")
         self._out.flush()
 
@@ -155,8 +164,8 @@ async def _build(reactor: Any, config: Any, image_ref: str, popularity: Any) -> 
         manifests = await as_registry_errors(image.name, parts.images.manifests(image, tag))
     except RegistryError as e:
         raise CommandError(f"{image_ref}: {e.message}") from None
-    print(json.dumps({"image": f"{name}:{tag}", "digest": manifests.oci.digest,
-                      "docker_digest": manifests.docker.digest}))
+    docker = manifests.docker.digest if manifests.docker is not None else None  # none with zstd
+    print(json.dumps({"image": f"{name}:{tag}", "digest": manifests.oci.digest, "docker_digest": docker}))
 
 
 async def _gc(reactor: Any, config: Any, keep_days: float, dry_run: bool) -> None:
@@ -169,6 +178,44 @@ async def _gc(reactor: Any, config: Any, keep_days: float, dry_run: bool) -> Non
     report = await collect(parts.storage, keep_seconds=keep_days * 86400,
                            now=reactor.seconds(), dry_run=dry_run)
     print(json.dumps(report.summary()))
+
+
+async def _verify(reactor: Any, config: Any, repair: bool) -> None:
+    from nixeryd.verify import verify
+
+    parts = _parts(config, reactor)
+    bar = ProgressBar(sys.stderr)
+    report = await verify(parts.storage, repair=repair, progress=bar)
+    bar.close()
+    print(json.dumps(report.summary()))
+    if report.damaged and not repair:
+        raise SystemExit(1)
+
+
+class ProgressBar:
+    """A one-line progress bar, redrawn in place, on a terminal only."""
+
+    WIDTH = 30
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self._shown = False
+        self._on_terminal = bool(getattr(out, "isatty", lambda: False)())
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self._on_terminal:
+            return
+        filled = self.WIDTH * done // total if total else self.WIDTH
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self._out.write(f"\r{what:<8} [{bar}] {done}/{total}\x1b[K")
+        self._out.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self._out.write("\n")
+            self._out.flush()
+            self._shown = False
 
 
 async def _popularity(reactor: Any, config: Any, output: str) -> None:

@@ -20,7 +20,7 @@ def nixeryd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
                           stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("command", ["build", "gc", "popularity", "serve"])
+@pytest.mark.parametrize("command", ["build", "gc", "verify", "popularity", "serve"])
 def test_every_command_has_help(command: str) -> None:
     """Each command explains itself with --help."""
     result = nixeryd(dict(os.environ), command, "--help")
@@ -92,3 +92,69 @@ def test_popularity_of_the_test_package_set(tmp_path: Path) -> None:
     assert table["libshared-1.0"] == 2
     assert table["gamma-0.3"] == 1
     assert table["busybox-1.35"] >= 10
+
+
+def test_build_with_zstd_layers_prints_its_digest(tmp_path: Path) -> None:
+    """`nixeryd build` with zstd layers (which have no Docker manifest) ends with its JSON line."""
+    env = daemon_environment(tmp_path / "storage", NIXERY_LAYER_COMPRESSION="zstd")
+    result = nixeryd(env, "build", "hello")
+    assert result.returncode == 0, result.stderr
+    built = json.loads(result.stdout)
+    assert built["digest"].startswith("sha256:") and built["docker_digest"] is None
+
+
+def nixeryd_on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """Run nixeryd with its standard error on a pseudo-terminal: (exit code, stdout, terminal)."""
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([NIXERYD, *args], env=env, stdout=subprocess.PIPE, stderr=follower,
+                               stdin=subprocess.DEVNULL, text=True)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the command has closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert process.stdout is not None
+    out = process.stdout.read()
+    return process.wait(timeout=60), out, screen.decode(errors="replace")
+
+
+def test_verify_finds_repairs_and_the_next_pull_rebuilds(tmp_path: Path) -> None:
+    """`nixeryd verify` re-hashes every blob: a sound store passes; a layer replaced on disk
+    is reported (exit 1) with the records naming it; --repair removes them, verify passes
+    again, and the next pull rebuilds the image whole. On a terminal it draws a progress bar."""
+    storage = tmp_path / "storage"
+    env = daemon_environment(storage)
+    assert nixeryd(env, "build", "alpha").returncode == 0
+    result = nixeryd(env, "verify")
+    assert result.returncode == 0, result.stderr
+    sound = json.loads(result.stdout)
+    assert sound["damaged"] == [] and sound["blobs"] > 3 and sound["records"] > 3
+    layer_record = next((storage / "builds").iterdir())
+    digest = json.loads(layer_record.read_text())["digest"].split(":")[1]
+    (storage / "layers" / digest).write_bytes(b"not the layer")
+    code, out, screen = nixeryd_on_a_terminal(env, "verify")
+    assert code == 1
+    report = json.loads(out)
+    assert f"layers/{digest}" in report["damaged"]
+    assert f"builds/{layer_record.name}" in report["damaged"]
+    assert any(key.startswith("manifests/") for key in report["damaged"]) is False
+    assert "blobs    [" in screen and "\r" in screen and f"damaged: layers/{digest}" in screen
+    result = nixeryd(env, "verify", "--repair")
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["removed"]) == sorted(report["damaged"])
+    assert not (storage / "layers" / digest).exists() and not layer_record.exists()
+    assert json.loads(nixeryd(env, "verify").stdout)["damaged"] == []
+    daemon = Daemon(storage, env).start()
+    status, _, body = daemon.request("/v2/alpha/manifests/latest")
+    assert status == 200, body
+    for layer in json.loads(body)["layers"]:
+        status, _, data = daemon.request(f"/v2/alpha/blobs/{layer['digest']}")
+        assert status == 200 and len(data) == layer["size"]

@@ -203,6 +203,18 @@ class StorageContract:
         with self.assertRaises(ValueError):
             self.storage.check_blob("../" + hexdigest[3:], 1, None)
 
+    def test_hash_blob(self) -> None:
+        """hash_blob reads the whole stored blob: its sha256 and size, or None when absent."""
+        data = os.urandom(3 * 1024 * 1024 + 7)
+        path, info = self.stage(data)
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.assertIsNone(self.result(self.storage.hash_blob(hexdigest)))
+        self.result(self.storage.commit_blob(path, info))
+        self.assertEqual(self.result(self.storage.hash_blob(hexdigest)), (hexdigest, len(data)))
+        self.result(self.storage.put("layers/" + hexdigest, b"other", "application/octet-stream"))
+        self.assertEqual(self.result(self.storage.hash_blob(hexdigest)),
+                         (hashlib.sha256(b"other").hexdigest(), 5))
+
     def test_commit_replaces_a_damaged_blob(self) -> None:
         """Committing a blob over a damaged copy of itself puts the right bytes back."""
         data = b"the right bytes " * 500

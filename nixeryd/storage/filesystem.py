@@ -8,6 +8,7 @@ removes. All file I/O after start-up goes through the injected ``Offload``.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -98,6 +99,10 @@ class FilesystemStorage:
         # The file system keeps no checksum: the size is what a stat can tell.
         path = self._path("layers/" + check_hex(hexdigest))
         return Deferred.fromCoroutine(self._run("checking blob " + hexdigest, _check_size, path, size))
+
+    def hash_blob(self, hexdigest: str) -> "Deferred[tuple[str, int] | None]":
+        path = self._path("layers/" + check_hex(hexdigest))
+        return Deferred.fromCoroutine(self._run("reading blob " + hexdigest, _hash_file, path))
 
     def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
         path = self._path("layers/" + check_hex(hexdigest))
@@ -226,6 +231,19 @@ def _read(path: str) -> bytes | None:
             return f.read()
     except FileNotFoundError:
         return None
+
+
+def _hash_file(path: str) -> tuple[str, int] | None:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_COPY_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest(), size
 
 
 def _check_size(path: str, size: int) -> str:

@@ -10,6 +10,7 @@ again. Clients fetch blobs from the bucket through a redirect.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import secrets
 from collections import OrderedDict
@@ -158,6 +159,21 @@ class GCSStorage:
 
         return self._call("checking " + key, check)
 
+    def hash_blob(self, hexdigest: str) -> "Deferred[tuple[str, int] | None]":
+        key = "layers/" + check_hex(hexdigest)
+
+        def download() -> tuple[str, int] | None:
+            from google.api_core.exceptions import NotFound
+
+            sink = _HashingSink()
+            try:
+                self._bucket.blob(key).download_to_file(sink, retry=self._retry, timeout=self._timeout)
+            except NotFound:
+                return None
+            return sink.digest.hexdigest(), sink.size
+
+        return self._call("reading " + key, download)
+
     def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
         key = "layers/" + check_hex(hexdigest)
         return Deferred.fromCoroutine(self._locate(key))
@@ -269,6 +285,19 @@ class GCSStorage:
                     pass
         finally:
             self.discard(staged)
+
+
+class _HashingSink:
+    """A file-like object that hashes what is written to it and keeps nothing."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
 
 
 def connect(

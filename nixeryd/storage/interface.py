@@ -176,6 +176,10 @@ class IStorage(Interface):
         hex) match, ``DAMAGED`` when it is there but does not, ``MISSING`` when it is
         not. One metadata lookup at most. Commits replace a damaged blob."""
 
+    def hash_blob(hexdigest: str) -> "Deferred[tuple[str, int] | None]":
+        """The sha256 (hex) and size of the bytes stored as ``layers/<hexdigest>``, read
+        whole in constant memory (for ``nixeryd verify``), or None when it is absent."""
+
     def locate_blob(hexdigest: str) -> "Deferred[BlobLocation | None]":
         """Where ``layers/<hexdigest>`` can be served from, or None when it is absent."""
 

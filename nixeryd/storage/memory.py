@@ -81,6 +81,10 @@ class MemoryStorage:
     def check_blob(self, hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
         return succeed(_state(self._objects.get("layers/" + check_hex(hexdigest)), size, md5))
 
+    def hash_blob(self, hexdigest: str) -> "Deferred[tuple[str, int] | None]":
+        data = self._objects.get("layers/" + check_hex(hexdigest))
+        return succeed(None if data is None else (hashlib.sha256(data).hexdigest(), len(data)))
+
     def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
         data = self._objects.get("layers/" + check_hex(hexdigest))
         return succeed(None if data is None else InMemory(data))
