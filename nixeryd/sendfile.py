@@ -44,6 +44,9 @@ class SendfileProducer:
 
     def __init__(self, request: Any, path: str, size: int) -> None:
         self._request = request
+        # Taken now: once the client is gone the request's channel is None, and the
+        # producer may still be called (stopProducing, a last resume).
+        self._transport = request.channel.transport
         self._file = open(path, "rb")
         self._size = size
         self._offset = 0
@@ -66,20 +69,22 @@ class SendfileProducer:
             return
         self._waiting = False
         try:
-            socket_fd = self._request.channel.transport.getHandle().fileno()
+            socket_fd = self._transport.getHandle().fileno()
             while self._offset < self._size:
                 sent = os.sendfile(socket_fd, self._file.fileno(), self._offset,
                                    min(SENDFILE_CHUNK, self._size - self._offset))
                 if sent == 0:
                     raise OSError("the blob is shorter than its size")
                 self._offset += sent
+                # Bytes sendfile moves never pass request.write: count them for the access log.
+                self._request.sentLength += sent
         except BlockingIOError:
             self._ordinary()
             return
         except OSError as e:
             log.warn("sending a blob failed: {error}", error=str(e))
             self._end()
-            self._request.channel.transport.loseConnection()
+            self._transport.loseConnection()
             return
         self._end()
 
@@ -93,7 +98,7 @@ class SendfileProducer:
         if not chunk:
             log.warn("a blob is shorter than its size")
             self._end()
-            self._request.channel.transport.loseConnection()
+            self._transport.loseConnection()
             return
         self._offset += len(chunk)
         self._waiting = True
@@ -105,6 +110,7 @@ class SendfileProducer:
         if self.done.called:
             return
         self._file.close()
-        if self._request.producer is self:
+        if self._request.producer is self and not self._request.finished and \
+                self._request.channel is not None:
             self._request.unregisterProducer()
         self.done.callback(b"")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
+from twisted.internet.error import CannotListenError
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -31,6 +31,9 @@ from nixeryd.storage.interface import IStorage
 from nixeryd.web import Status
 
 log = Logger()
+
+FILE_THREADS = 4
+REMOTE_THREADS = 10  # requests' default connection pool size, which the GCS client keeps
 
 def default_nix_dir() -> str:
     """The Nix expressions: beside the package in a checkout, else the installed copy."""
@@ -94,6 +97,19 @@ class LogObserverService(Service):
         globalLogPublisher.removeObserver(self.observer)
 
 
+class Listeners(MultiService):
+    """The listening endpoints. One that cannot listen (a port in use, a socket path not
+    writable) stops start-up with one line naming it, not a traceback."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            where = f"{e.interface or '*'}:{e.port}"
+            sys.stderr.write(f"nixeryd: --listen/PORT: cannot listen on {where}: {e.socketError}\n")
+            raise SystemExit(1) from None
+
+
 class NixService(Service):
     """Stops running Nix builds when nixeryd stops."""
 
@@ -120,16 +136,16 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
-def _storage(config: Config, offload: Any, reactor: Any, threads: int) -> IStorage:
+def _storage(config: Config, offload: Any, reactor: Any) -> IStorage:
     if config.storage_backend == "filesystem":
         try:
             return FilesystemStorage(config.storage_path, offload)
         except ValueError as e:
             raise ConfigError(f"STORAGE_PATH: {e}") from None
-    return _gcs_storage(config, offload, reactor, threads)
+    return _gcs_storage(config, offload, reactor)
 
 
-def _gcs_storage(config: Config, offload: Any, reactor: Any, threads: int) -> IStorage:
+def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
     from datetime import datetime, timezone
 
     from nixeryd.storage import gcs, signing
@@ -150,7 +166,6 @@ def _gcs_storage(config: Config, offload: Any, reactor: Any, threads: int) -> IS
             config.gcs_bucket,
             emulator=config.storage_emulator_host,
             credentials_file=config.google_credentials,
-            pool_size=threads,
         )
     except ValueError as e:
         raise ConfigError(f"GCS_BUCKET: {e}") from None
@@ -194,11 +209,19 @@ class Parts:
 def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> Parts:
     """Storage, Nix, builder and caches, wired from ``config``; no listening yet."""
     top = MultiService()
-    threads = max(4, (os.cpu_count() or 1) * 2)
-    pool = ThreadPool(minthreads=1, maxthreads=threads, name="nixeryd")
-    ThreadPoolService(pool).setServiceParent(top)
-    offload = thread_pool(reactor, pool)
-    storage = _storage(config, offload, reactor, threads)
+
+    def pool(name: str, threads: int) -> Any:
+        threads_pool = ThreadPool(minthreads=0, maxthreads=threads, name="nixeryd-" + name)
+        ThreadPoolService(threads_pool).setServiceParent(top)
+        return thread_pool(reactor, threads_pool)
+
+    # Work is split by kind, so that one kind never queues behind another: packing and
+    # hashing (CPU: zlib and hashlib release the GIL), local file I/O, and calls to a
+    # remote bucket (requests' connection pool keeps REMOTE_THREADS connections).
+    offload = pool("cpu", max(2, os.cpu_count() or 1))
+    files = pool("files", FILE_THREADS)
+    remote = pool("remote", REMOTE_THREADS) if config.storage_backend == "gcs" else files
+    storage = _storage(config, files if config.storage_backend == "filesystem" else remote, reactor)
     nix_dir = config.nix_dir or default_nix_dir()
     if not os.path.isfile(os.path.join(nix_dir, "build.nix")):
         raise ConfigError(f"NIXERY_NIX_DIR: no build.nix in {nix_dir}")
@@ -270,14 +293,16 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         auth=_authenticator(config, parts.offload, reactor),
     )
     site = make_site(api.app.resource())
+    listeners = Listeners()
+    listeners.setServiceParent(parts.top)
     for description in config.listen:
         try:
-            endpoint = serverFromString(reactor, description)
+            # strports' service fails start-up when it cannot listen, rather than
+            # logging the error and running on deaf.
+            service = strports.service(description, PlainHTTPFactory(site), reactor=reactor)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--listen: bad endpoint {description!r}: {e}") from None
-        service = StreamServerEndpointService(endpoint, PlainHTTPFactory(site))
-        service._raiseSynchronously = True
-        service.setServiceParent(parts.top)
+        service.setServiceParent(listeners)
     return parts.top
 
 

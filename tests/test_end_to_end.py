@@ -187,6 +187,24 @@ def test_two_fresh_instances_give_the_same_digest(daemon: Daemon, tmp_path: Path
     assert first["Docker-Content-Digest"] == second["Docker-Content-Digest"]
 
 
+def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    """A listening address that is taken ends start-up at once with one line, no traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(TWISTD), "--nodaemon", "--pidfile=", "nixeryd", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            env=daemon_environment(tmp_path / "s"), capture_output=True, text=True, timeout=60,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"nixeryd: --listen/PORT: cannot listen on 127.0.0.1:{port}" in output
+    assert "Traceback" not in output and "CannotListenError" not in output
+
+
 def test_twistd_lists_the_plugin() -> None:
     """``twistd --help`` lists nixeryd among its commands."""
     out = subprocess.run([str(TWISTD), "--help"], capture_output=True, text=True)
@@ -354,3 +372,30 @@ def test_pipelined_large_blob_and_manifest_arrive_whole_and_in_order(daemon: Dae
     assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
     assert blob_headers["docker-content-digest"] == layer["digest"]
     assert second_status == 200 and second == body
+
+
+def test_a_client_leaving_mid_blob_leaves_no_traceback(daemon: Daemon) -> None:
+    """A client that reads the headers of a large blob and hangs up costs nothing but a log
+    line: no unhandled error, and the daemon serves on; a whole blob sent with sendfile is
+    logged with its full size."""
+    import socket
+
+    status, _, body = daemon.request("/v2/noise/manifests/latest")
+    assert status == 200, body
+    layer = max(json.loads(body)["layers"], key=lambda layer: layer["size"])
+    assert layer["size"] > 10_000_000
+    start = len(daemon.output)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(f"GET /v2/noise/blobs/{layer['digest']} HTTP/1.1\r\nHost: r\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    status, _, data = daemon.request(f"/v2/noise/blobs/{layer['digest']}")
+    assert status == 200 and len(data) == layer["size"]
+    status, _, _ = daemon.request("/v2/")
+    assert status == 200
+    log = "".join(daemon.output[start:])
+    assert "Unhandled Error" not in log and "Traceback" not in log, log[-3000:]
+    (whole,) = [line for line in daemon.output[start:]
+                if f'"GET /v2/noise/blobs/{layer["digest"]} HTTP/1.1" 200' in line and "Python-urllib" in line]
+    assert f'" 200 {layer["size"]} ' in whole, whole

@@ -305,7 +305,6 @@ def connect(
     *,
     emulator: str | None,
     credentials_file: str | None,
-    pool_size: int,
 ) -> Any:
     """Blocking, for start-up: the bucket, checked to exist and be reachable.
 
@@ -317,7 +316,6 @@ def connect(
     from google.auth import exceptions as auth
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
-    from requests.adapters import HTTPAdapter
 
     try:
         if emulator is not None:
@@ -330,9 +328,6 @@ def connect(
             client = storage.Client()
     except (auth.GoogleAuthError, OSError, ValueError) as e:
         raise ValueError(f"cannot set up the Google Cloud Storage client: {e}") from None
-    adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
-    client._http.mount("https://", adapter)
-    client._http.mount("http://", adapter)
     bucket = client.bucket(bucket_name)
     try:
         bucket.reload(timeout=30)
