@@ -321,9 +321,14 @@ class RegistryAPI:
             self._served(request, len(location.data))
             return location.data
         assert isinstance(location, LocalFile)
-        if not ranges_are_sane(request.getHeader(b"range"), location.size):
-            # As Go's http.ServeContent (and so distribution) does: ranges adding up to more
-            # than the blob are an attack or a confused client; the answer is the blob.
+        answer = range_answer(request.getHeader(b"range"), location.size)
+        if answer == NONE:
+            _set(request, "Content-Range", f"bytes */{location.size}")
+            request.setResponseCode(416)
+            _set(request, "Content-Length", 0)
+            return b""
+        if answer == WHOLE:
+            # Ranges adding up to more than the blob are an attack or a confused client.
             request.requestHeaders.removeHeader(b"range")
         if request.getHeader(b"range") is None:
             self._served(request, location.size)
@@ -344,29 +349,43 @@ PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 MAX_RANGES = 64
 
 
-def ranges_are_sane(header: bytes | None, size: int) -> bool:
-    """Whether a Range header may be honoured: at most ``MAX_RANGES`` ranges whose lengths
-    add up to no more than the blob. Syntax errors are left to the file resource (416)."""
+WHOLE, PARTS, NONE = "whole", "parts", "none"
+
+
+def range_answer(header: bytes | None, size: int) -> str:
+    """How to answer a Range header on a blob of ``size`` bytes, as Go's ServeContent (and
+    so distribution) does: ``WHOLE`` (200 with the blob) for no header, one that is not
+    bytes, more than ``MAX_RANGES`` ranges, or ranges adding up to more than the blob;
+    ``NONE`` (416) when no range overlaps the blob; ``PARTS`` otherwise. A header that is
+    not well-formed is ignored (``WHOLE``), as the RFC allows."""
     if header is None:
-        return True
+        return WHOLE
     unit, _, specs = header.partition(b"=")
     if unit.strip().lower() != b"bytes":
-        return True
+        return WHOLE
     parts = specs.split(b",")
     if len(parts) > MAX_RANGES:
-        return False
+        return WHOLE
     total = 0
+    satisfiable = 0
     for part in parts:
         first, dash, last = part.strip().partition(b"-")
-        if not dash or not (first.isdigit() or first == b"") or not (last.isdigit() or last == b""):
-            return True
+        if not dash or not (first.isdigit() or first == b"") or not (last.isdigit() or last == b"") \
+                or first == last == b"" or (first and last and int(last) < int(first)):
+            return WHOLE  # not a range: ignored, as the RFC allows
         if first == b"":
-            total += min(int(last or b"0"), size)
+            if int(last or b"0") >= size:
+                return WHOLE  # a suffix covering the blob is the blob
+            length = int(last or b"0")
         else:
             start = int(first)
             end = min(int(last), size - 1) if last else size - 1
-            total += max(end - start + 1, 0)
-    return total <= size
+            length = max(end - start + 1, 0)
+        total += length
+        satisfiable += length > 0
+    if total > size:
+        return WHOLE
+    return PARTS if satisfiable else NONE
 
 
 def _arg(request: IRequest, name: bytes) -> str | None:

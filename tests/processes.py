@@ -13,6 +13,9 @@ Three layers, so that nothing outlives the run:
 from __future__ import annotations
 
 import ctypes
+import os
+import re
+import select
 import signal
 from typing import Callable, Iterator, Protocol
 
@@ -55,6 +58,24 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
         libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
     return set_pdeathsig
+
+
+def exited_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone (or never was) within ``seconds``: waits on a pidfd,
+    which becomes readable when the process ends; no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], seconds)
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
+SLEEPER = re.compile(r"sleeping for good as pid (\d+)")
+"""What the test package `hangs` prints: the pid of its builder."""
 
 
 def stop_everything(helpers: list[Stoppable] | None = None) -> list[str]:

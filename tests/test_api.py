@@ -448,6 +448,42 @@ class DamagedStorageTests(APITestCase):
         self.assertEqual(self.fetch(treq, f"/v2/alpha/blobs/{layer['digest']}")[1], good)
 
 
+class BudgetAndOrderTests(APITestCase):
+    def build_with(self, storage: Any, budget: int) -> ImageBuilder:
+        return ImageBuilder(nix=self.nix, storage=storage, offload=inline, source=PathSource("/srv/pkgs"),
+                            clock=self.clock, popularity={}, layer_budget=budget)
+
+    def test_the_symlink_layer_counts_in_the_budget(self) -> None:
+        """With a budget of N layers an image has exactly N, its symlink layer included."""
+        for budget in (2, 3):
+            source, storage = PathSource("/srv/pkgs"), MemoryStorage()
+            images = Images(self.build_with(storage, budget), storage, source, self.clock)
+            treq = StubTreq(RegistryAPI(images, storage, ("cacert", "iana-etc")).app.resource())
+            _, body = self.fetch(treq, "/v2/alpha/beta/manifests/latest")
+            self.assertEqual(len(json.loads(body)["layers"]), budget)
+
+    def test_no_layer_record_before_its_blob_is_stored(self) -> None:
+        """When storing a layer fails, no builds/ record names it: a record always points at
+        a blob that is there. (The failure is real: a directory stands where the blob goes.)"""
+        from nixeryd.storage.filesystem import FilesystemStorage
+
+        first = FilesystemStorage(str(Path(self.mktemp()).absolute()), inline)
+        images = Images(self.build_with(first, 94), first, PathSource("/srv/pkgs"), self.clock)
+        treq = StubTreq(RegistryAPI(images, first, ()).app.resource())
+        _, body = self.fetch(treq, "/v2/alpha/manifests/latest")
+        digests = {layer["digest"] for layer in json.loads(body)["layers"]}
+        root = Path(self.mktemp()).absolute()
+        second = FilesystemStorage(str(root), inline)
+        for digest in digests:
+            (root / "layers" / digest.removeprefix("sha256:")).mkdir()
+        images = Images(self.build_with(second, 94), second, PathSource("/srv/pkgs"), self.clock)
+        treq = StubTreq(RegistryAPI(images, second, ()).app.resource())
+        response, _ = self.fetch(treq, "/v2/alpha/manifests/latest")
+        self.assertEqual(response.code, 503)
+        named = {json.loads(p.read_text())["digest"] for p in (root / "builds").iterdir()}
+        self.assertEqual(named & digests, set())
+
+
 class CacheTests(APITestCase):
     def test_pinned_git_revisions_are_kept_for_good(self) -> None:
         """An image at a 40-hex git revision is never rebuilt; a branch is, after the TTL."""

@@ -70,17 +70,39 @@ def test_skopeo_pulls_an_image_that_runs(daemon: Daemon, tmp_path: Path) -> None
     assert config["architecture"] == "amd64" and config["os"] == "linux"
 
 
-def test_shared_dependencies_become_shared_layers(daemon: Daemon) -> None:
-    """Two images with a common dependency list the same layer digest for it."""
-    layers = []
-    for name in ("alpha", "beta"):
-        status, _, body = daemon.request(f"/v2/{name}/manifests/latest")
-        assert status == 200, body
-        layers.append({layer["digest"] for layer in json.loads(body)["layers"]})
-    common = layers[0] & layers[1]
-    # cacert, iana-etc and libshared at least; the symlink layers differ.
-    assert len(common) >= 2
-    assert layers[0] != layers[1]
+def store_paths_of(daemon: Daemon, name: str, digest: str) -> set[str]:
+    """The store paths a layer holds (the symlink layer holds none)."""
+    status, _, data = daemon.request(f"/v2/{name}/blobs/{digest}")
+    assert status == 200
+    listing = subprocess.run(["tar", "-tzf", "-"], input=data, capture_output=True, check=True).stdout.decode()
+    return {line.split("/")[2] for line in listing.splitlines() if line.startswith("nix/store/") and line.count("/") >= 2
+            and line.split("/")[2]}
+
+
+def libshared_layer(daemon: Daemon, name: str) -> str:
+    """The digest of the one layer of ``name`` holding libshared, which must hold it alone."""
+    status, _, body = daemon.request(f"/v2/{name}/manifests/latest")
+    assert status == 200, body
+    holding = [(layer["digest"], paths) for layer in json.loads(body)["layers"]
+               for paths in [store_paths_of(daemon, name, layer["digest"])]
+               if any(p.endswith("-libshared-1.0") for p in paths)]
+    assert len(holding) == 1, holding
+    digest, paths = holding[0]
+    assert len(paths) == 1, paths  # libshared alone
+    return digest
+
+
+def test_shared_dependencies_become_shared_layers(daemon: Daemon, tmp_path: Path) -> None:
+    """A dependency two packages of an image share is a layer of its own, the same blob in
+    every image that has both; with popularity data saying it is popular, it is its own
+    layer even in images holding only one of them (the base packages' layers are shared
+    too, but prove nothing about dependencies)."""
+    assert libshared_layer(daemon, "alpha/beta") == libshared_layer(daemon, "alpha/beta/hello")
+    popularity = tmp_path / "popularity.json"
+    popularity.write_text(json.dumps({"libshared-1.0": 10_000}))
+    storage = tmp_path / "storage"
+    popular = Daemon(storage, daemon_environment(storage, NIX_POPULARITY_URL=str(popularity))).start()
+    assert libshared_layer(popular, "alpha") == libshared_layer(popular, "beta")
 
 
 def test_head_digest_is_sha256_of_get_body(daemon: Daemon) -> None:

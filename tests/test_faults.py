@@ -15,6 +15,7 @@ from typing import Iterator
 import pytest
 
 from tests.daemon import Daemon, daemon_environment
+from tests.processes import SLEEPER, exited_within
 from tests.test_cache_end_to_end import NixCounter
 
 
@@ -156,23 +157,20 @@ def test_large_uploads_and_headers_are_refused_cheaply(tmp_path: Path) -> None:
         daemon.stop()
 
 
-def sleepers() -> set[str]:
-    found = subprocess.run(["pgrep", "-f", "sleep 100000"], capture_output=True, text=True)
-    return set(found.stdout.split())
-
-
 def test_kill_9_during_a_build_takes_nix_down_too(tmp_path: Path) -> None:
     """When the daemon dies by SIGKILL mid-build, Nix and its builder stop too, and the
     next daemon serves what was cached."""
-    before = sleepers()
     storage = tmp_path / "storage"
     daemon = Daemon(storage, daemon_environment(storage, NIX_TIMEOUT="600")).start()
     assert daemon.process is not None
     pid = daemon.process.pid
     started = threading.Event()
+    builders: list[int] = []
 
     def kill_when_building(line: str) -> None:
-        if "hangs-1.0: sleeping for good" in line and not started.is_set():
+        sleeper = SLEEPER.search(line)
+        if sleeper and not started.is_set():
+            builders.append(int(sleeper.group(1)))
             started.set()
             os.kill(pid, signal.SIGKILL)
 
@@ -181,13 +179,7 @@ def test_kill_9_during_a_build_takes_nix_down_too(tmp_path: Path) -> None:
     status, _, _ = daemon.request("/v2/hangs/manifests/latest")
     daemon.stop()
     assert started.is_set() and status == 599
-    gone = threading.Event()
-    for _ in range(100):
-        if not sleepers() - before:
-            gone.set()
-            break
-        gone.wait(0.1)
-    assert gone.is_set(), "the builder outlived the daemon"
+    assert exited_within(builders[0], 30), "the builder outlived the daemon"
     again = Daemon(storage, daemon_environment(storage)).start()
     try:
         assert again.request("/v2/hello/manifests/latest")[0] == 200

@@ -2,8 +2,10 @@
 success, never a 500 from our code, never a traceback, never a file outside storage."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,6 +31,7 @@ from nixeryd.pkgsource import PathSource
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import check_key
 from nixeryd.storage.memory import MemoryStorage
+from tests.cooperator import clocked_cooperator
 from tests.fakes import FakeNix, make_store
 from tests.test_api import DEPENDENCIES
 
@@ -140,16 +143,122 @@ def test_parsers_accept_or_refuse_cleanly(name: str, ref: str) -> None:
         pass
 
 
+VALID_KEYS = st.builds(lambda prefix, hexdigest: f"{prefix}/{hexdigest}",
+                       st.sampled_from(["layers", "manifests", "builds"]),
+                       st.text("0123456789abcdef", min_size=64, max_size=64))
+
+
+@st.composite
+def near_valid_keys(draw: Any) -> str:
+    """A valid key, sometimes with characters a path could abuse put in anywhere."""
+    key = draw(VALID_KEYS)
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(key)))
+        key = key[:at] + draw(st.sampled_from(["/", "..", "../", ".", "\x00", "\n", "%2e", "~", " "])) + key[at:]
+    return key
+
+
 @SETTINGS
-@given(key=st.text(max_size=90))
+@given(key=st.one_of(near_valid_keys(), st.text(max_size=90)))
 def test_no_key_escapes_the_store(tmp_path_factory: Any, key: str) -> None:
-    """Every key the filesystem backend accepts names a file inside its root."""
-    root = str(tmp_path_factory.getbasetemp() / "fsroot")
-    if "fs" not in _api:
-        _api["fs"] = FilesystemStorage(root, inline)  # type: ignore[assignment]
+    """Every key the filesystem backend accepts names a file directly inside its prefix
+    directory under the root; valid keys are accepted, anything else refused."""
+    root = os.path.realpath(str(tmp_path_factory.getbasetemp() / "fsroot"))
     try:
         check_key(key)
     except ValueError:
+        assert not VALID_KEY_PATTERN.fullmatch(key)
         return
     resolved = os.path.realpath(os.path.join(root, key))
-    assert resolved.startswith(os.path.realpath(root) + os.sep)
+    prefix, name = key.split("/")
+    assert resolved == os.path.join(root, prefix, name)
+    assert len(name) == 64
+
+
+VALID_KEY_PATTERN = re.compile(r"(layers|manifests|builds)/[0-9a-f]{64}")
+
+
+_files: dict[str, Any] = {}
+
+
+def file_api(tmp_root: str) -> tuple[StubTreq, list[bytes]]:
+    """An API on filesystem storage (the backend that honours Range) with one image built;
+    its blobs' bytes."""
+    if "api" not in _files:
+        clock = Clock()
+        store = make_store(Path(tmp_root) / "store", DEPENDENCIES)
+        storage = FilesystemStorage(str(Path(tmp_root) / "storage"), inline)
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(nix=FakeNix(store, DEPENDENCIES), storage=storage, offload=inline,
+                               source=source, clock=clock, popularity={})
+        treq = StubTreq(RegistryAPI(Images(builder, storage, source, clock), storage, ("cacert",)).app.resource())
+        d = treq.get("http://r/v2/alpha/beta/manifests/latest")
+        treq.flush()
+        manifest = json.loads(bodies_of(treq, d))
+        digests = [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+        blobs = [(Path(tmp_root) / "storage" / "layers" / d.removeprefix("sha256:")).read_bytes() for d in digests]
+        _files["api"] = (treq, blobs)
+    return _files["api"]  # type: ignore[no-any-return]
+
+
+def bodies_of(treq: StubTreq, d: Any) -> bytes:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    body_d = results[0].content()
+    treq.flush()
+    out: list[Any] = []
+    body_d.addBoth(out.append)
+    assert isinstance(out[0], bytes), out
+    return out[0]
+
+
+positions = st.one_of(st.integers(0, 3000), st.sampled_from([10**20, 2**63]))
+one_range = st.one_of(
+    st.builds(lambda a, b: f"{a}-{b}", positions, positions),
+    st.builds(lambda a: f"{a}-", positions),
+    st.builds(lambda n: f"-{n}", positions),
+    st.sampled_from(["0-", "-0", "", "-", "a-b", " 0 - 1 ", "0-0"]),
+)
+range_headers = st.one_of(
+    st.lists(one_range, min_size=1, max_size=5).map(lambda rs: "bytes=" + ",".join(rs)),
+    st.builds(lambda r, n: "bytes=" + ",".join([r] * n), one_range, st.integers(50, 2000)),
+    st.sampled_from(["bytes=", "items=0-1", "bytes 0-1", "bytes=0-1;x"]),
+)
+
+
+@SETTINGS
+@given(which=st.integers(0, 10), range_=range_headers, method=st.sampled_from(["GET", "HEAD"]))
+def test_ranges_on_stored_blobs(tmp_path_factory: Any, which: int, range_: str, method: str) -> None:
+    """Any Range on a real blob on disk: 200 with the blob, a 206 whose parts are the blob's
+    bytes and never add up to more than it, or 416; never a 500."""
+    treq, blobs = file_api(str(tmp_path_factory.mktemp("ranges")))
+    blob = blobs[which % len(blobs)]
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    with clocked_cooperator(treq) as pump:
+        d = treq.request(method, f"http://r/v2/alpha/blobs/{digest}", headers={"Range": [range_]})
+        pump()
+        results: list[Any] = []
+        d.addBoth(results.append)
+        response = results[0]
+        # A request past the header size limit is refused before it is a request.
+        assume(not hasattr(response, "getTraceback"))
+        body_d = response.content()
+        pump()
+        bodies: list[Any] = []
+        body_d.addBoth(bodies.append)
+    body = bodies[0]
+    assert isinstance(body, bytes), body
+    assert response.code in (200, 206, 416), (range_, response.code)
+    length = int(response.headers.getRawHeaders("Content-Length", ["-1"])[0])
+    if method == "HEAD":
+        assert body == b""
+    else:
+        assert length in (-1, len(body))
+    if response.code == 200 and method == "GET":
+        assert body == blob
+    if response.code == 206:
+        assert length <= len(blob) + 64 * 200, (range_, length, len(blob))
+        content_range = response.headers.getRawHeaders("Content-Range")
+        if content_range and method == "GET":
+            start, end = map(int, content_range[0].split(" ")[1].split("/")[0].split("-"))
+            assert body == blob[start:end + 1]

@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -33,6 +33,7 @@ from nixeryd.nix import (
     parse_closure,
 )
 from nixeryd.nix import _tail_text as tail_text
+from tests.processes import SLEEPER, exited_within
 
 ROOT = Path(__file__).resolve().parent.parent
 NIX_DIR = str(ROOT / "nix")
@@ -372,9 +373,34 @@ async def test_failing_build_reports_nix_output(builder: NixBuilder) -> None:
     assert "meant to fail" in error.value.message
 
 
-def group_members(pattern: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return found.stdout.split()
+class Sleepers:
+    """Watches Nix's log for the `hangs` package's builder and says its pid, as it starts."""
+
+    def __init__(self) -> None:
+        self.started: Deferred[int] = Deferred()
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            found = SLEEPER.search(str(event.get("line", ""))) if event.get("build_log") else None
+            if found and not self.started.called:
+                self.started.callback(int(found.group(1)))
+
+        self.observer = observe
+
+    def __enter__(self) -> "Sleepers":
+        globalLogPublisher.addObserver(self.observer)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        globalLogPublisher.removeObserver(self.observer)
+
+
+async def gone(pid: int, seconds: float = 30) -> bool:
+    """Whether ``pid`` ends within ``seconds``, waited for on a pidfd in a thread."""
+    from twisted.internet.threads import deferToThread
+
+    ended: bool = await deferToThread(exited_within, pid, seconds)
+    return ended
 
 
 @pytest_twisted.ensureDeferred
@@ -382,38 +408,24 @@ async def test_hanging_build_is_killed_whole(nix_env: dict[str, str]) -> None:
     """A build past its deadline fails with NixTimedOut and leaves no process behind."""
     from twisted.internet import reactor
 
-    before = set(group_members("sleep 100000"))
     builder = NixBuilder(reactor, NIX_DIR, nix_env, timeout=600, deadline=2, kill_grace=2)
-    with pytest.raises(NixTimedOut):
-        await build(builder, ["hangs"])
-    # Nix takes its builder down on SIGTERM; give it a moment on the real clock.
-    for _ in range(50):
-        if not set(group_members("sleep 100000")) - before:
-            break
-        await deferLater(reactor, 0.1, lambda: None)
-    assert set(group_members("sleep 100000")) - before == set()
+    with Sleepers() as sleepers:
+        with pytest.raises(NixTimedOut):
+            await build(builder, ["hangs"])
+        assert sleepers.started.called, "the hanging builder never started"
+        assert await gone(await sleepers.started), "the builder outlived its build"
 
 
 @pytest_twisted.ensureDeferred
 async def test_stop_ends_running_builds(builder: NixBuilder) -> None:
     """Stopping the builder (nixeryd shutting down) ends running builds and their builders."""
-    from twisted.internet import reactor
-
-    before = set(group_members("sleep 100000"))
-    pending = build(builder, ["hangs"])
-    for _ in range(100):
-        if set(group_members("sleep 100000")) - before:
-            break
-        await deferLater(reactor, 0.1, lambda: None)
-    assert set(group_members("sleep 100000")) - before, "the hanging build did not start"
-    await builder.stop()
-    with pytest.raises(NixBuildFailed, match="shutting down"):
-        await pending
-    for _ in range(50):
-        if not set(group_members("sleep 100000")) - before:
-            break
-        await deferLater(reactor, 0.1, lambda: None)
-    assert set(group_members("sleep 100000")) - before == set()
+    with Sleepers() as sleepers:
+        pending = build(builder, ["hangs"])
+        pid = await sleepers.started
+        await builder.stop()
+        with pytest.raises(NixBuildFailed, match="shutting down"):
+            await pending
+        assert await gone(pid), "the builder outlived nixeryd's stop"
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ end-to-end test leans on, checked with a real pytest run of its own."""
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import ROOT
+from tests.processes import exited_within
 
 INNER_CONFTEST = "from tests.processes import pytest_sessionfinish, stop_leftovers  # noqa: F401\n"
 
@@ -38,19 +38,6 @@ def test_the_first_one_was_stopped():
         return
     raise AssertionError(f"daemon {pid} is still running")
 '''
-
-
-def exited_within(pid: int, seconds: float) -> bool:
-    """Whether process ``pid`` is gone within ``seconds`` (waits on a pidfd, no polling)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], seconds)
-        return bool(readable)
-    finally:
-        os.close(fd)
 
 
 def test_a_failed_start_after_another_leaks_nothing(pytester: pytest.Pytester, tmp_path: Path,

@@ -358,6 +358,18 @@ class GCSStorageTests(ListingContract, SynchronousTestCase):
         self.result(self.storage.commit_blob(path, info))
         self.assertEqual(self.bucket.blob(key_).download_as_bytes(), data)
 
+    def test_bytes_that_arrive_wrong_are_not_committed(self) -> None:
+        """When what reaches the bucket does not have the blob's MD5 (here: a staged file
+        whose bytes differ from the announced blob), nothing is stored under its key."""
+        announced = blob_info(b"A" * 64)
+        path = self.storage.staging_path()
+        with open(path, "wb") as f:
+            f.write(b"B" * 64)
+        self.failureResultOf(self.storage.commit_blob(path, announced), StorageError)
+        hexdigest = announced.digest.removeprefix("sha256:")
+        self.assertIsNone(self.bucket.get_blob("layers/" + hexdigest))
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, 64, announced.md5)), MISSING)
+
     def test_same_size_other_bytes_is_damaged(self) -> None:
         """An object of the right size whose MD5 differs is damaged; so is one with no MD5."""
         data = b"0123456789" * 10

@@ -151,8 +151,9 @@ in
   '';
 
   hangs = mk "hangs-1.0" ''
-    echo "hangs-1.0: sleeping for good" >&2
-    sleep 100000
+    # Says which process to watch: the shell becomes the sleep.
+    echo "hangs-1.0: sleeping for good as pid $$" >&2
+    exec sleep 100000
   '';
 
   # A package with its manual in an output of its own, as nixpkgs splits them:
