@@ -231,6 +231,7 @@ range_headers = st.one_of(
 def test_ranges_on_stored_blobs(tmp_path_factory: Any, which: int, range_: str, method: str) -> None:
     """Any Range on a real blob on disk: 200 with the blob, a 206 whose parts are the blob's
     bytes and never add up to more than it, or 416; never a 500."""
+    assume(len(range_) < 16000)  # longer headers are refused by the HTTP layer (431 in the daemon)
     treq, blobs = file_api(str(tmp_path_factory.mktemp("ranges")))
     blob = blobs[which % len(blobs)]
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
