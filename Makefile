@@ -36,7 +36,7 @@ nix-settings:
 	fi
 	@$(SUDO) mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	@[ -x $(PYTHON) ] || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
@@ -48,6 +48,8 @@ serve: install
 	  $(VENV)/bin/twistd --nodaemon --pidfile= nixeryd
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
 clean:

@@ -127,7 +127,8 @@ def main() -> None:
     print(f"{'warm manifest GET, p99 latency ms':<40}{n['p99']:>12.2f}{d['p99']:>14.2f}")
     nb, db = results["nixeryd", "blob"], results["distribution", "blob"]
     print(f"{'120 MB blob GET, MB/s':<40}{nb['mbps']:>12.0f}{db['mbps']:>14.0f}{nb['mbps'] / db['mbps']:>8.2f}")
-    print(f"{'non-2xx responses (manifest, blob)':<40}{n['errors'] + nb['errors']:>12.0f}{d['errors'] + db['errors']:>14.0f}")
+    errors = (n["errors"] + nb["errors"], d["errors"] + db["errors"])
+    print(f"{'non-2xx responses (manifest, blob)':<40}{errors[0]:>12.0f}{errors[1]:>14.0f}")
     print(f"\ncold pull of docs/pystdlib ({pull:.1f}s with skopeo): build {total_build:.1f}s, "
           f"of which Nix {nix_seconds:.1f}s and nixeryd {total_build - nix_seconds:.1f}s")
 

@@ -21,7 +21,6 @@ from werkzeug.exceptions import HTTPException
 from nixeryd import manifest
 from nixeryd.auth import Authenticator
 from nixeryd.builder import ImageManifests, StoredManifest
-from nixeryd.site import PHRASES
 from nixeryd.errors import (
     RegistryError,
     as_registry_errors,
@@ -41,6 +40,7 @@ from nixeryd.names import (
     parse_reference,
 )
 from nixeryd.sendfile import SendfileProducer, can_sendfile
+from nixeryd.site import PHRASES
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect
 from nixeryd.web import Status, render_index
 
@@ -242,18 +242,18 @@ class RegistryAPI:
         try:
             parse_name(name, ())
         except NameInvalid as e:
-            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name})
+            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
 
     async def _manifest(self, request: IRequest, name: str, ref: str) -> bytes:
         try:
             image = parse_name(name, self._base_packages)
             reference = parse_reference(ref)
         except NameInvalid as e:
-            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name})
+            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
         except DigestInvalid as e:
-            raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref})
+            raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
         except ReferenceInvalid as e:
-            raise RegistryError(404, "MANIFEST_UNKNOWN", str(e), {"reference": ref})
+            raise RegistryError(404, "MANIFEST_UNKNOWN", str(e), {"reference": ref}) from None
         if isinstance(reference, Digest):
             stored = await storage_call(self._images.stored_manifest(reference.digest))
             if stored is None:
@@ -292,9 +292,9 @@ class RegistryAPI:
             parse_name(name, ())
             digest = parse_digest(ref)
         except NameInvalid as e:
-            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name})
+            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
         except DigestInvalid as e:
-            raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref})
+            raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
         location = await storage_call(self._storage.locate_blob(digest.hex))
         if location is None:
             raise RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": ref})

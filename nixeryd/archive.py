@@ -89,7 +89,7 @@ def _entry_for(path: str, name: str) -> _Entry:
     if stat.S_ISLNK(st.st_mode):
         return _Symlink(name, os.readlink(path))
     raise ValueError(
-        "cannot archive {}: only regular files, symlinks and directories are allowed".format(path)
+        f"cannot archive {path}: only regular files, symlinks and directories are allowed"
     )
 
 
@@ -109,7 +109,7 @@ def _layer_entries(paths: Sequence[str]) -> list[_Entry]:
     entries: dict[str, _Entry] = {}
     for path in paths:
         if not os.path.isabs(path):
-            raise ValueError("layer paths must be absolute, got {!r}".format(path))
+            raise ValueError(f"layer paths must be absolute, got {path!r}")
         path = os.path.normpath(path)
         if path == "/":
             raise ValueError("cannot archive the root directory")
@@ -134,7 +134,7 @@ class _HashedStream:
 
     def __init__(self, out: BinaryIO, level: int | None, compression: str = "gzip") -> None:
         if compression not in COMPRESSIONS:
-            raise ValueError("compression must be one of {}, got {!r}".format(COMPRESSIONS, compression))
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         level = DEFAULT_LEVELS[compression] if level is None else level
         self._gzip = compression == "gzip"
         self._out = out
@@ -147,7 +147,7 @@ class _HashedStream:
         self._compressor: Any
         if self._gzip:
             if not 0 <= level <= 9:
-                raise ValueError("gzip level must be within 0..9, got {}".format(level))
+                raise ValueError(f"gzip level must be within 0..9, got {level}")
             # zlib-ng: the same DEFLATE format, about twice zlib's speed at the same level.
             # Its output is part of every layer's digest, so its version is pinned.
             self._compressor = zlib_ng.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
@@ -158,7 +158,7 @@ class _HashedStream:
             import zstandard
 
             if not 1 <= level <= 19:
-                raise ValueError("zstd level must be within 1..19, got {}".format(level))
+                raise ValueError(f"zstd level must be within 1..19, got {level}")
             # One thread and no content size in the frame: the same bytes every time.
             self._compressor = zstandard.ZstdCompressor(
                 level=level, write_checksum=True, write_content_size=False, threads=0
@@ -225,11 +225,11 @@ def _copy_file(entry: _File, stream: _HashedStream) -> None:
         while remaining > 0:
             n = f.readinto(view[: min(CHUNK, remaining)])
             if not n:
-                raise ValueError("{} shrank while it was archived".format(entry.source))
+                raise ValueError(f"{entry.source} shrank while it was archived")
             stream.write(view[:n])
             remaining -= n
         if f.read(1):
-            raise ValueError("{} grew while it was archived".format(entry.source))
+            raise ValueError(f"{entry.source} grew while it was archived")
     padding = -entry.size % _BLOCK
     if padding:
         stream.write(bytes(padding))
@@ -401,7 +401,7 @@ def write_symlink_layer(
     tree = _Tree()
     for root in sorted(set(roots), key=os.fsencode):
         if not os.path.isabs(root):
-            raise ValueError("symlink layer roots must be absolute, got {!r}".format(root))
+            raise ValueError(f"symlink layer roots must be absolute, got {root!r}")
         root = os.path.normpath(root)
         store = os.path.dirname(root)
         real = store_target(root, store)

@@ -12,8 +12,8 @@ import json
 import os
 import re
 from collections import deque
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -39,10 +39,19 @@ SSL_CERT_FILE = "/etc/ssl/certs/ca-bundle.crt"
 
 
 class NixBuildResult(Protocol):
-    roots: tuple[str, ...]
-    closure: Mapping[str, PathInfo]
-    named: Mapping[str, str]
-    revision: str | None
+    """What a Nix build gives (``nixeryd.nix.NixBuild``), read-only."""
+
+    @property
+    def roots(self) -> tuple[str, ...]: ...
+
+    @property
+    def closure(self) -> Mapping[str, PathInfo]: ...
+
+    @property
+    def named(self) -> Mapping[str, str]: ...
+
+    @property
+    def revision(self) -> str | None: ...
 
 
 class Nix(Protocol):

@@ -98,7 +98,7 @@ async def _guarded(command: Any, reactor: Any, *args: Any) -> None:
         await command(reactor, *args)
     except (ConfigError, CommandError) as e:
         sys.stderr.write(f"nixeryd: {e}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 class CommandError(Exception):

@@ -45,27 +45,27 @@ async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
         detail: dict[str, Any] = {"packages": list(e.packages)}
         if e.reason:
             detail["nix"] = e.reason
-        raise RegistryError(404, "MANIFEST_UNKNOWN", "packages not found: " + ", ".join(e.packages), detail)
+        raise RegistryError(404, "MANIFEST_UNKNOWN", "packages not found: " + ", ".join(e.packages), detail) from None
     except NixTimedOut as e:
         log.error("build of {image} timed out", image=name)
-        raise RegistryError(500, "UNKNOWN", e.message)
+        raise RegistryError(500, "UNKNOWN", e.message) from None
     except NixError as e:
         log.error("build of {image} failed: {message}", image=name, message=e.message)
-        raise RegistryError(500, "UNKNOWN", e.message)
+        raise RegistryError(500, "UNKNOWN", e.message) from None
     except BuildQueueFull:
         raise RegistryError(
             429, "TOOMANYREQUESTS", "too many images are being built; try again shortly",
             retry_after=RETRY_AFTER_SECONDS,
-        )
+        ) from None
     except StorageError as e:
-        raise unavailable(e)
+        raise unavailable(e) from None
 
 
 async def storage_call(pending: Awaitable[T]) -> T:
     try:
         return await pending
     except StorageError as e:
-        raise unavailable(e)
+        raise unavailable(e) from None
 
 
 def no_endpoint(path: str) -> RegistryError:

@@ -219,7 +219,7 @@ class Images:
                     stored.append(None)  # no Docker manifests: no Docker list either
                     continue
                 entries = [(manifest.Descriptor(c.digest, len(c.body)), one.arch)
-                           for c, one in zip(chosen, per_platform) if c is not None]
+                           for c, one in zip(chosen, per_platform, strict=True) if c is not None]
                 body = manifest.image_index(flavour, entries)
                 stored.append(await self._builder.store_manifest(body, flavour.index_type))
             assert stored[0] is not None

@@ -73,18 +73,16 @@ def parse_popularity(data: bytes) -> dict[str, int]:
     try:
         parsed = json.loads(data)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError("popularity data is not valid JSON: {}".format(e)) from e
+        raise ValueError(f"popularity data is not valid JSON: {e}") from e
     if not isinstance(parsed, dict):
         raise ValueError(
-            "popularity data must be a JSON object of name -> count, got {}".format(
-                type(parsed).__name__
-            )
+            f"popularity data must be a JSON object of name -> count, got {type(parsed).__name__}"
         )
     result: dict[str, int] = {}
     for name, count in parsed.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(
-                "popularity of {!r} must be a non-negative integer, got {!r}".format(name, count)
+                f"popularity of {name!r} must be a non-negative integer, got {count!r}"
             )
         result[name] = count
     return result
@@ -185,15 +183,15 @@ def immediate_dominators(graph: Mapping[str, Iterable[str]], start: str) -> dict
 def _check_closure(roots: Sequence[str], closure: Mapping[str, PathInfo]) -> None:
     for root in roots:
         if root not in closure:
-            raise ValueError("top-level path {} is not in the closure".format(root))
+            raise ValueError(f"top-level path {root} is not in the closure")
     for path, info in closure.items():
         if info.path != path:
-            raise ValueError("closure entry {} describes {}".format(path, info.path))
+            raise ValueError(f"closure entry {path} describes {info.path}")
         if info.nar_size < 0:
-            raise ValueError("store path {} has a negative size".format(path))
+            raise ValueError(f"store path {path} has a negative size")
         for ref in info.references:
             if ref not in closure:
-                raise ValueError("store path {} references {}, which is not in the closure".format(path, ref))
+                raise ValueError(f"store path {path} references {ref}, which is not in the closure")
 
 
 def _topological_order(graph: Mapping[str, Sequence[str]]) -> list[str]:
@@ -214,7 +212,7 @@ def _topological_order(graph: Mapping[str, Sequence[str]]) -> list[str]:
                 ready.append(referrer)
     if len(order) != len(graph):
         cyclic = sorted(node for node, n in pending.items() if n > 0)
-        raise ValueError("the closure has a reference cycle through {}".format(cyclic[0]))
+        raise ValueError(f"the closure has a reference cycle through {cyclic[0]}")
     return order
 
 
@@ -282,7 +280,7 @@ def group_layers(
     highest first, then by key.
     """
     if budget < 1:
-        raise ValueError("the layer budget must be at least 1, got {}".format(budget))
+        raise ValueError(f"the layer budget must be at least 1, got {budget}")
     _check_closure(roots, closure)
     graph: dict[str, list[str]] = {
         path: sorted({ref for ref in info.references if ref != path})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, LogEvent, formatEvent
@@ -28,7 +28,7 @@ class JSONLines:
     def __call__(self, event: LogEvent) -> None:
         level = event.get("log_level")
         record: dict[str, Any] = {
-            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(),
+            "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(),
             "level": getattr(level, "name", "info"),
             "namespace": event.get("log_namespace", ""),
             "message": formatEvent(event),

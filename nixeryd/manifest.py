@@ -140,7 +140,7 @@ def manifest_media_type(body: bytes) -> str:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError("manifest is not JSON: {}".format(e)) from None
+        raise ValueError(f"manifest is not JSON: {e}") from None
     media_type = doc.get("mediaType") if isinstance(doc, dict) else None
     if not isinstance(media_type, str) or not media_type:
         raise ValueError("manifest has no mediaType")

@@ -14,10 +14,11 @@ import re
 import signal
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IProcessProtocol, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,6 +44,21 @@ MAX_MESSAGE = 4096
 """Most characters of Nix's output in one error message (it goes to every client)."""
 SETSID = "setsid"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class ProcessReactor(Protocol):
+    """What Nix needs of the reactor: ``IReactorProcess`` to start it, ``IReactorTime`` to
+    bound it (the global reactor; in tests, a ``Clock`` that records spawns)."""
+
+    def spawnProcess(
+        self, processProtocol: IProcessProtocol, executable: str, args: Sequence[str],
+        env: Mapping[str, str] | None = None, path: str | None = None, uid: int | None = None,
+        gid: int | None = None, usePTY: bool = False, childFDs: Mapping[int, Any] | None = None,
+    ) -> IProcessTransport: ...
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> IDelayedCall: ...
 
 
 @dataclass(frozen=True)
@@ -173,7 +189,7 @@ class LineAssembler:
 
     def feed(self, data: bytes) -> list[tuple[bytes, int]]:
         """The lines ``data`` completes, without their newlines."""
-        lines = []
+        lines: list[tuple[bytes, int]] = []
         start = 0
         while True:
             end = data.find(b"\n", start)
@@ -266,7 +282,7 @@ class NixBuilder:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ProcessReactor,
         nix_dir: str,
         environ: Mapping[str, str],
         *,
@@ -398,13 +414,13 @@ class _Killer:
     """Ends a process group: SIGTERM, then SIGKILL after a grace period."""
 
     def __init__(
-        self, reactor: Any, killpg: Callable[[int, int], None], pid: int, grace: float
+        self, reactor: ProcessReactor, killpg: Callable[[int, int], None], pid: int, grace: float
     ) -> None:
         self._reactor = reactor
         self._killpg = killpg
         self._pid = pid
         self._grace = grace
-        self._hard: Any = None
+        self._hard: IDelayedCall | None = None
         self.fired = False
 
     def start(self) -> None:

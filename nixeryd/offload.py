@@ -15,10 +15,10 @@ from twisted.python.threadpool import ThreadPool
 
 
 class Offload(Protocol):
-    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]": ...
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]: ...
 
 
-def inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
+def inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
     """Run ``fn`` at once on the calling thread; for tests."""
     return maybeDeferred(fn, *args, **kwargs)
 
@@ -26,7 +26,7 @@ def inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]"
 def thread_pool(reactor: IReactorFromThreads, pool: ThreadPool) -> Offload:
     """An Offload that runs work in ``pool`` and fires on the reactor thread."""
 
-    def offload(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
+    def offload(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         return deferToThreadPool(reactor, pool, fn, *args, **kwargs)
 
     return offload

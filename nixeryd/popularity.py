@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from nixeryd.layers import package_name, parse_popularity
+
+if TYPE_CHECKING:
+    from nixeryd.nix import ProcessReactor
 
 LOAD_TIMEOUT = 30.0
 
@@ -52,7 +55,7 @@ def count_references(derivations: Mapping[str, Any]) -> dict[str, int]:
 
 
 async def compute_popularity(
-    reactor: Any, nix_dir: str, source: Mapping[str, str], environ: Mapping[str, str],
+    reactor: ProcessReactor, nix_dir: str, source: Mapping[str, str], environ: Mapping[str, str],
     *, system: str = "x86_64-linux", timeout: float = 3600,
 ) -> dict[str, int]:
     """Popularity of every package of the package set, from its build graph."""

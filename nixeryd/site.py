@@ -50,7 +50,7 @@ class RefuseTLS(ProtocolWrapper):
     def dataReceived(self, data: bytes) -> None:
         if self._first and data:
             self._first = False
-            if data[:1] == b"\x16":  # a TLS record of type handshake
+            if data[:1] == b"\x16" and self.transport is not None:  # a TLS record of type handshake
                 self.transport.write(TLS_ON_PLAIN_PORT)
                 self.transport.loseConnection()
                 return
@@ -101,15 +101,19 @@ class RegistryChannel(http.HTTPChannel):
         self._too_large()
 
     def _too_large(self) -> None:
-        self.transport.write(HEADERS_TOO_LARGE)
+        if self.transport is not None:
+            self.transport.write(HEADERS_TOO_LARGE)
         self.loseConnection()
+
+
+class RegistrySite(Site):
+    protocol = RegistryChannel  # type: ignore[assignment]  # Twisted types it as a factory function
 
 
 def make_site(resource: IResource) -> Site:
     """The site every listening endpoint serves (wrapped in ``PlainHTTPFactory``).
     Idle connections (slow or stalled clients) are dropped after a minute."""
-    site = Site(resource, timeout=IDLE_TIMEOUT)
-    site.protocol = RegistryChannel
+    site = RegistrySite(resource, timeout=IDLE_TIMEOUT)
     site.requestFactory = RegistryRequest
     site.displayTracebacks = False
     return site

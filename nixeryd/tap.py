@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any, Mapping
 
 from twisted.application import strports
-from twisted.internet.error import CannotListenError
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -146,7 +147,7 @@ def _storage(config: Config, offload: Any, reactor: Any) -> IStorage:
 
 
 def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from nixeryd.storage import gcs, signing
 
@@ -173,7 +174,7 @@ def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
 
     def signed(name: str) -> str:
         assert key is not None
-        now = datetime.fromtimestamp(reactor.seconds(), timezone.utc)
+        now = datetime.fromtimestamp(reactor.seconds(), UTC)
         return signing.signed_url(key, bucket_name, name, now=now, expires=ttl, endpoint=endpoint)
 
     redirect = signed if key is not None else gcs.plain_url(endpoint, bucket_name)
@@ -318,4 +319,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except ConfigError as e:
         # twistd has no way to refuse start-up without a traceback but to exit.
         sys.stderr.write(f"nixeryd: {e}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import DeferredSemaphore
 from twisted.logger import Logger
 
 from nixeryd.cache import gather
@@ -86,7 +86,7 @@ async def verify(storage: IStorage, *, repair: bool = False, progress: Progress 
             sizes[hexdigest] = size
 
     progress("blobs", 0, len(blobs))
-    await gather([slots.run(lambda key=blob.key: Deferred.fromCoroutine(check(key))) for blob in blobs])
+    await gather([slots.run(check, blob.key) for blob in blobs])
     report.blobs = len(blobs)
 
     records = await storage.list("builds") + await storage.list("manifests")

@@ -97,7 +97,7 @@ class Daemon:
     twistd_args: list[str] = field(default_factory=list)
     on_line: list[Callable[[str], None]] = field(default_factory=list)
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def start(self, timeout: float = 30.0) -> Daemon:
         self.port = free_port()
         self.process = subprocess.Popen(
             [str(TWISTD), "--nodaemon", "--pidfile=", *self.twistd_args, "nixeryd",

@@ -26,7 +26,7 @@ class Emulator:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, port: int | None = None) -> "Emulator":
+    def start(self, port: int | None = None) -> Emulator:
         self.port = port or free_port()
         self.ready.clear()
         self.process = subprocess.Popen(

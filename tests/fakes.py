@@ -70,7 +70,7 @@ class FakeNix:
         """Fire every held build."""
         pending, results = self.pending, self._results
         self.pending, self._results = [], []
-        for d, result in zip(pending, results):
+        for d, result in zip(pending, results, strict=True):
             d.callback(result)
 
     def _result(self, packages: Sequence[str]) -> NixBuild:

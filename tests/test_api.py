@@ -207,7 +207,7 @@ class NegotiationTests(APITestCase):
         self.assertEqual(doc["mediaType"], DOCKER_MANIFEST)
         self.assertEqual(self.header(response, "Content-Type"), DOCKER_MANIFEST)
         self.assertEqual(doc["config"]["mediaType"], "application/vnd.docker.container.image.v1+json")
-        self.assertEqual({l["mediaType"] for l in doc["layers"]},
+        self.assertEqual({layer["mediaType"] for layer in doc["layers"]},
                          {"application/vnd.docker.image.rootfs.diff.tar.gzip"})
         _, oci = self.get("/v2/alpha/manifests/latest")
         self.assertEqual(json.loads(oci)["config"]["digest"], doc["config"]["digest"])
@@ -587,9 +587,9 @@ class OperatorEndpointTests(APITestCase):
         self.assertIn('nixeryd_manifest_cache_total{result="miss"} 2.0', metrics)
         self.assertIn("nixeryd_nix_builds_running 0.0", metrics)
         self.assertIn("nixeryd_build_queue_length 0.0", metrics)
-        packed = [l for l in metrics.splitlines() if l.startswith("nixeryd_packed_bytes_total")]
+        packed = [line for line in metrics.splitlines() if line.startswith("nixeryd_packed_bytes_total")]
         self.assertGreater(float(packed[0].split()[1]), 0)
-        served = [l for l in metrics.splitlines() if l.startswith("nixeryd_served_bytes_total")]
+        served = [line for line in metrics.splitlines() if line.startswith("nixeryd_served_bytes_total")]
         self.assertGreater(float(served[0].split()[1]), 0)
 
     def test_index_shows_host_source_builds_and_failures(self) -> None:
@@ -637,11 +637,11 @@ class ZstdTests(APITestCase):
 
         _, zstd_body = fetch("/v2/alpha/manifests/latest")
         doc = json.loads(zstd_body)
-        self.assertEqual({l["mediaType"] for l in doc["layers"]},
+        self.assertEqual({layer["mediaType"] for layer in doc["layers"]},
                          {"application/vnd.oci.image.layer.v1.tar+zstd"})
         _, config = fetch(f"/v2/alpha/blobs/{doc['config']['digest']}")
         diff_ids = json.loads(config)["rootfs"]["diff_ids"]
-        for layer, diff_id in zip(doc["layers"], diff_ids):
+        for layer, diff_id in zip(doc["layers"], diff_ids, strict=True):
             _, blob = fetch(f"/v2/alpha/blobs/{layer['digest']}")
             tar = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
             self.assertEqual("sha256:" + hashlib.sha256(tar).hexdigest(), diff_id)

@@ -118,5 +118,5 @@ def test_bad_access_files_stop_start_up(tmp_path: Path) -> None:
         env = daemon_environment(tmp_path / "s", **{variable: value})
         result = subprocess.run([str(TWISTD), "--nodaemon", "--pidfile=", "nixeryd"], env=env,
                                 capture_output=True, text=True, timeout=60)
-        lines = [l for l in result.stderr.splitlines() if l.strip()]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode != 0 and len(lines) == 1 and variable in lines[0], result.stderr

@@ -100,7 +100,7 @@ class Service:
     ready: threading.Event = field(default_factory=threading.Event)
     output: list[str] = field(default_factory=list)
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),

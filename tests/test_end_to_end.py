@@ -75,8 +75,8 @@ def store_paths_of(daemon: Daemon, name: str, digest: str) -> set[str]:
     status, _, data = daemon.request(f"/v2/{name}/blobs/{digest}")
     assert status == 200
     listing = subprocess.run(["tar", "-tzf", "-"], input=data, capture_output=True, check=True).stdout.decode()
-    return {line.split("/")[2] for line in listing.splitlines() if line.startswith("nix/store/") and line.count("/") >= 2
-            and line.split("/")[2]}
+    return {line.split("/")[2] for line in listing.splitlines()
+            if line.startswith("nix/store/") and line.count("/") >= 2 and line.split("/")[2]}
 
 
 def libshared_layer(daemon: Daemon, name: str) -> str:
@@ -351,7 +351,7 @@ def test_zstd_layers_pull_and_run(tmp_path: Path) -> None:
         zstd_daemon.stop()
     index = json.loads((layout / "index.json").read_text())
     manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
-    assert {l["mediaType"] for l in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
+    assert {layer["mediaType"] for layer in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
     rootfs = tmp_path / "rootfs"
     rootfs.mkdir()
     for layer in manifest["layers"]:

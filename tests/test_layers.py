@@ -11,12 +11,14 @@ from nixeryd.layers import (
     Layer,
     PathInfo,
     group_layers,
-    closure_of as closure_paths,
     immediate_dominators,
     layer_key,
     package_name,
     parse_popularity,
     popularity_of,
+)
+from nixeryd.layers import (
+    closure_of as closure_paths,
 )
 
 MB = 1024 * 1024
@@ -24,7 +26,7 @@ MB = 1024 * 1024
 
 def sp(name: str) -> str:
     """A store path with a made-up 32-character hash."""
-    return "/nix/store/{}-{}".format(hashlib.md5(name.encode()).hexdigest(), name)
+    return f"/nix/store/{hashlib.md5(name.encode()).hexdigest()}-{name}"
 
 
 def closure_of(spec: Mapping[str, tuple[int, Sequence[str]]]) -> dict[str, PathInfo]:
@@ -299,7 +301,7 @@ def test_rating_is_popularity_plus_one_times_size() -> None:
 
 def test_budget_merges_to_exactly_budget() -> None:
     """200 independent paths with a budget of 10 give 10 layers holding every path once."""
-    closure = closure_of({"p{}".format(i): (i + 1, []) for i in range(200)})
+    closure = closure_of({f"p{i}": (i + 1, []) for i in range(200)})
     layers = group_layers(sorted(closure), closure, {}, budget=10)
     assert len(layers) == 10
     assert_partition(layers, closure)
@@ -345,10 +347,10 @@ def test_deterministic_whatever_the_order() -> None:
     rng = random.Random(7)
     spec: dict[str, tuple[int, list[str]]] = {}
     for i in range(120):
-        refs = ["n{}".format(j) for j in rng.sample(range(i), min(i, rng.randint(0, 4)))]
-        spec["n{}".format(i)] = (rng.choice([1, 1, 5, 5, 9]), refs)
+        refs = [f"n{j}" for j in rng.sample(range(i), min(i, rng.randint(0, 4)))]
+        spec[f"n{i}"] = (rng.choice([1, 1, 5, 5, 9]), refs)
     closure = closure_of(spec)
-    roots = [sp("n{}".format(i)) for i in range(100, 120)]
+    roots = [sp(f"n{i}") for i in range(100, 120)]
     pop = {"n3": 150, "n7": 100}
     expected = group_layers(roots, closure, pop, budget=8)
     assert_partition(expected, closure)

@@ -160,7 +160,8 @@ class ProtocolTests(SynchronousTestCase):
         """build.nix's traced lines become the package -> root map and the revision, and
         stay out of the tail that error messages are made of."""
         protocol = NixProcessProtocol("img")
-        protocol.errReceived(b'trace: nixeryd-roots: {"git":"/nix/store/aaa-git-2.4","cacert":"/nix/store/bbb-nss-cacert-3.9"}\n')
+        protocol.errReceived(
+            b'trace: nixeryd-roots: {"git":"/nix/store/aaa-git-2.4","cacert":"/nix/store/bbb-nss-cacert-3.9"}\n')
         protocol.errReceived(b'trace: nixeryd-revision: "' + b"a" * 40 + b'"\nbuilding x\n')
         protocol.processEnded(Failure(ProcessDone(0)))
         result = self.successResultOf(protocol.ended)
@@ -387,7 +388,7 @@ class Sleepers:
 
         self.observer = observe
 
-    def __enter__(self) -> "Sleepers":
+    def __enter__(self) -> Sleepers:
         globalLogPublisher.addObserver(self.observer)
         return self
 

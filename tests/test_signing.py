@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,7 +21,7 @@ from nixeryd.storage.signing import (
 )
 
 ACCOUNT = "nixeryd@example-project.iam.gserviceaccount.com"
-NOW = datetime(2026, 3, 7, 23, 59, 30, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 7, 23, 59, 30, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,8 @@ def test_time_zones_and_bounds(rsa_key: rsa.RSAPrivateKey) -> None:
 
 def test_key_not_in_repr(rsa_key: rsa.RSAPrivateKey) -> None:
     """A signing key never shows its private part when printed."""
-    assert "PRIVATE" not in repr(SigningKey(ACCOUNT, rsa_key)) and "RSAPrivateKey" not in repr(SigningKey(ACCOUNT, rsa_key))
+    shown = repr(SigningKey(ACCOUNT, rsa_key))
+    assert "PRIVATE" not in shown and "RSAPrivateKey" not in shown
 
 
 def test_loaders(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:

@@ -29,8 +29,8 @@ from nixeryd.storage import (
     StorageError,
 )
 from nixeryd.storage.filesystem import FilesystemStorage
-from nixeryd.storage.interface import DAMAGED, INTACT, MISSING
 from nixeryd.storage.gcs import GCSStorage, plain_url
+from nixeryd.storage.interface import DAMAGED, INTACT, MISSING
 from nixeryd.storage.memory import MemoryStorage
 from tests.emulator import shared_emulator
 
@@ -80,7 +80,7 @@ class StorageContract:
     def setUp(self) -> None:
         self.storage = self.make_storage()
 
-    def result(self, d: "Deferred[Any]") -> Any:
+    def result(self, d: Deferred[Any]) -> Any:
         return self.successResultOf(d)
 
     def stage(self, data: bytes) -> tuple[str, BlobInfo]:
@@ -102,7 +102,7 @@ class StorageContract:
             with urllib.request.urlopen(location.url, timeout=30) as response:
                 data = response.read()
             return data
-        raise AssertionError("unexpected location {!r}".format(location))
+        raise AssertionError(f"unexpected location {location!r}")
 
     def test_provides_interface(self) -> None:
         """The backend provides IStorage fully and names itself."""
@@ -444,7 +444,7 @@ class FilesystemOnlyTests(SynchronousTestCase):
     def test_offload_failure_is_storage_error(self) -> None:
         """An OSError from the offload becomes a StorageError that says the disk is full."""
 
-        def full(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
+        def full(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         storage = FilesystemStorage(str(self.root), full)

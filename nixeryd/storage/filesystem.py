@@ -74,7 +74,7 @@ class FilesystemStorage:
     def staging_path(self) -> str:
         return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
 
-    def commit_blob(self, staged: str, info: BlobInfo) -> "Deferred[None]":
+    def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
         hexdigest = blob_hex(info)
         return Deferred.fromCoroutine(
             self._run("committing blob " + info.digest, self._commit, staged, hexdigest, info.size)
@@ -83,36 +83,36 @@ class FilesystemStorage:
     def discard(self, staged: str) -> None:
         remove_quietly(staged)
 
-    def put(self, key: str, data: bytes, content_type: str) -> "Deferred[None]":
+    def put(self, key: str, data: bytes, content_type: str) -> Deferred[None]:
         path = self._path(key)
         return Deferred.fromCoroutine(self._run("writing " + key, self._write, path, bytes(data)))
 
-    def get(self, key: str) -> "Deferred[bytes | None]":
+    def get(self, key: str) -> Deferred[bytes | None]:
         path = self._path(key)
         return Deferred.fromCoroutine(self._run("reading " + key, _read, path))
 
-    def has(self, key: str) -> "Deferred[bool]":
+    def has(self, key: str) -> Deferred[bool]:
         path = self._path(key)
         return Deferred.fromCoroutine(self._run("looking up " + key, _exists, path))
 
-    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
+    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
         # The file system keeps no checksum: the size is what a stat can tell.
         path = self._path("layers/" + check_hex(hexdigest))
         return Deferred.fromCoroutine(self._run("checking blob " + hexdigest, _check_size, path, size))
 
-    def hash_blob(self, hexdigest: str) -> "Deferred[tuple[str, int] | None]":
+    def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         path = self._path("layers/" + check_hex(hexdigest))
         return Deferred.fromCoroutine(self._run("reading blob " + hexdigest, _hash_file, path))
 
-    def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
+    def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
         path = self._path("layers/" + check_hex(hexdigest))
         return Deferred.fromCoroutine(self._run("looking up blob " + hexdigest, _local_file, path))
 
-    def list(self, prefix: str) -> "Deferred[list[StoredObject]]":
+    def list(self, prefix: str) -> Deferred[list[StoredObject]]:
         directory = os.path.join(self.root, check_prefix(prefix))
         return Deferred.fromCoroutine(self._run("listing " + prefix, _listing, directory, prefix))
 
-    def delete(self, key: str) -> "Deferred[None]":
+    def delete(self, key: str) -> Deferred[None]:
         path = self._path(key)
         return Deferred.fromCoroutine(self._run("removing " + key, _unlink, path))
 
@@ -162,9 +162,7 @@ class FilesystemStorage:
             actual = os.stat(staged).st_size
             if actual != size:
                 raise StorageError(
-                    "staged blob sha256:{} has {} bytes, expected {}; not committed".format(
-                        hexdigest, actual, size
-                    )
+                    f"staged blob sha256:{hexdigest} has {actual} bytes, expected {size}; not committed"
                 )
             if os.path.dirname(os.path.abspath(staged)) != self._staging:
                 # Elsewhere (perhaps another file system): copy into staging first.
@@ -199,7 +197,7 @@ def _prepare(root: str) -> int:
     except OSError as e:
         where = e.filename or root
         raise ValueError(
-            "storage path {} is not usable: {} ({})".format(root, e.strerror or e, where)
+            f"storage path {root} is not usable: {e.strerror or e} ({where})"
         ) from None
     return removed
 

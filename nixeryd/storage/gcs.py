@@ -106,12 +106,12 @@ class GCSStorage:
     def discard(self, staged: str) -> None:
         remove_quietly(staged)
 
-    def commit_blob(self, staged: str, info: BlobInfo) -> "Deferred[None]":
+    def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
         key = "layers/" + blob_hex(info)
         d = self._call("committing blob " + info.digest, self._commit, staged, key, info)
         return d.addCallback(lambda _: self._remember(key))
 
-    def put(self, key: str, data: bytes, content_type: str) -> "Deferred[None]":
+    def put(self, key: str, data: bytes, content_type: str) -> Deferred[None]:
         check_key(key)
 
         def upload() -> None:
@@ -121,7 +121,7 @@ class GCSStorage:
 
         return self._call("writing " + key, upload)
 
-    def get(self, key: str) -> "Deferred[bytes | None]":
+    def get(self, key: str) -> Deferred[bytes | None]:
         check_key(key)
 
         def download() -> bytes | None:
@@ -137,11 +137,11 @@ class GCSStorage:
 
         return self._call("reading " + key, download)
 
-    def has(self, key: str) -> "Deferred[bool]":
+    def has(self, key: str) -> Deferred[bool]:
         check_key(key)
         return self._call("looking up " + key, self._exists, key)
 
-    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
+    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
         key = "layers/" + check_hex(hexdigest)
 
         def check() -> str:
@@ -159,7 +159,7 @@ class GCSStorage:
 
         return self._call("checking " + key, check)
 
-    def hash_blob(self, hexdigest: str) -> "Deferred[tuple[str, int] | None]":
+    def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         key = "layers/" + check_hex(hexdigest)
 
         def download() -> tuple[str, int] | None:
@@ -174,11 +174,11 @@ class GCSStorage:
 
         return self._call("reading " + key, download)
 
-    def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
+    def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
         key = "layers/" + check_hex(hexdigest)
         return Deferred.fromCoroutine(self._locate(key))
 
-    def list(self, prefix: str) -> "Deferred[list[StoredObject]]":
+    def list(self, prefix: str) -> Deferred[list[StoredObject]]:
         start = check_prefix(prefix) + "/"
 
         def listing() -> list[StoredObject]:
@@ -193,7 +193,7 @@ class GCSStorage:
 
         return self._call("listing " + prefix, listing)
 
-    def delete(self, key: str) -> "Deferred[None]":
+    def delete(self, key: str) -> Deferred[None]:
         check_key(key)
 
         def remove() -> None:
@@ -228,7 +228,7 @@ class GCSStorage:
         while len(self._known) > self._known_max:
             self._known.popitem(last=False)
 
-    def _call(self, action: str, fn: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+    def _call(self, action: str, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Run a blocking call through the offload; backend failures become StorageError."""
 
         def failed(failure: Any) -> Any:

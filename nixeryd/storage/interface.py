@@ -100,14 +100,14 @@ def check_prefix(prefix: str) -> str:
 def check_hex(hexdigest: str) -> str:
     """``hexdigest`` itself when it is 64 lowercase hex characters; ``ValueError`` otherwise."""
     if not isinstance(hexdigest, str) or _HEX.fullmatch(hexdigest) is None:
-        raise ValueError("invalid blob digest {!r}: expected 64 lowercase hex characters".format(hexdigest))
+        raise ValueError(f"invalid blob digest {hexdigest!r}: expected 64 lowercase hex characters")
     return hexdigest
 
 
 def blob_hex(info: BlobInfo) -> str:
     """The hex part of ``info.digest``, which must be ``sha256:<64 hex>``."""
     if not isinstance(info.digest, str) or _DIGEST.fullmatch(info.digest) is None:
-        raise ValueError("invalid blob digest {!r}: expected sha256:<64 hex>".format(info.digest))
+        raise ValueError(f"invalid blob digest {info.digest!r}: expected sha256:<64 hex>")
     return info.digest[len("sha256:"):]
 
 
@@ -132,8 +132,8 @@ def storage_error(action: str, error: OSError) -> StorageError:
         reason = "permission denied"
     else:
         reason = error.strerror or str(error)
-    where = " ({})".format(error.filename) if error.filename else ""
-    return StorageError("{} failed: {}{}".format(action, reason, where))
+    where = f" ({error.filename})" if error.filename else ""
+    return StorageError(f"{action} failed: {reason}{where}")
 
 
 class IStorage(Interface):
@@ -149,7 +149,7 @@ class IStorage(Interface):
         directory. Nothing is created: the caller writes the file.
         """
 
-    def commit_blob(staged: str, info: BlobInfo) -> "Deferred[None]":
+    def commit_blob(staged: str, info: BlobInfo) -> Deferred[None]:
         """Make the staged file the blob ``layers/<hex of info.digest>``.
 
         The staged file is gone afterwards, whatever the outcome. Idempotent:
@@ -161,30 +161,30 @@ class IStorage(Interface):
     def discard(staged: str) -> None:
         """Remove a staged file that will not be committed; a missing file is fine."""
 
-    def put(key: str, data: bytes, content_type: str) -> "Deferred[None]":
+    def put(key: str, data: bytes, content_type: str) -> Deferred[None]:
         """Atomically write a small object under ``key``, replacing any previous one."""
 
-    def get(key: str) -> "Deferred[bytes | None]":
+    def get(key: str) -> Deferred[bytes | None]:
         """The object's bytes, or None when there is none."""
 
-    def has(key: str) -> "Deferred[bool]":
+    def has(key: str) -> Deferred[bool]:
         """Whether an object exists under ``key``."""
 
-    def check_blob(hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
+    def check_blob(hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
         """Whether ``layers/<hexdigest>`` is as its record says, without reading it:
         ``INTACT`` when its size (and, where the backend keeps one, its MD5, given as
         hex) match, ``DAMAGED`` when it is there but does not, ``MISSING`` when it is
         not. One metadata lookup at most. Commits replace a damaged blob."""
 
-    def hash_blob(hexdigest: str) -> "Deferred[tuple[str, int] | None]":
+    def hash_blob(hexdigest: str) -> Deferred[tuple[str, int] | None]:
         """The sha256 (hex) and size of the bytes stored as ``layers/<hexdigest>``, read
         whole in constant memory (for ``nixeryd verify``), or None when it is absent."""
 
-    def locate_blob(hexdigest: str) -> "Deferred[BlobLocation | None]":
+    def locate_blob(hexdigest: str) -> Deferred[BlobLocation | None]:
         """Where ``layers/<hexdigest>`` can be served from, or None when it is absent."""
 
-    def list(prefix: str) -> "Deferred[list[StoredObject]]":
+    def list(prefix: str) -> Deferred[list[StoredObject]]:
         """Every object under ``prefix`` ("layers", "manifests", "builds"); staging is never listed."""
 
-    def delete(key: str) -> "Deferred[None]":
+    def delete(key: str) -> Deferred[None]:
         """Remove the object under ``key``; an absent one is fine."""

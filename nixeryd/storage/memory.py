@@ -61,45 +61,45 @@ class MemoryStorage:
     def staging_path(self) -> str:
         return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
 
-    def commit_blob(self, staged: str, info: BlobInfo) -> "Deferred[None]":
+    def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
         key = "layers/" + blob_hex(info)
         return Deferred.fromCoroutine(self._commit(staged, key, info))
 
     def discard(self, staged: str) -> None:
         remove_quietly(staged)
 
-    def put(self, key: str, data: bytes, content_type: str) -> "Deferred[None]":
+    def put(self, key: str, data: bytes, content_type: str) -> Deferred[None]:
         self._store(check_key(key), bytes(data), content_type)
         return succeed(None)
 
-    def get(self, key: str) -> "Deferred[bytes | None]":
+    def get(self, key: str) -> Deferred[bytes | None]:
         return succeed(self._objects.get(check_key(key)))
 
-    def has(self, key: str) -> "Deferred[bool]":
+    def has(self, key: str) -> Deferred[bool]:
         return succeed(check_key(key) in self._objects)
 
-    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> "Deferred[str]":
+    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
         return succeed(_state(self._objects.get("layers/" + check_hex(hexdigest)), size, md5))
 
-    def hash_blob(self, hexdigest: str) -> "Deferred[tuple[str, int] | None]":
+    def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         data = self._objects.get("layers/" + check_hex(hexdigest))
         return succeed(None if data is None else (hashlib.sha256(data).hexdigest(), len(data)))
 
-    def locate_blob(self, hexdigest: str) -> "Deferred[BlobLocation | None]":
+    def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
         data = self._objects.get("layers/" + check_hex(hexdigest))
         return succeed(None if data is None else InMemory(data))
 
-    def list(self, prefix: str) -> "Deferred[list[StoredObject]]":
+    def list(self, prefix: str) -> Deferred[list[StoredObject]]:
         start = check_prefix(prefix) + "/"
         return succeed([
             StoredObject(key, self._modified[key], len(data))
             for key, data in self._objects.items() if key.startswith(start)
         ])
 
-    def delete(self, key: str) -> "Deferred[None]":
+    def delete(self, key: str) -> Deferred[None]:
         check_key(key)
         for table in (self._objects, self._content_types, self._modified):
-            table.pop(key, None)  # type: ignore[attr-defined]
+            table.pop(key, None)
         return succeed(None)
 
     # --- helpers -----------------------------------------------------------------
@@ -119,9 +119,7 @@ class MemoryStorage:
                 raise storage_error("committing blob " + info.digest, e) from e
             if len(data) != info.size:
                 raise StorageError(
-                    "staged blob {} has {} bytes, expected {}; not committed".format(
-                        info.digest, len(data), info.size
-                    )
+                    f"staged blob {info.digest} has {len(data)} bytes, expected {info.size}; not committed"
                 )
             self._store(key, data, "application/octet-stream")
         finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -88,7 +88,7 @@ def signed_url(
         raise ValueError(f"a signed URL lasts 1 to {MAX_EXPIRES} seconds, not {expires}")
     if now.tzinfo is None:
         raise ValueError("the signing time must be timezone-aware")
-    moment = now.astimezone(timezone.utc)
+    moment = now.astimezone(UTC)
     timestamp = moment.strftime("%Y%m%dT%H%M%SZ")
     scope = f"{moment.strftime('%Y%m%d')}/auto/storage/goog4_request"
     endpoint = endpoint.rstrip("/")
