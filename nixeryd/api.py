@@ -20,7 +20,6 @@ from werkzeug.exceptions import HTTPException
 
 from nixeryd import manifest
 from nixeryd.auth import Authenticator
-from nixeryd.builder import ImageManifests, StoredManifest
 from nixeryd.errors import (
     RegistryError,
     as_registry_errors,
@@ -29,6 +28,7 @@ from nixeryd.errors import (
     unsupported,
 )
 from nixeryd.images import Images
+from nixeryd.manifest import ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import (
     Digest,

@@ -7,12 +7,8 @@ images lives in ``nixeryd.images``.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import os
 import re
-from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
@@ -21,15 +17,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nixeryd import archive, manifest
+from nixeryd.activity import Activity, BuildFailure
 from nixeryd.archive import BlobInfo
 from nixeryd.cache import SingleFlight, TTLCache, gather
 from nixeryd.layers import Layer, PathInfo, closure_of, group_layers, package_name
-from nixeryd.manifest import Flavour
+from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import Image
+from nixeryd.nix import outcome
 from nixeryd.offload import Offload
 from nixeryd.pkgsource import PackageSource
-from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, LocalFile, storage_error
+from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, LocalFile, staging_failure
 
 log = Logger()
 
@@ -66,50 +64,9 @@ class BuildQueueFull(Exception):
     """Every build slot is busy and the queue behind them is full."""
 
 
-@dataclass(frozen=True)
-class BuildFailure:
-    """A build that failed, for the index page."""
-
-    when: float
-    image: str
-    tag: str
-    message: str
-
-
-def _outcome(error: Exception) -> str:
-    from nixeryd.nix import NixTimedOut, PackagesNotFound
-
-    if isinstance(error, PackagesNotFound):
-        return "not_found"
-    if isinstance(error, NixTimedOut):
-        return "timed_out"
-    return "failed"
-
-
 def _message(error: Exception) -> str:
     message = getattr(error, "message", None)
     return message if isinstance(message, str) else f"{type(error).__name__}: {error}"
-
-
-@dataclass(frozen=True)
-class StoredManifest:
-    """A manifest or index as served: its bytes, digest and media type."""
-
-    digest: str
-    media_type: str
-    body: bytes
-
-
-@dataclass(frozen=True)
-class ImageManifests:
-    """One image (or multi-platform index) in both flavours; Docker's is absent when the
-    layers are compressed in a way Docker schema 2 cannot name (zstd)."""
-
-    oci: StoredManifest
-    docker: StoredManifest | None
-
-    def flavour(self, flavour: Flavour) -> StoredManifest | None:
-        return self.oci if flavour is Flavour.OCI else self.docker
 
 
 def symlink_layer_key(roots: Sequence[str], env_target: str | None) -> str:
@@ -168,6 +125,7 @@ class ImageBuilder:
         queue: int = 64,
         metrics: Metrics | None = None,
         compression: str = "gzip",
+        activity: Activity | None = None,
     ) -> None:
         self._nix = nix
         self._storage = storage
@@ -182,16 +140,9 @@ class ImageBuilder:
         self.compression = compression
         self._metrics = metrics if metrics is not None else Metrics()
         self._metrics.watch(lambda: self.running, lambda: self.waiting)
-        self._active: dict[int, tuple[str, float]] = {}  # build number -> (label, started)
-        self._numbers = itertools.count()
-        self.errors: deque[BuildFailure] = deque(maxlen=20)
+        self.activity = activity if activity is not None else Activity()
         # Layer key -> its blob, as in builds/<key>; checked against storage before reuse.
         self._built: TTLCache[BlobInfo] = TTLCache(clock, max_entries=20_000)
-
-    @property
-    def active(self) -> dict[str, float]:
-        """Builds running or waiting: image label -> when the build started."""
-        return {label: started for label, started in sorted(self._active.values(), key=lambda b: b[1])}
 
     @property
     def waiting(self) -> int:
@@ -256,16 +207,15 @@ class ImageBuilder:
             raise BuildQueueFull()
         started = self._clock.seconds()
         label = f"{image.name}:{tag} ({image.arch.oci})"
-        number = next(self._numbers)
-        self._active[number] = (label, started)
+        number = self.activity.started(label, started)
         try:
             manifests = await self._build(image, tag, started, label)
         except Exception as e:
-            self._metrics.builds.labels(outcome=_outcome(e)).inc()
-            self.errors.append(BuildFailure(self._clock.seconds(), label, tag, _message(e)))
+            self._metrics.builds.labels(outcome=outcome(e)).inc()
+            self.activity.failed(BuildFailure(self._clock.seconds(), label, tag, _message(e)))
             raise
         finally:
-            del self._active[number]
+            self.activity.ended(number)
         self._metrics.builds.labels(outcome="built").inc()
         self._metrics.build_seconds.observe(self._clock.seconds() - started)
         return manifests
@@ -382,9 +332,10 @@ class ImageBuilder:
             await self._storage.commit_blob(staged, info)
         except OSError as e:
             self._storage.discard(staged)
-            if e.filename is not None and os.path.abspath(e.filename) != os.path.abspath(staged):
+            failure = staging_failure("writing layer " + key, e, staged)
+            if failure is None:
                 raise  # a store path that cannot be read: a packing failure, not storage's
-            raise storage_error("writing layer " + key, e) from e
+            raise failure from e
         except BaseException:
             self._storage.discard(staged)
             raise

@@ -20,9 +20,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nixeryd import manifest
-from nixeryd.builder import ImageBuilder, ImageManifests, StoredManifest
+from nixeryd.builder import ImageBuilder
 from nixeryd.cache import SingleFlight, TTLCache, gather
-from nixeryd.manifest import Flavour
+from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import ARM64, Arch, Image
 from nixeryd.nix import NixError

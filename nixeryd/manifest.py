@@ -69,6 +69,27 @@ class Flavour(enum.Enum):
         return self.value[3]
 
 
+@dataclass(frozen=True)
+class StoredManifest:
+    """A manifest or index as served: its bytes, digest and media type."""
+
+    digest: str
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class ImageManifests:
+    """One image (or multi-platform index) in both flavours; Docker's is absent when the
+    layers are compressed in a way Docker schema 2 cannot name (zstd)."""
+
+    oci: StoredManifest
+    docker: StoredManifest | None
+
+    def flavour(self, flavour: Flavour) -> StoredManifest | None:
+        return self.oci if flavour is Flavour.OCI else self.docker
+
+
 def _dump(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 

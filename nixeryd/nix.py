@@ -229,6 +229,15 @@ def shorten(raw: bytes, limit: int, cut: int = 0) -> str:
     return text + f" [{more} more bytes]" if more else text
 
 
+def outcome(error: Exception) -> str:
+    """How a build ended, for metrics: ``not_found``, ``timed_out`` or ``failed``."""
+    if isinstance(error, PackagesNotFound):
+        return "not_found"
+    if isinstance(error, NixTimedOut):
+        return "timed_out"
+    return "failed"
+
+
 def _json_or_none(text: str) -> Any:
     try:
         return json.loads(text)

@@ -284,8 +284,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     builder = parts.builder
     status = Status(
         source=config.source.describe(),
-        active=lambda: builder.active,
-        failures=lambda: list(builder.errors),
+        active=lambda: builder.activity.active,
+        failures=lambda: list(builder.activity.failures),
         tail=parts.logs.tail,
         now=reactor.seconds,
     )

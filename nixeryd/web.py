@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.web.iweb import IRequest
 from twisted.web.template import Element, Tag, XMLString, flattenString, renderer, tags
 
-from nixeryd.builder import BuildFailure
+from nixeryd.activity import BuildFailure
 
 TEMPLATE = XMLString(
     """<html xmlns:t="http://twistedmatrix.com/ns/twisted.web.template/0.1">

@@ -507,11 +507,11 @@ class CacheTests(APITestCase):
         self.nix.hold = True
         pending = [treq.get(f"http://registry/v2/alpha/manifests/{tag}") for tag in ("main", "release")]
         treq.flush()
-        self.assertEqual(sorted(builder.active), ["alpha:main (amd64)", "alpha:release (amd64)"])
+        self.assertEqual(sorted(builder.activity.active), ["alpha:main (amd64)", "alpha:release (amd64)"])
         self.nix.release()
         treq.flush()
         self.assertEqual([self.successResultOf(d).code for d in pending], [200, 200])
-        self.assertEqual(builder.active, {})
+        self.assertEqual(builder.activity.active, {})
 
     def builder_for(self, source: Any) -> ImageBuilder:
         return ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
@@ -564,8 +564,8 @@ class OperatorEndpointTests(APITestCase):
                                clock=self.clock, popularity={}, metrics=self.metrics)
         self.op_builder = builder
         images = Images(builder, self.storage, source, self.clock, metrics=self.metrics)
-        status = Status(source=source.describe(), active=lambda: builder.active,
-                        failures=lambda: list(builder.errors), tail=self.logs.tail, now=self.clock.seconds)
+        status = Status(source=source.describe(), active=lambda: builder.activity.active,
+                        failures=lambda: list(builder.activity.failures), tail=self.logs.tail, now=self.clock.seconds)
         return StubTreq(RegistryAPI(images, self.storage, (), metrics=self.metrics, status=status).app.resource())
 
     def test_healthz(self) -> None:

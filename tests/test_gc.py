@@ -8,9 +8,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.builder import ImageBuilder, ImageManifests
+from nixeryd.builder import ImageBuilder
 from nixeryd.gc import collect
 from nixeryd.images import Images
+from nixeryd.manifest import ImageManifests
 from nixeryd.names import parse_name
 from nixeryd.offload import inline
 from nixeryd.pkgsource import GitSource

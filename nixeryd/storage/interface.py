@@ -136,6 +136,15 @@ def storage_error(action: str, error: OSError) -> StorageError:
     return StorageError(f"{action} failed: {reason}{where}")
 
 
+def staging_failure(action: str, error: OSError, staged: str) -> StorageError | None:
+    """For an ``OSError`` met while writing ``staged``: the ``StorageError`` it is when it
+    concerns the staged file (a full disk, say), or None when it names another file (a
+    store path that cannot be read: a packing failure, not storage's)."""
+    if error.filename is not None and os.path.abspath(error.filename) != os.path.abspath(staged):
+        return None
+    return storage_error(action, error)
+
+
 class IStorage(Interface):
     """A store of blobs and small objects under validated keys."""
 
