@@ -298,6 +298,12 @@ class RegistryAPI:
         location = await storage_call(self._storage.locate_blob(digest.hex))
         if location is None:
             raise RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": ref})
+        size = len(location.data) if isinstance(location, InMemory) else location.size
+        expected = self._images.expected_size(digest.digest)
+        if expected is not None and size is not None and expected != size:
+            self._images.blob_damaged(digest.digest)
+            raise RegistryError(404, "BLOB_UNKNOWN", "blob is damaged in storage; pull the image "
+                                "again to have it rebuilt", {"digest": ref})
         _set(request, "Docker-Content-Digest", digest.digest)
         _set(request, "ETag", f'"{digest.digest}"')
         if isinstance(location, Redirect):
@@ -308,13 +314,6 @@ class RegistryAPI:
         if not_modified(request, digest.digest):
             request.setResponseCode(304)
             return b""
-        size = location.size if isinstance(location, LocalFile) else (
-            len(location.data) if isinstance(location, InMemory) else None)
-        expected = self._images.expected_size(digest.digest)
-        if expected is not None and size is not None and expected != size:
-            self._images.blob_damaged(digest.digest)
-            raise RegistryError(404, "BLOB_UNKNOWN", "blob is damaged in storage; pull the image "
-                                "again to have it rebuilt", {"digest": ref})
         if isinstance(location, InMemory):
             _set(request, "Content-Type", "application/octet-stream")
             _set(request, "Content-Length", len(location.data))

@@ -133,3 +133,31 @@ def test_bad_gcs_settings_stop_start_up(tmp_path: Path, setting: str, extra: dic
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and setting in lines[0], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_an_object_damaged_in_the_bucket_is_refused_then_rebuilt(tmp_path: Path) -> None:
+    """A layer object replaced in the bucket by other bytes: an instance that looks it up is
+    told its size by the same lookup and answers 404 instead of a redirect to it; the next
+    manifest GET finds the damage (size, MD5) and uploads the layer again."""
+    emulator = shared_emulator()
+    bucket_name = emulator.new_bucket()
+    first = Daemon(tmp_path / "one", gcs_environment(tmp_path / "one", emulator, bucket_name)).start()
+    status, _, body = first.request("/v2/alpha/manifests/latest")
+    assert status == 200, body
+    first.stop()
+    layer = max(json.loads(body)["layers"], key=lambda layer: layer["size"])
+    bucket = emulator.client().bucket(bucket_name)
+    key = "layers/" + layer["digest"].split(":")[1]
+    bucket.blob(key).upload_from_string(b"damaged", content_type="application/octet-stream")
+    second = Daemon(tmp_path / "two", gcs_environment(tmp_path / "two", emulator, bucket_name)).start()
+    status, _, again = second.request("/v2/alpha/manifests/latest")
+    assert status == 200 and again == body
+    assert bucket.get_blob(key).size == layer["size"], "the damaged layer was not uploaded again"
+    third = Daemon(tmp_path / "three", gcs_environment(tmp_path / "three", emulator, bucket_name)).start()
+    assert third.request("/v2/alpha/manifests/latest")[0] == 200  # loaded from the bucket, checked
+    bucket.blob(key).upload_from_string(b"damaged again", content_type="application/octet-stream")
+    status, _, error = no_redirect_get(third, f"/v2/alpha/blobs/{layer['digest']}")
+    assert status == 404 and json.loads(error)["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert third.request("/v2/alpha/manifests/latest")[0] == 200
+    assert no_redirect_get(third, f"/v2/alpha/blobs/{layer['digest']}")[0] == 307
+    assert bucket.get_blob(key).size == layer["size"]

@@ -210,12 +210,16 @@ class GCSStorage:
     # --- helpers -----------------------------------------------------------------
 
     async def _locate(self, key: str) -> BlobLocation | None:
+        size = None
         if key not in self._known:
-            if not await self._call("looking up " + key, self._exists, key):
+            found = await self._call("looking up " + key, self._stat, key)
+            if found is None:
                 return None
+            # The lookup's metadata says the size: the API checks it against the manifest.
+            size = None if found.size is None else int(found.size)
             self._remember(key)
         self._known.move_to_end(key)
-        return Redirect(self._redirect(key))
+        return Redirect(self._redirect(key), size)
 
     def _exists(self, key: str) -> bool:
         return self._stat(key) is not None

@@ -54,9 +54,10 @@ class InMemory:
 
 @dataclass(frozen=True)
 class Redirect:
-    """Answer with a 307 to this URL."""
+    """Answer with a 307 to this URL; ``size`` is the object's, when the lookup gave it."""
 
     url: str
+    size: int | None = None
 
 
 BlobLocation = Union[LocalFile, InMemory, Redirect]
