@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 PKGS = ROOT / "tests" / "pkgs"
 TWISTD = Path(sys.executable).parent / "twistd"
 OFFLINE_NIX = "substituters =\nsandbox = false\nexperimental-features = nix-command\n"
+
+
+def git_package_set(where: Path) -> tuple[str, str]:
+    """A git repository of the test package set at ``where``: its file:// URL and the
+    revision of its main branch. A branch ``release`` says "Hello from release" instead."""
+    shutil.copytree(PKGS, where)
+    git = ["git", "-C", str(where), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    rev = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([*git, "checkout", "-q", "-b", "release"], check=True)
+    text = (where / "default.nix").read_text().replace("echo Hello from nixeryd", "echo Hello from release")
+    (where / "default.nix").write_text(text)
+    subprocess.run([*git, "commit", "-qam", "release"], check=True)
+    subprocess.run([*git, "checkout", "-q", "main"], check=True)
+    return "file://" + str(where), rev
 
 
 def free_port() -> int:

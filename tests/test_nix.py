@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +31,7 @@ from nixeryd.nix import (
     parse_closure,
 )
 from nixeryd.nix import _tail_text as tail_text
+from tests.daemon import git_package_set
 from tests.processes import SLEEPER, exited_within
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -432,19 +431,7 @@ async def test_stop_ends_running_builds(builder: NixBuilder) -> None:
 @pytest.fixture
 def git_pkgs(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A git repository holding the test package set: (url, first revision)."""
-    repo = tmp_path / "pkgs.git"
-    shutil.copytree(PKGS, repo)
-    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-qm", "first"], check=True)
-    rev = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    subprocess.run([*git, "checkout", "-q", "-b", "release"], check=True)
-    text = (repo / "default.nix").read_text().replace("echo Hello from nixeryd", "echo Hello from release")
-    (repo / "default.nix").write_text(text)
-    subprocess.run([*git, "commit", "-qam", "release"], check=True)
-    subprocess.run([*git, "checkout", "-q", "main"], check=True)
-    yield "file://" + str(repo), rev
+    yield git_package_set(tmp_path / "pkgs.git")
 
 
 @pytest_twisted.ensureDeferred

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from tests.daemon import PKGS, Daemon, daemon_environment
+from tests.daemon import PKGS, Daemon, daemon_environment, git_package_set
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +132,8 @@ def test_a_set_taking_system_alone(team_daemon: Daemon, tmp_path: Path) -> None:
 @pytest.fixture
 def git_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, str, str]]:
     """A daemon on a git repository of the test set: (daemon, url, revision of HEAD)."""
-    repo = tmp_path / "pkgs.git"
-    shutil.copytree(PKGS, repo)
-    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-qm", "first"], check=True)
-    rev = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    url, rev = git_package_set(tmp_path / "pkgs.git")
     storage = tmp_path / "storage"
-    url = "file://" + str(repo)
     env = daemon_environment(storage, NIXERY_PKGS_REPO=url)
     del env["NIXERY_PKGS_PATH"]
     d = Daemon(storage, env).start()
