@@ -221,6 +221,8 @@ class ImageBuilder:
         return manifests
 
     async def _build(self, image: Image, tag: str, started: float, label: str) -> ImageManifests:
+        # A build slot covers Nix and the packing after it: packing is CPU work, and the
+        # build limit is what keeps it from crowding out everything else.
         await self._slots.acquire()
         try:
             log.info("building {image} for {arch} at {tag}", image=image.name,
@@ -228,10 +230,10 @@ class ImageBuilder:
             built = await self._nix.build(
                 self._source.nix_source(tag), image.packages, image.arch.nix_system, label=label
             )
+            nix_done = self._clock.seconds()
+            manifests = await self._pack(image, tag, built)
         finally:
             self._slots.release()
-        nix_done = self._clock.seconds()
-        manifests = await self._pack(image, tag, built)
         log.info(
             "built {image} in {seconds:.1f}s ({nix_seconds:.1f}s in Nix): {digest}",
             image=image.name,

@@ -34,6 +34,7 @@ from nixeryd.web import Status
 log = Logger()
 
 FILE_THREADS = 4
+AUTH_THREADS = 2
 REMOTE_THREADS = 10  # requests' default connection pool size, which the GCS client keeps
 
 def default_nix_dir() -> str:
@@ -204,7 +205,8 @@ class Parts:
     images: Images
     metrics: Metrics
     logs: BuildLogs
-    offload: Any
+    offload: Any  # packing and hashing
+    auth_offload: Any  # password checks (bcrypt), apart so that logging in never waits on packing
 
 
 def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> Parts:
@@ -250,7 +252,7 @@ def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> 
         cache_ttl=config.cache_ttl, platforms=config.platforms, metrics=metrics,
         failure_ttl=config.failure_ttl,
     )
-    return Parts(top, storage, builder, images, metrics, logs, offload)
+    return Parts(top, storage, builder, images, metrics, logs, offload, pool("auth", AUTH_THREADS))
 
 
 def _read_setting_file(variable: str, path: str) -> str:
@@ -291,7 +293,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     )
     api = RegistryAPI(
         parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status,
-        auth=_authenticator(config, parts.offload, reactor),
+        auth=_authenticator(config, parts.auth_offload, reactor),
     )
     site = make_site(api.app.resource())
     listeners = Listeners()
