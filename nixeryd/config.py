@@ -83,6 +83,11 @@ class Config:
     gcs_signing_account: str | None = None
     signed_url_ttl: int = 300
     storage_emulator_host: str | None = None
+    storage_connect_timeout: float = 5.0
+    storage_deadline: float = 15.0
+    storage_cooldown: float = 10.0
+    signing_service_account: str | None = None
+    iam_endpoint: str | None = None
     nix_timeout: float = 60.0
     build_deadline: float = 3600.0
     failure_ttl: float = 60.0
@@ -119,6 +124,14 @@ class Config:
             raise ConfigError(
                 f"NIXERY_SIGNED_URL_TTL: must be between 1 and 604800 seconds, got {self.signed_url_ttl}"
             )
+        if not (0 < self.storage_connect_timeout <= self.storage_deadline and math.isfinite(self.storage_deadline)):
+            raise ConfigError(
+                "NIXERY_STORAGE_CONNECT_TIMEOUT, NIXERY_STORAGE_DEADLINE: must be positive numbers of seconds, "
+                f"the connect timeout no longer than the deadline, got {self.storage_connect_timeout!r} and "
+                f"{self.storage_deadline!r}"
+            )
+        if self.signing_service_account is not None and self.gcs_signing_key is not None:
+            raise ConfigError("NIXERY_SIGNING_ACCOUNT, GCS_SIGNING_KEY: set one or the other")
         if not (self.nix_timeout >= 1 and math.isfinite(self.nix_timeout)):
             raise ConfigError(f"NIX_TIMEOUT: must be at least 1 second, got {self.nix_timeout!r}")
         if not (self.build_deadline > 0 and math.isfinite(self.build_deadline)):
@@ -189,6 +202,11 @@ class Config:
                 "NIXERY_SIGNED_URL_TTL", lambda v, raw: _int(v, raw, 1, 604800), 300
             ),
             storage_emulator_host=emulator.rstrip("/") if emulator else None,
+            storage_connect_timeout=parsed("NIXERY_STORAGE_CONNECT_TIMEOUT", _seconds, 5.0),
+            storage_deadline=parsed("NIXERY_STORAGE_DEADLINE", _seconds, 15.0),
+            storage_cooldown=parsed("NIXERY_STORAGE_COOLDOWN", _seconds, 10.0),
+            signing_service_account=get("NIXERY_SIGNING_ACCOUNT"),
+            iam_endpoint=(get("NIXERY_IAM_ENDPOINT") or "").rstrip("/") or None,
             nix_timeout=parsed("NIX_TIMEOUT", _seconds, 60.0),
             build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds, 3600.0),
             failure_ttl=parsed("NIXERY_FAILURE_TTL", lambda v, raw: _seconds(v, raw, zero=True), 60.0),

@@ -180,7 +180,9 @@ def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
 
     redirect = signed if key is not None else gcs.plain_url(endpoint, bucket_name)
     return gcs.GCSStorage(
-        bucket, offload, redirect=redirect, staging_dir=os.path.join(config.storage_path, "staging")
+        bucket, offload, redirect=redirect, staging_dir=os.path.join(config.storage_path, "staging"),
+        connect_timeout=config.storage_connect_timeout, deadline=config.storage_deadline,
+        cooldown=config.storage_cooldown, clock=reactor,
     )
 
 

@@ -161,3 +161,42 @@ def test_an_object_damaged_in_the_bucket_is_refused_then_rebuilt(tmp_path: Path)
     assert third.request("/v2/alpha/manifests/latest")[0] == 200
     assert no_redirect_get(third, f"/v2/alpha/blobs/{layer['digest']}")[0] == 307
     assert bucket.get_blob(key).size == layer["size"]
+
+
+def test_a_stalled_bucket_is_a_quick_503_and_warm_images_keep_serving(tmp_path: Path) -> None:
+    """The emulator stopped (SIGSTOP) under a running daemon: a cold pull is a 503 with
+    Retry-After within the storage deadline, and once the breaker is open at once; a warm
+    image keeps answering, manifest and blob redirects. Continued (SIGCONT), the next pull
+    after the cooldown builds."""
+    import signal
+
+    emulator = Emulator().start()
+    bucket = emulator.new_bucket()
+    env = gcs_environment(tmp_path / "local", emulator, bucket, NIXERY_STORAGE_DEADLINE="3",
+                          NIXERY_STORAGE_CONNECT_TIMEOUT="1", NIXERY_STORAGE_COOLDOWN="2")
+    daemon = Daemon(tmp_path / "local", env).start()
+    status, _, body = daemon.request("/v2/alpha/manifests/latest")
+    assert status == 200, body
+    blobs = [d["digest"] for d in [json.loads(body)["config"], *json.loads(body)["layers"]]]
+    for digest in blobs:
+        assert no_redirect_get(daemon, f"/v2/alpha/blobs/{digest}")[0] == 307
+    assert emulator.process is not None
+    emulator.process.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(6):  # enough failures in a row to open the breaker
+            status, headers, body = daemon.request("/v2/beta/manifests/latest")
+            assert status == 503, body
+            assert headers["Retry-After"] == "10"
+            assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
+        assert "not asked again" in daemon.log
+        assert daemon.request("/v2/alpha/manifests/latest")[0] == 200
+        for digest in blobs:
+            assert no_redirect_get(daemon, f"/v2/alpha/blobs/{digest}")[0] == 307
+    finally:
+        emulator.process.send_signal(signal.SIGCONT)
+    # A client retries; once the cooldown has passed a probe goes through and the pull works.
+    for _ in range(5000):
+        status, _, body = daemon.request("/v2/beta/manifests/latest")
+        if status != 503:
+            break
+    assert status == 200, body

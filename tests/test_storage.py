@@ -396,7 +396,7 @@ class GCSStorageTests(ListingContract, SynchronousTestCase):
                                 client_options={"api_endpoint": "http://127.0.0.1:9"})
         broken = GCSStorage(
             client.bucket("gone"), inline, redirect=plain_url("http://127.0.0.1:9", "gone"),
-            staging_dir=os.path.abspath(self.mktemp()), retry_seconds=0.5, timeout=2,
+            staging_dir=os.path.abspath(self.mktemp()), connect_timeout=0.5, deadline=1,
         )
         self.failureResultOf(broken.get(key("manifests", "x")), StorageError)
         self.failureResultOf(broken.locate_blob(HEX), StorageError)

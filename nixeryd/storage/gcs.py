@@ -18,11 +18,14 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
+from nixeryd.storage.breaker import CircuitBreaker
 from nixeryd.storage.interface import (
     DAMAGED,
     INTACT,
@@ -43,6 +46,8 @@ log = Logger()
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 BLOB_TYPE = "application/octet-stream"
+MIN_TRANSFER_RATE = 10 * 1024 * 1024
+"""Bytes a second a transfer is allowed at the least, beyond the deadline every call has."""
 
 
 def md5_base64(hex_md5: str) -> str:
@@ -81,14 +86,21 @@ class GCSStorage:
         redirect: Callable[[str], str],
         staging_dir: str,
         known_blobs: int = 100_000,
-        retry_seconds: float = 10.0,
-        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+        deadline: float = 15.0,
+        cooldown: float = 10.0,
+        clock: IReactorTime | None = None,
     ) -> None:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
-        # Bounded retries: during an outage a pull gets its 503 within seconds, not minutes.
-        self._retry = DEFAULT_RETRY.with_timeout(retry_seconds)
-        self._timeout = timeout
+        # Each call: connections time out on their own, and the whole call, retries
+        # included, is bounded by the deadline (the breaker fails it when it is past).
+        self._retry = DEFAULT_RETRY.with_timeout(deadline)
+        self._timeout = (connect_timeout, deadline)
+        self._deadline = deadline
+        # Without a clock (unit tests calling inline) deadlines never fire.
+        self.breaker = CircuitBreaker(clock if clock is not None else Clock(), cooldown=cooldown,
+                                      name="the bucket")
         self._bucket = bucket
         self._offload = offload
         self._redirect = redirect
@@ -108,18 +120,29 @@ class GCSStorage:
 
     def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
         key = "layers/" + blob_hex(info)
-        d = self._call("committing blob " + info.digest, self._commit, staged, key, info)
+        d = self._call("committing blob " + info.digest, self._commit, staged, key, info, size=info.size)
         return d.addCallback(lambda _: self._remember(key))
 
     def put(self, key: str, data: bytes, content_type: str) -> Deferred[None]:
         check_key(key)
 
         def upload() -> None:
-            self._bucket.blob(key).upload_from_string(
-                bytes(data), content_type=content_type, retry=self._retry, timeout=self._timeout
-            )
+            from google.api_core.exceptions import PreconditionFailed
 
-        return self._call("writing " + key, upload)
+            blob = self._bucket.blob(key)
+            if key.startswith("layers/"):
+                # Named by their content: written once; 412 means it is there already.
+                blob.md5_hash = base64.b64encode(hashlib.md5(data).digest()).decode()
+                try:
+                    blob.upload_from_string(bytes(data), content_type=content_type, if_generation_match=0,
+                                            retry=self._retry, timeout=self._timeout)
+                except PreconditionFailed:
+                    pass
+                return
+            blob.upload_from_string(bytes(data), content_type=content_type, retry=self._retry,
+                                    timeout=self._timeout)
+
+        return self._call("writing " + key, upload, size=len(data))
 
     def get(self, key: str) -> Deferred[bytes | None]:
         check_key(key)
@@ -232,8 +255,9 @@ class GCSStorage:
         while len(self._known) > self._known_max:
             self._known.popitem(last=False)
 
-    def _call(self, action: str, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """Run a blocking call through the offload; backend failures become StorageError."""
+    def _call(self, action: str, fn: Callable[..., Any], *args: Any, size: int = 0) -> Deferred[Any]:
+        """Run a blocking call through the offload, within the deadline (longer for
+        ``size`` bytes to move) and the circuit breaker; failures become StorageError."""
 
         def failed(failure: Any) -> Any:
             if failure.check(StorageError):
@@ -244,11 +268,18 @@ class GCSStorage:
                 raise StorageError(f"{action} failed: {failure.value}")
             return failure
 
-        return self._offload(fn, *args).addErrback(failed)
+        deadline = self._deadline + size / MIN_TRANSFER_RATE
+        return self.breaker.call(action, lambda: self._offload(fn, *args).addErrback(failed), deadline)
 
     def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
-        """Blocking: upload ``staged`` as ``key`` unless an identical object is there."""
-        from google.api_core.exceptions import NotFound, PreconditionFailed
+        """Blocking: upload ``staged`` as ``key`` unless an identical object is there.
+
+        The library's way, in two calls for a new blob: the existing object's metadata
+        (skip when its MD5 is ours), then one upload carrying the MD5, which the service
+        checks the bytes against, with a generation precondition (0: only if absent; the
+        damaged object's generation: only that one is replaced). No staging object.
+        """
+        from google.api_core.exceptions import BadRequest, NotFound, PreconditionFailed
 
         try:
             size = os.path.getsize(staged)
@@ -262,31 +293,30 @@ class GCSStorage:
                 log.info("blob {digest} is already in the bucket; upload skipped",
                          digest=info.digest, backend=self.backend)
                 return
-            staging = self._bucket.blob("staging/" + secrets.token_hex(16))
-            staging.upload_from_filename(
-                staged, content_type=BLOB_TYPE, if_generation_match=0,
-                retry=self._retry, timeout=self._timeout,
-            )
+            blob = self._bucket.blob(key)
+            blob.md5_hash = md5
             try:
-                staging.reload(retry=self._retry, timeout=self._timeout)
-                if staging.md5_hash is not None and staging.md5_hash != md5:
-                    raise StorageError(f"upload of {info.digest} arrived corrupted; not committed")
-                generation = 0 if existing is None else existing.generation
+                blob.upload_from_filename(
+                    staged, content_type=BLOB_TYPE,
+                    if_generation_match=0 if existing is None else existing.generation,
+                    retry=self._retry, timeout=self._timeout,
+                )
+            except PreconditionFailed:
+                # Another instance committed the same blob first: theirs must match ours.
+                winner = self._stat(key)
+                if winner is None or winner.md5_hash != md5:
+                    raise StorageError(f"a conflicting object is stored as {key}") from None
+                return
+            except BadRequest as e:
+                raise StorageError(f"upload of {info.digest} was refused ({e}); not committed") from None
+            # The response describes the object as stored. A service that did not check
+            # the MD5 it was given (an emulator) is caught here: what arrived is removed.
+            if blob.md5_hash != md5 or blob.size != info.size:
                 try:
-                    self._bucket.copy_blob(
-                        staging, self._bucket, key, if_generation_match=generation,
-                        retry=self._retry, timeout=self._timeout,
-                    )
-                except PreconditionFailed:
-                    # Another instance committed the same blob first: theirs must match ours.
-                    winner = self._stat(key)
-                    if winner is None or winner.md5_hash != md5:
-                        raise StorageError(f"a conflicting object is stored as {key}") from None
-            finally:
-                try:
-                    staging.delete(retry=self._retry, timeout=self._timeout)
-                except NotFound:
+                    blob.delete(if_generation_match=blob.generation, retry=self._retry, timeout=self._timeout)
+                except (NotFound, PreconditionFailed):
                     pass
+                raise StorageError(f"upload of {info.digest} arrived corrupted; not committed")
         finally:
             self.discard(staged)
 
@@ -334,11 +364,17 @@ def connect(
         raise ValueError(f"cannot set up the Google Cloud Storage client: {e}") from None
     bucket = client.bucket(bucket_name)
     try:
-        bucket.reload(timeout=30)
+        # Listing needs storage.objects.list, which roles/storage.objectAdmin (and
+        # objectViewer) grant; reading the bucket's own metadata would need
+        # storage.buckets.get, which they do not.
+        next(iter(client.list_blobs(bucket, max_results=1, timeout=30)), None)
     except api.NotFound:
         raise ValueError(f"bucket {bucket_name!r} does not exist") from None
     except api.Forbidden:
-        raise ValueError(f"no access to bucket {bucket_name!r} with these credentials") from None
+        raise ValueError(
+            f"no access to bucket {bucket_name!r}: these credentials lack storage.objects.list "
+            "(roles/storage.objectAdmin grants it, with the object permissions nixeryd needs)"
+        ) from None
     except (api.GoogleAPIError, auth.GoogleAuthError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot reach bucket {bucket_name!r}: {first}") from None
