@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from nixeryd.storage.interface import IStorage
+from nixeryd.storage.interface import IStorage, StoredObject
 
 log = Logger()
 
@@ -67,7 +67,7 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
             roots.extend(digests)
         else:
             report.removed_images += 1
-            await _remove(storage, record.key, report, dry_run, "image record")
+            await _remove(storage, record, report, dry_run, "image record")
 
     needed = await _reachable(storage, roots)
     survivors: set[str] = set()
@@ -79,7 +79,7 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
             continue
         report.removed_blobs += 1
         report.removed_bytes += blob.size
-        await _remove(storage, blob.key, report, dry_run, "blob")
+        await _remove(storage, blob, report, dry_run, "blob")
 
     for record in await storage.list("builds"):
         if record.modified >= horizon:
@@ -90,7 +90,7 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
             target = None
         if target not in survivors:
             report.removed_records += 1
-            await _remove(storage, record.key, report, dry_run, "layer record")
+            await _remove(storage, record, report, dry_run, "layer record")
     log.info(
         "{verb} {blobs} blobs ({size} bytes) and {images} image records; kept {kept} images",
         verb="would remove" if dry_run else "removed",
@@ -128,7 +128,9 @@ async def _reachable(storage: IStorage, roots: list[str]) -> set[str]:
     return seen
 
 
-async def _remove(storage: IStorage, key: str, report: Report, dry_run: bool, what: str) -> None:
-    report.removed.append(key)
+async def _remove(storage: IStorage, listed: StoredObject, report: Report, dry_run: bool, what: str) -> None:
+    """Remove an object as it was listed: one written again since (a blob packed anew by
+    an instance that needed it) is kept, where the backend can tell (GCS generations)."""
+    report.removed.append(listed.key)
     if not dry_run:
-        await storage.delete(key)
+        await storage.delete(listed.key, listed.generation)

@@ -370,6 +370,22 @@ class GCSStorageTests(ListingContract, SynchronousTestCase):
         self.assertIsNone(self.bucket.get_blob("layers/" + hexdigest))
         self.assertEqual(self.result(self.storage.check_blob(hexdigest, 64, announced.md5)), MISSING)
 
+    def test_delete_of_a_listed_version_names_that_version(self) -> None:
+        """Deleting with the generation a listing gave sends it as a precondition, so that
+        GCS removes that version only and keeps an object written again since (a layer
+        packed anew). gcp-storage-emulator ignores the precondition, so what is checked is
+        the request it logs; real GCS answers 412, which the backend takes as "kept"."""
+        k = key("layers", "rewritten")
+        self.result(self.storage.put(k, b"first", "application/octet-stream"))
+        (listed,) = [o for o in self.result(self.storage.list("layers")) if o.key == k]
+        self.assertIsNotNone(listed.generation)
+        seen = len(shared_emulator().output)
+        self.result(self.storage.delete(k, listed.generation))
+        deletes = [line for line in shared_emulator().output[seen:] if line.startswith('"DELETE ')]
+        self.assertEqual(len(deletes), 1)
+        self.assertIn(f"ifGenerationMatch={listed.generation}", deletes[0])
+        self.assertIsNone(self.result(self.storage.get(k)))
+
     def test_same_size_other_bytes_is_damaged(self) -> None:
         """An object of the right size whose MD5 differs is damaged; so is one with no MD5."""
         data = b"0123456789" * 10

@@ -112,7 +112,7 @@ class FilesystemStorage:
         directory = os.path.join(self.root, check_prefix(prefix))
         return Deferred.fromCoroutine(self._run("listing " + prefix, _listing, directory, prefix))
 
-    def delete(self, key: str) -> Deferred[None]:
+    def delete(self, key: str, generation: int | None = None) -> Deferred[None]:
         path = self._path(key)
         return Deferred.fromCoroutine(self._run("removing " + key, _unlink, path))
 

@@ -211,21 +211,25 @@ class GCSStorage:
                     check_key(blob.name)
                 except ValueError:
                     continue
-                found.append(StoredObject(blob.name, blob.updated.timestamp(), int(blob.size or 0)))
+                found.append(StoredObject(blob.name, blob.updated.timestamp(), int(blob.size or 0),
+                                          blob.generation))
             return found
 
         return self._call("listing " + prefix, listing)
 
-    def delete(self, key: str) -> Deferred[None]:
+    def delete(self, key: str, generation: int | None = None) -> Deferred[None]:
         check_key(key)
 
         def remove() -> None:
-            from google.api_core.exceptions import NotFound
+            from google.api_core.exceptions import NotFound, PreconditionFailed
 
             try:
-                self._bucket.blob(key).delete(retry=self._retry, timeout=self._timeout)
+                self._bucket.blob(key).delete(if_generation_match=generation, retry=self._retry,
+                                              timeout=self._timeout)
             except NotFound:
                 pass
+            except PreconditionFailed:
+                log.info("{key} was written again since it was listed; kept", key=key, backend=self.backend)
 
         d = self._call("removing " + key, remove)
         return d.addCallback(lambda _: self._known.pop(key, None) and None)

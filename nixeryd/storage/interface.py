@@ -75,6 +75,7 @@ class StoredObject:
     key: str
     modified: float  # seconds since the epoch
     size: int
+    generation: int | None = None  # the bucket's generation of the object, where there is one
 
 
 class StorageError(Exception):
@@ -196,5 +197,6 @@ class IStorage(Interface):
     def list(prefix: str) -> Deferred[list[StoredObject]]:
         """Every object under ``prefix`` ("layers", "manifests", "builds"); staging is never listed."""
 
-    def delete(key: str) -> Deferred[None]:
-        """Remove the object under ``key``; an absent one is fine."""
+    def delete(key: str, generation: int | None = None) -> Deferred[None]:
+        """Remove the object under ``key``; an absent one is fine. With ``generation``
+        (from a listing), only that version: one written since is kept."""

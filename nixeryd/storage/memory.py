@@ -96,7 +96,7 @@ class MemoryStorage:
             for key, data in self._objects.items() if key.startswith(start)
         ])
 
-    def delete(self, key: str) -> Deferred[None]:
+    def delete(self, key: str, generation: int | None = None) -> Deferred[None]:
         check_key(key)
         for table in (self._objects, self._content_types, self._modified):
             table.pop(key, None)
