@@ -179,11 +179,42 @@ def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
         return signing.signed_url(key, bucket_name, name, now=now, expires=ttl, endpoint=endpoint)
 
     redirect = signed if key is not None else gcs.plain_url(endpoint, bucket_name)
+    if config.signing_service_account is not None:
+        iam = _iam_signer(config)
+
+        def signed_by_iam(name: str) -> str:
+            now = datetime.fromtimestamp(reactor.seconds(), UTC)
+            return signing.signed_url(iam, bucket_name, name, now=now, expires=ttl, endpoint=endpoint)
+
+        redirect = signed_by_iam
     return gcs.GCSStorage(
-        bucket, offload, redirect=redirect, staging_dir=os.path.join(config.storage_path, "staging"),
+        bucket, offload, redirect=redirect, redirect_blocks=config.signing_service_account is not None,
+        url_lifetime=ttl / 2, staging_dir=os.path.join(config.storage_path, "staging"),
         connect_timeout=config.storage_connect_timeout, deadline=config.storage_deadline,
         cooldown=config.storage_cooldown, clock=reactor,
     )
+
+
+def _iam_signer(config: Config) -> Any:
+    """Keyless signing: the IAM Credentials API with the workload's own credentials (the
+    emulator's anonymous ones in tests)."""
+    from google.auth import default
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.exceptions import GoogleAuthError
+    from google.auth.transport.requests import AuthorizedSession
+
+    from nixeryd.storage.signing import IAM_ENDPOINT, IAMSigner
+
+    assert config.signing_service_account is not None
+    try:
+        if config.storage_emulator_host is not None:
+            credentials: Any = AnonymousCredentials()
+        else:
+            credentials, _ = default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    except GoogleAuthError as e:
+        raise ConfigError(f"NIXERY_SIGNING_ACCOUNT: no credentials to call IAM signBlob with ({e})") from None
+    return IAMSigner(config.signing_service_account, AuthorizedSession(credentials),
+                     endpoint=config.iam_endpoint or IAM_ENDPOINT)
 
 
 def load_popularity_setting(config: Config) -> dict[str, int]:

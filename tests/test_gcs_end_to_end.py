@@ -200,3 +200,105 @@ def test_a_stalled_bucket_is_a_quick_503_and_warm_images_keep_serving(tmp_path: 
         if status != 503:
             break
     assert status == 200, body
+
+
+class FakeIAM:
+    """The IAM Credentials API's signBlob, at the edge we cannot reach here: a loopback
+    server holding the service account's key, answering as the real one does
+    (POST /v1/projects/-/serviceAccounts/<account>:signBlob, {"payload": base64} ->
+    {"keyId", "signedBlob": base64}). It counts the calls."""
+
+    def __init__(self, account: str) -> None:
+        import http.server
+        import threading
+
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.calls: list[str] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                import base64
+
+                from cryptography.hazmat.primitives import hashes
+                from cryptography.hazmat.primitives.asymmetric import padding
+
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length))
+                fake.calls.append(self.path)
+                if self.path != f"/v1/projects/-/serviceAccounts/{account}:signBlob":
+                    self.send_error(404)
+                    return
+                signature = fake.key.sign(base64.b64decode(body["payload"]), padding.PKCS1v15(), hashes.SHA256())
+                answer = json.dumps({"keyId": "k1", "signedBlob": base64.b64encode(signature).decode()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_iam() -> Iterator[FakeIAM]:
+    iam = FakeIAM(ACCOUNT)
+    yield iam
+    iam.stop()
+
+
+def test_keyless_signing_through_iam(tmp_path: Path, fake_iam: FakeIAM) -> None:
+    """With NIXERY_SIGNING_ACCOUNT and no key, blob URLs are signed by IAM signBlob: the
+    signature verifies with the account's public key, and a URL is reused while it has
+    long to live (one signBlob call for repeated pulls)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from nixeryd.storage.signing import string_to_sign
+
+    emulator = shared_emulator()
+    bucket = emulator.new_bucket()
+    env = gcs_environment(tmp_path / "local", emulator, bucket, NIXERY_SIGNING_ACCOUNT=ACCOUNT,
+                          NIXERY_IAM_ENDPOINT=fake_iam.url)
+    daemon = Daemon(tmp_path / "local", env).start()
+    status, _, body = daemon.request("/v2/alpha/manifests/latest")
+    assert status == 200, body
+    layer = json.loads(body)["layers"][0]["digest"]
+    status, headers, _ = no_redirect_get(daemon, f"/v2/alpha/blobs/{layer}")
+    assert status == 307
+    url = headers["Location"]
+    query = parse_qs(urlsplit(url).query)
+    assert query["X-Goog-Credential"][0].startswith(ACCOUNT + "/")
+    signature = bytes.fromhex(query["X-Goog-Signature"][0])
+    fake_iam.key.public_key().verify(signature, string_to_sign(url), padding.PKCS1v15(), hashes.SHA256())
+    for _ in range(3):
+        assert no_redirect_get(daemon, f"/v2/alpha/blobs/{layer}")[1]["Location"] == url
+    assert len(fake_iam.calls) == 1
+    assert url not in daemon.log, "signed URLs must never be logged"
+
+
+def test_iam_refusing_to_sign_is_a_503(tmp_path: Path, fake_iam: FakeIAM) -> None:
+    """When IAM will not sign for the account, a blob request is a 503 with Retry-After,
+    not a redirect to an unsigned URL, and not a hang."""
+    emulator = shared_emulator()
+    bucket = emulator.new_bucket()
+    env = gcs_environment(tmp_path / "local", emulator, bucket,
+                          NIXERY_SIGNING_ACCOUNT="someone-else@example-project.iam.gserviceaccount.com",
+                          NIXERY_IAM_ENDPOINT=fake_iam.url)
+    daemon = Daemon(tmp_path / "local", env).start()
+    status, _, body = daemon.request("/v2/alpha/manifests/latest")
+    assert status == 200, body
+    layer = json.loads(body)["layers"][0]["digest"]
+    status, headers, body = no_redirect_get(daemon, f"/v2/alpha/blobs/{layer}")
+    assert status == 503 and headers["Retry-After"] == "10", body
+    assert "answered 404" in daemon.log

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from nixeryd.archive import BlobInfo
+from nixeryd.cache import TTLCache
 from nixeryd.offload import Offload
 from nixeryd.storage.breaker import CircuitBreaker
 from nixeryd.storage.interface import (
@@ -84,6 +85,8 @@ class GCSStorage:
         offload: Offload,
         *,
         redirect: Callable[[str], str],
+        redirect_blocks: bool = False,
+        url_lifetime: float = 150.0,
         staging_dir: str,
         known_blobs: int = 100_000,
         connect_timeout: float = 5.0,
@@ -104,6 +107,11 @@ class GCSStorage:
         self._bucket = bucket
         self._offload = offload
         self._redirect = redirect
+        # A redirect that blocks (a signature from IAM signBlob) is made in a thread and
+        # reused for url_lifetime seconds, so that warm pulls cost no call at all.
+        self._redirect_blocks = redirect_blocks
+        self._url_lifetime = url_lifetime
+        self._urls: TTLCache[str] = TTLCache(clock if clock is not None else Clock(), max_entries=100_000)
         self._staging = staging_dir
         os.makedirs(staging_dir, exist_ok=True)
         self._known: OrderedDict[str, None] = OrderedDict()
@@ -246,7 +254,13 @@ class GCSStorage:
             size = None if found.size is None else int(found.size)
             self._remember(key)
         self._known.move_to_end(key)
-        return Redirect(self._redirect(key), size)
+        if not self._redirect_blocks:
+            return Redirect(self._redirect(key), size)
+        url = self._urls.get(key)
+        if url is None:
+            url = await self._call("signing a URL for " + key, self._redirect, key)
+            self._urls.put(key, url, self._url_lifetime)
+        return Redirect(url, size)
 
     def _exists(self, key: str) -> bool:
         return self._stat(key) is not None

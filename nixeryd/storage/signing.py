@@ -7,11 +7,12 @@ object's path, the query parameters and the host, following Google's
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,12 +23,59 @@ DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 MAX_EXPIRES = 7 * 24 * 3600
 
 
+class Signer(Protocol):
+    """Signs for a service account: RSA-SHA256 (PKCS #1 v1.5) over the bytes given."""
+
+    @property
+    def account(self) -> str: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class SigningKey:
-    """A service account's e-mail and its RSA private key."""
+    """A service account's e-mail and its RSA private key: signs locally."""
 
     account: str
     private_key: rsa.RSAPrivateKey = field(repr=False)
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+IAM_ENDPOINT = "https://iamcredentials.googleapis.com"
+
+
+@dataclass(frozen=True)
+class IAMSigner:
+    """Signs through the IAM Credentials API's ``signBlob`` with the caller's own
+    credentials (a GKE or Cloud Run workload's): no key ever leaves Google. Blocking, one
+    HTTPS call a signature: run it in a thread and keep what it signs for a while.
+
+    ``session`` is an authorized ``requests`` session (``google.auth``'s
+    ``AuthorizedSession``); it needs ``iam.serviceAccounts.signBlob`` on ``account``
+    (roles/iam.serviceAccountTokenCreator)."""
+
+    account: str
+    session: Any = field(repr=False)
+    endpoint: str = IAM_ENDPOINT
+    timeout: float = 15.0
+
+    def sign(self, data: bytes) -> bytes:
+        url = f"{self.endpoint.rstrip('/')}/v1/projects/-/serviceAccounts/{quote(self.account, safe='@')}:signBlob"
+        response = self.session.post(url, json={"payload": base64.b64encode(data).decode()},
+                                     timeout=self.timeout)
+        if response.status_code != 200:
+            detail = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
+            raise SigningError(f"IAM signBlob for {self.account} answered {response.status_code} {detail}".strip())
+        try:
+            return base64.b64decode(response.json()["signedBlob"], validate=True)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SigningError(f"IAM signBlob for {self.account} gave no signature ({e})") from None
+
+
+class SigningError(OSError):
+    """A signature could not be had (the IAM service refused or is unreachable)."""
 
 
 def _read(path: str, what: str) -> bytes:
@@ -74,7 +122,7 @@ def _quote(value: str) -> str:
 
 
 def signed_url(
-    key: SigningKey,
+    key: Signer,
     bucket: str,
     object_name: str,
     *,
@@ -106,5 +154,19 @@ def signed_url(
     to_sign = "\n".join(
         [ALGORITHM, timestamp, scope, hashlib.sha256(canonical.encode("ascii")).hexdigest()]
     )
-    signature = key.private_key.sign(to_sign.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+    signature = key.sign(to_sign.encode("ascii"))
     return f"{endpoint}{path}?{query}&X-Goog-Signature={signature.hex()}"
+
+
+def string_to_sign(url: str) -> bytes:
+    """What the signature of a V4 signed URL made by ``signed_url`` covers, rebuilt from the
+    URL alone: for checking a signature with the account's public key."""
+    parts = urlsplit(url)
+    params = dict(p.split("=", 1) for p in parts.query.split("&"))
+    params.pop("X-Goog-Signature")
+    query = "&".join(sorted(f"{k}={v}" for k, v in params.items()))
+    canonical = "\n".join(["GET", parts.path, query, f"host:{parts.netloc}\n", "host", "UNSIGNED-PAYLOAD"])
+    credential = params["X-Goog-Credential"].replace("%2F", "/")
+    scope = credential.split("/", 1)[1]
+    return "\n".join([ALGORITHM, params["X-Goog-Date"], scope,
+                      hashlib.sha256(canonical.encode("ascii")).hexdigest()]).encode("ascii")
