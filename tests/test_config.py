@@ -17,6 +17,8 @@ def test_defaults() -> None:
     assert config.base_packages == ("cacert", "iana-etc")
     assert (config.max_builds, config.build_queue) == (8, 64)
     assert (config.build_deadline, config.failure_ttl) == (3600, 60)
+    assert (config.storage_connect_timeout, config.storage_deadline, config.storage_cooldown) == (5, 15, 10)
+    assert (config.signing_service_account, config.iam_endpoint) == (None, None)
 
 
 def test_every_variable() -> None:
@@ -27,6 +29,8 @@ def test_every_variable() -> None:
         "NIXERY_BASE_PACKAGES": "cacert zlib, openssl", "NIXERY_LAYER_BUDGET": "10",
         "NIXERY_CACHE_TTL": "60", "NIXERY_MAX_BUILDS": "3", "NIXERY_BUILD_QUEUE": "0",
         "NIXERY_NIX_DIR": "/opt/nix", "NIXERY_BUILD_DEADLINE": "7200", "NIXERY_FAILURE_TTL": "0",
+        "NIXERY_STORAGE_CONNECT_TIMEOUT": "2", "NIXERY_STORAGE_DEADLINE": "30", "NIXERY_STORAGE_COOLDOWN": "5",
+        "NIXERY_SIGNING_ACCOUNT": "sa@p.iam.gserviceaccount.com", "NIXERY_IAM_ENDPOINT": "https://iam.internal/",
     }
     config = Config.from_env(env, cwd="/srv")
     assert config.listen == ("tcp:9000",)
@@ -37,6 +41,9 @@ def test_every_variable() -> None:
     assert (config.layer_budget, config.cache_ttl, config.max_builds, config.build_queue) == (10, 60, 3, 0)
     assert config.nix_dir == "/opt/nix"
     assert (config.build_deadline, config.failure_ttl) == (7200, 0)
+    assert (config.storage_connect_timeout, config.storage_deadline, config.storage_cooldown) == (2, 30, 5)
+    assert config.signing_service_account == "sa@p.iam.gserviceaccount.com"
+    assert config.iam_endpoint == "https://iam.internal"
     assert config.child_environment["PORT"] == "9000"
 
 
@@ -71,6 +78,11 @@ def test_path_source_and_empty_base() -> None:
         ({"NIXERY_BUILD_DEADLINE": "soon"}, "NIXERY_BUILD_DEADLINE"),
         ({"NIXERY_FAILURE_TTL": "-1"}, "NIXERY_FAILURE_TTL"),
         ({"NIXERY_FAILURE_TTL": "nan"}, "NIXERY_FAILURE_TTL"),
+        ({"NIXERY_STORAGE_DEADLINE": "0"}, "NIXERY_STORAGE_DEADLINE"),
+        ({"NIXERY_STORAGE_CONNECT_TIMEOUT": "30"}, "NIXERY_STORAGE_CONNECT_TIMEOUT"),
+        ({"NIXERY_STORAGE_COOLDOWN": "-1"}, "NIXERY_STORAGE_COOLDOWN"),
+        ({"NIXERY_SIGNING_ACCOUNT": "a@b", "GCS_SIGNING_KEY": "k.pem", "GCS_SIGNING_ACCOUNT": "a@b"},
+         "NIXERY_SIGNING_ACCOUNT"),
         ({"GCS_SIGNING_KEY": "k.pem"}, "GCS_SIGNING_ACCOUNT"),
         ({"GCS_SIGNING_ACCOUNT": "a@b"}, "GCS_SIGNING_KEY"),
         ({"NIXERY_SIGNED_URL_TTL": "0"}, "NIXERY_SIGNED_URL_TTL"),

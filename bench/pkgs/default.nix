@@ -28,6 +28,18 @@ in
     PATH = "/usr/bin:/bin";
   };
 
+  # Eight images of 60 MB of incompressible bytes each, cold, for bench/isolation.py.
+  noise60 = builtins.listToAttrs (map (i: {
+    name = "n${toString i}";
+    value = derivation {
+      name = "bench-noise60-${toString i}";
+      system = builtins.currentSystem;
+      builder = "/bin/sh";
+      args = [ "-e" "-c" "mkdir -p $out && head -c 62914560 /dev/urandom > $out/noise.bin" ];
+      PATH = "/usr/bin:/bin";
+    };
+  }) [ 1 2 3 4 5 6 7 8 ]);
+
   # The base packages every image gets.
   cacert = derivation {
     name = "nss-cacert-bench";

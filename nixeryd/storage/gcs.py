@@ -150,7 +150,10 @@ class GCSStorage:
             blob.upload_from_string(bytes(data), content_type=content_type, retry=self._retry,
                                     timeout=self._timeout)
 
-        return self._call("writing " + key, upload, size=len(data))
+        d = self._call("writing " + key, upload, size=len(data))
+        if key.startswith("layers/"):
+            d.addCallback(lambda _: self._remember(key))  # served next: no lookup needed
+        return d
 
     def get(self, key: str) -> Deferred[bytes | None]:
         check_key(key)
