@@ -7,6 +7,7 @@
 # prints their store paths. Before that, two lines are traced for nixeryd:
 #   nixeryd-roots: {"name": "/nix/store/...", ...}   the output each name stands for
 #   nixeryd-revision: "<40 hex>" or null             the git revision of the package set
+#   nixeryd-main-programs: {"name": "jq" or null}    each package's meta.mainProgram
 # When a name is not found, or its attribute throws (how nixpkgs marks removed
 # aliases), one line names every such package:
 #   nixeryd-not-found: ["name", ...]
@@ -75,11 +76,16 @@ let
   throwing = builtins.filter (r: r.status == "throws") resolved;
   notFound = "nixeryd-not-found: ${builtins.toJSON (map (r: r.name) unresolved)}";
   roots = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.outPath; }) resolved);
+  mainProgram = value:
+    let found = builtins.tryEval (value.meta.mainProgram or null); in
+    if found.success && builtins.isString found.value then found.value else null;
+  programs = builtins.listToAttrs (map (r: { inherit (r) name; value = mainProgram r.value; }) resolved);
 in
 if unresolved == [ ] then
   builtins.trace "nixeryd-roots: ${builtins.toJSON roots}"
     (builtins.trace "nixeryd-revision: ${builtins.toJSON loaded.revision}"
-      (map (r: r.value) resolved))
+      (builtins.trace "nixeryd-main-programs: ${builtins.toJSON programs}"
+        (map (r: r.value) resolved)))
 else if throwing == [ ] then
   throw notFound
 else

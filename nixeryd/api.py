@@ -260,6 +260,11 @@ class RegistryAPI:
                 raise RegistryError(
                     404, "MANIFEST_UNKNOWN", "no manifest with this digest", {"digest": ref}
                 )
+        elif SIGNATURE_TAG.fullmatch(reference.value):
+            # cosign's and containers/image's lookups of a signature, attestation or SBOM:
+            # never an image to build.
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "no signature or attachment is stored for this image",
+                                {"tag": reference.value})
         else:
             accepted = accepted_types(request)
             manifests = await as_registry_errors(
@@ -343,6 +348,8 @@ class RegistryAPI:
             self._metrics.served_bytes.inc(size)
 
 
+SIGNATURE_TAG = re.compile(r"sha256-[0-9a-f]{64}\.(sig|att|sbom)")
+"""Tags sigstore clients look signatures and attachments up by."""
 PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 """An ``n`` taken for pagination: plain ASCII digits, bounded; any other is ignored."""
 MAX_RANGES = 64

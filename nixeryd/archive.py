@@ -20,7 +20,7 @@ import struct
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable, Sequence, Union
+from typing import Any, BinaryIO, Iterable, Mapping, Sequence, Union
 
 from zlib_ng import zlib_ng
 
@@ -57,6 +57,16 @@ def blob_info(data: bytes) -> BlobInfo:
 class _Dir:
     name: str  # without leading or trailing "/"
     mode: int
+    owner: int = 0  # uid and gid alike
+
+
+@dataclass(frozen=True)
+class _Data:
+    """A small regular file whose bytes nixeryd makes (/etc/passwd and the like)."""
+
+    name: str
+    mode: int
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ class _Symlink:
     target: str
 
 
-_Entry = Union[_Dir, _File, _Symlink]
+_Entry = Union[_Dir, _File, _Symlink, _Data]
 
 
 def _sort_key(entry: _Entry) -> bytes:
@@ -206,6 +216,11 @@ def _header(entry: _Entry) -> bytes:
     if isinstance(entry, _Dir):
         info.type = tarfile.DIRTYPE
         info.mode = entry.mode
+        info.uid = info.gid = entry.owner
+    elif isinstance(entry, _Data):
+        info.type = tarfile.REGTYPE
+        info.mode = entry.mode
+        info.size = len(entry.data)
     elif isinstance(entry, _File):
         info.type = tarfile.REGTYPE
         info.mode = entry.mode
@@ -243,6 +258,8 @@ def _write_entries(
         stream.write(_header(entry))
         if isinstance(entry, _File):
             _copy_file(entry, stream)
+        elif isinstance(entry, _Data):
+            stream.write(entry.data + bytes(-len(entry.data) % _BLOCK))
     stream.write(bytes(2 * _BLOCK))  # end-of-archive marker
     padding = -stream.tar_size % _RECORD
     if padding:
@@ -269,9 +286,10 @@ def write_layer(
 class _Tree:
     """A directory of the merged symlink tree."""
 
-    def __init__(self, mode: int = SYMLINK_LAYER_DIR_MODE) -> None:
+    def __init__(self, mode: int = SYMLINK_LAYER_DIR_MODE, owner: int = 0) -> None:
         self.mode = mode
-        self.children: dict[str, _Tree | str] = {}  # str: a symlink target
+        self.owner = owner
+        self.children: dict[str, _Tree | str | bytes] = {}  # str: a symlink target; bytes: a file
 
 
 MAX_LINK_HOPS = 40
@@ -366,8 +384,10 @@ def _tree_entries(tree: _Tree, prefix: str) -> Iterable[_Entry]:
     for name, child in tree.children.items():
         full = prefix + name
         if isinstance(child, _Tree):
-            yield _Dir(full, child.mode)
+            yield _Dir(full, child.mode, child.owner)
             yield from _tree_entries(child, full + "/")
+        elif isinstance(child, bytes):
+            yield _Data(full, 0o644, child)
         else:
             yield _Symlink(full, child)
 
@@ -384,10 +404,15 @@ def write_symlink_layer(
     out: BinaryIO,
     *,
     env_target: str | None = None,
+    files: Mapping[str, bytes] | None = None,
+    homes: Mapping[str, int] | None = None,
     level: int | None = None,
     compression: str = "gzip",
 ) -> BlobInfo:
     """Write the merged tree of the top-level ``roots`` as one deterministic tar.gz.
+
+    ``files`` (path -> bytes, e.g. ``etc/passwd``) are added where no package provides
+    the path itself; ``homes`` (path -> owner) are directories owned by that uid and gid.
 
     Like Nix's ``buildEnv``: the directories of every root are merged into real
     directories (0o755); every other entry becomes a symlink to its absolute
@@ -410,4 +435,20 @@ def write_symlink_layer(
     _subtree(tree, "tmp").mode = TMP_MODE
     if env_target is not None:
         _subtree(_subtree(tree, "usr"), "bin").children["env"] = env_target
+    for path, data in sorted((files or {}).items()):
+        *parents, name = path.split("/")
+        at: _Tree | None = tree
+        for parent in parents:
+            assert at is not None
+            found = at.children.setdefault(parent, _Tree())
+            at = found if isinstance(found, _Tree) else None  # a package's link: theirs
+            if at is None:
+                break
+        if at is not None and name not in at.children:
+            at.children[name] = data
+    for path, owner in sorted((homes or {}).items()):
+        at = tree
+        for part in path.split("/"):
+            at = _subtree(at, part)
+        at.owner = owner
     return _write_entries(sorted(_tree_entries(tree, ""), key=_sort_key), out, level, compression)

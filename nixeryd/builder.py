@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from nixeryd import archive, manifest
+from nixeryd import archive, manifest, users
 from nixeryd.activity import Activity, BuildFailure
 from nixeryd.archive import BlobInfo
 from nixeryd.cache import SingleFlight, TTLCache, gather
@@ -24,7 +24,7 @@ from nixeryd.layers import Layer, PathInfo, closure_of, group_layers, package_na
 from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import Image
-from nixeryd.nix import outcome
+from nixeryd.nix import PackagesNotFound, outcome
 from nixeryd.offload import Offload
 from nixeryd.pkgsource import PackageSource
 from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, LocalFile, staging_failure
@@ -51,6 +51,9 @@ class NixBuildResult(Protocol):
     @property
     def revision(self) -> str | None: ...
 
+    @property
+    def main_programs(self) -> Mapping[str, str | None]: ...
+
 
 class Nix(Protocol):
     """What the builder needs of Nix (``nixeryd.nix.NixBuilder``)."""
@@ -69,9 +72,12 @@ def _message(error: Exception) -> str:
     return message if isinstance(message, str) else f"{type(error).__name__}: {error}"
 
 
-def symlink_layer_key(roots: Sequence[str], env_target: str | None) -> str:
-    """The identity of a symlink layer: the roots it merges, and /usr/bin/env."""
+def symlink_layer_key(roots: Sequence[str], env_target: str | None, nonroot: bool = False) -> str:
+    """The identity of a symlink layer: the roots it merges, /usr/bin/env, and the
+    account files (with nonroot's home, when it has one)."""
     text = "symlinks\n" + "\n".join(sorted(roots)) + "\nenv:" + (env_target or "")
+    accounts = b"".join(k.encode() + b"\0" + v for k, v in sorted(users.account_files(nonroot).items()))
+    text += "\naccounts:" + hashlib.sha256(accounts).hexdigest() + f"\nhomes:{sorted(users.homes(nonroot).items())}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -82,6 +88,19 @@ def env_target(roots: Sequence[str]) -> str | None:
         if name == "coreutils" or name.startswith("coreutils-"):
             return root + "/bin/env"
     return None
+
+
+def _entrypoint(image: Image, built: NixBuildResult) -> list[str]:
+    """What ``run/`` runs: the first package's ``meta.mainProgram``, by its store path."""
+    assert image.first is not None
+    program = built.main_programs.get(image.first)
+    if not program or "/" in program:
+        raise PackagesNotFound(
+            f"run/: {image.first} names no main program (meta.mainProgram)", "", (image.first,),
+            f"{image.first} has no meta.mainProgram, so run/ cannot know what to run; "
+            "name the image without run/ and give the command to the client",
+        )
+    return [f"{built.named[image.first]}/bin/{program}"]
 
 
 def blob_key(digest: str) -> str:
@@ -251,16 +270,20 @@ class ImageBuilder:
             built.roots, built.closure, self._popularity, max(1, self._budget - 1),
         )
         target = env_target(built.roots)
+        entrypoint = _entrypoint(image, built) if image.run else None
         infos: list[BlobInfo] = await gather(
-            [self._layer(layer) for layer in layers] + [self._symlink_layer(built.roots, target)]
+            [self._layer(layer) for layer in layers]
+            + [self._symlink_layer(built.roots, target, image.nonroot)]
         )
 
         config = manifest.image_config(
             image.arch,
             [i.diff_id for i in infos],
             env=["PATH=" + manifest.DEFAULT_PATH, "SSL_CERT_FILE=" + SSL_CERT_FILE],
-            cmd=["bash"] if image.shell else None,
+            cmd=["bash"] if image.shell and entrypoint is None else None,
             labels=self._source.labels(tag, built.revision),
+            user=users.NONROOT_USER if image.nonroot else None,
+            entrypoint=entrypoint,
         )
         config_info = await self.put_blob(config)
         config_descriptor = manifest.Descriptor(config_info.digest, config_info.size)
@@ -301,13 +324,14 @@ class ImageBuilder:
             ),
         )
 
-    def _symlink_layer(self, roots: Sequence[str], target: str | None) -> Deferred[BlobInfo]:
-        key, compression = self._record_key(symlink_layer_key(roots, target)), self.compression
+    def _symlink_layer(self, roots: Sequence[str], target: str | None, nonroot: bool) -> Deferred[BlobInfo]:
+        key = self._record_key(symlink_layer_key(roots, target, nonroot))
+        files, homes, compression = users.account_files(nonroot), users.homes(nonroot), self.compression
         return self._layers.run(
             key,
             lambda: self._packed(
                 key, lambda out: archive.write_symlink_layer(
-                    roots, out, env_target=target, compression=compression
+                    roots, out, env_target=target, files=files, homes=homes, compression=compression
                 )
             ),
         )

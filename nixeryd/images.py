@@ -32,6 +32,11 @@ from nixeryd.storage.interface import IStorage, StorageError
 log = Logger()
 
 
+IMAGE_LAYOUT = 2
+"""What images hold beyond their packages; raised when that changes (2: /etc/passwd,
+/etc/group, /etc/nsswitch.conf), so that cached images are built again with it."""
+
+
 def image_cache_key(image: Image, source_identity: str) -> str:
     """The identity of a build: packages, architecture, shell and package set."""
     return _key(
@@ -40,6 +45,9 @@ def image_cache_key(image: Image, source_identity: str) -> str:
             "system": image.arch.nix_system,
             "shell": image.shell,
             "source": source_identity,
+            "layout": IMAGE_LAYOUT,
+            "nonroot": image.nonroot,
+            "run": image.first if image.run else None,
         }
     )
 
@@ -52,6 +60,9 @@ def index_cache_key(image: Image, platforms: Sequence[Arch], source_identity: st
             "packages": list(image.packages),
             "shell": image.shell,
             "source": source_identity,
+            "layout": IMAGE_LAYOUT,
+            "nonroot": image.nonroot,
+            "run": image.first if image.run else None,
         }
     )
 

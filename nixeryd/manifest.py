@@ -101,12 +101,18 @@ def image_config(
     env: Sequence[str],
     cmd: Sequence[str] | None,
     labels: Mapping[str, str] | None = None,
+    user: str | None = None,
+    entrypoint: Sequence[str] | None = None,
 ) -> bytes:
     """The image configuration blob: platform, layers' diffIDs (in order), Env, Cmd
     and labels, created at the fixed time ``CREATED``."""
     container: dict[str, Any] = {"Env": list(env)}
+    if entrypoint is not None:
+        container["Entrypoint"] = list(entrypoint)
     if cmd is not None:
         container["Cmd"] = list(cmd)
+    if user is not None:
+        container["User"] = user
     if labels:
         container["Labels"] = dict(labels)
     return _dump(

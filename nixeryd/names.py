@@ -30,6 +30,9 @@ class Image:
     arch: Arch
     shell: bool  # the image has a shell: Cmd is ["bash"]
     base: tuple[str, ...] = ()  # the configured base packages, also in ``packages``
+    nonroot: bool = False  # runs as user and group nonroot, 65532:65532
+    run: bool = False  # Entrypoint is the first package's meta.mainProgram
+    first: str | None = None  # the first package named after the meta-packages
 
 
 class NameInvalid(ValueError):
@@ -65,6 +68,8 @@ class Digest:
 MAX_NAME_LENGTH = 255
 DEFAULT_BASE_PACKAGES: tuple[str, ...] = ("cacert", "iana-etc")
 SHELL_PACKAGES: tuple[str, ...] = ("bashInteractive", "coreutils", "moreutils", "nano")
+META_PACKAGES: tuple[str, ...] = ("shell", "arm64", "nonroot", "run")
+"""Components with a meaning of their own, only at the front of a name, in any order."""
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -86,20 +91,19 @@ def parse_name(name: str, base_packages: Sequence[str] = DEFAULT_BASE_PACKAGES) 
                 f"invalid path component {shown!r}: components are lowercase letters and digits, "
                 "separated by single '.', '_' or '-'"
             )
-    shell = False
-    arch = AMD64
+    meta: set[str] = set()
     rest = components
-    while rest and rest[0] in ("shell", "arm64"):
-        if rest[0] == "shell":
-            shell = True
-        else:
-            arch = ARM64
+    while rest and rest[0] in META_PACKAGES:
+        meta.add(rest[0])
         rest = rest[1:]
+    if "run" in meta and not rest:
+        raise NameInvalid("run/ needs a package after it, whose main program the image runs")
     packages = set(rest) | set(base_packages)
-    if shell:
+    if "shell" in meta:
         packages |= set(SHELL_PACKAGES)
-    return Image(name=name, packages=tuple(sorted(packages)), arch=arch, shell=shell,
-                 base=tuple(sorted(set(base_packages))))
+    return Image(name=name, packages=tuple(sorted(packages)), arch=ARM64 if "arm64" in meta else AMD64,
+                 shell="shell" in meta, base=tuple(sorted(set(base_packages))),
+                 nonroot="nonroot" in meta, run="run" in meta, first=rest[0] if rest else None)
 
 
 def parse_digest(value: str) -> Digest:

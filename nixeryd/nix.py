@@ -30,6 +30,7 @@ log = Logger()
 NOT_FOUND_MARKER = re.compile(r"nixeryd-not-found: (\[.*\])")
 ROOTS_MARKER = re.compile(r"^trace: nixeryd-roots: (\{.*\})$")
 REVISION_MARKER = re.compile(r"^trace: nixeryd-revision: (.*)$")
+PROGRAMS_MARKER = re.compile(r"^trace: nixeryd-main-programs: (\{.*\})$")
 # How nix-build reports a derivation stopped by `--timeout`.
 DERIVATION_TIMED_OUT = re.compile(r"timed out after \d+ seconds")
 SHOW_TRACE_HINT = "(use '--show-trace'"
@@ -69,6 +70,7 @@ class NixBuild:
     closure: Mapping[str, PathInfo]
     named: Mapping[str, str] = field(default_factory=dict)  # package name -> its root
     revision: str | None = None  # the package set's git revision, where Nix knows it
+    main_programs: Mapping[str, str | None] = field(default_factory=dict)  # name -> meta.mainProgram
 
 
 class NixError(Exception):
@@ -111,6 +113,7 @@ class NixExit:
     not_found: tuple[str, ...] | None  # names from the not-found marker, when Nix printed it
     named: Mapping[str, str] | None = None  # from the roots marker
     revision: str | None = None  # from the revision marker
+    programs: Mapping[str, str | None] = field(default_factory=dict)  # from the main-programs marker
 
 
 class NixProcessProtocol(ProcessProtocol):
@@ -125,6 +128,7 @@ class NixProcessProtocol(ProcessProtocol):
         self._not_found: tuple[str, ...] | None = None
         self._named: dict[str, str] | None = None
         self._revision: str | None = None
+        self._programs: dict[str, str | None] = {}
 
     def outReceived(self, data: bytes) -> None:
         self._stdout.append(data)
@@ -144,6 +148,12 @@ class NixProcessProtocol(ProcessProtocol):
             named = _json_or_none(roots.group(1))
             if isinstance(named, dict):
                 self._named = {str(k): str(v) for k, v in named.items()}
+            return
+        programs = PROGRAMS_MARKER.match(line)
+        if programs:
+            found = _json_or_none(programs.group(1))
+            if isinstance(found, dict):
+                self._programs = {str(k): v if isinstance(v, str) else None for k, v in found.items()}
             return
         revision = REVISION_MARKER.match(line)
         if revision:
@@ -172,7 +182,7 @@ class NixProcessProtocol(ProcessProtocol):
             exit_code = None
         self.ended.callback(
             NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._not_found,
-                    self._named, self._revision)
+                    self._named, self._revision, self._programs)
         )
 
 
@@ -378,7 +388,7 @@ class NixBuilder:
         except (ValueError, KeyError, TypeError) as e:
             raise NixBuildFailed(f"unreadable closure from Nix: {e}") from None
         return NixBuild(roots=roots, closure=closure, named=dict(built.named or {}),
-                        revision=built.revision)
+                        revision=built.revision, main_programs=dict(built.programs))
 
     async def run(self, argv: Sequence[str], label: str, deadline: float) -> NixExit:
         """Run one Nix command in its own process group, killed at ``deadline``."""

@@ -160,9 +160,11 @@ def test_links_out_of_the_store_stay_links(daemon: Daemon) -> None:
     for name in ("up", "nixroot", "bin/shadow"):
         assert name in top and top[name] is None, name
     assert {"bin/java", "bin/hello"} <= set(top)
-    # etc/ merges the base packages' real directories; the host's /etc adds nothing.
+    # etc/ merges the base packages' real directories and the account files; the host's
+    # /etc adds nothing.
     assert {n for n in top if n.startswith("etc/")} == {
-        "etc/ssl", "etc/ssl/certs", "etc/ssl/certs/ca-bundle.crt", "etc/protocols", "etc/services"}
+        "etc/ssl", "etc/ssl/certs", "etc/ssl/certs/ca-bundle.crt", "etc/protocols", "etc/services",
+        "etc/passwd", "etc/group", "etc/nsswitch.conf"}
     every = [name for files in layers for name in files]
     assert not any(name.startswith(("up/", "nixroot/", "nix/var")) for name in every), every
     assert not any("shadow" in name and not name.startswith("nix/store/") and name != "bin/shadow"

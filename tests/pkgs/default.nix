@@ -96,7 +96,8 @@ in
     printf 'http\t80/tcp\n' > $out/etc/services
   '';
 
-  hello = script "hello" "echo Hello from nixeryd";
+  # With meta.mainProgram, as most nixpkgs packages have: run/hello runs it.
+  hello = script "hello" "echo Hello from nixeryd" // { meta.mainProgram = "hello"; };
   git = script "git" "echo git version 2.40.1-test";
   htop = script "htop" "echo htop 3.2.2-test";
 
