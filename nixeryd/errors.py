@@ -45,7 +45,8 @@ async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
         detail: dict[str, Any] = {"packages": list(e.packages)}
         if e.reason:
             detail["nix"] = e.reason
-        raise RegistryError(404, "MANIFEST_UNKNOWN", "packages not found: " + ", ".join(e.packages), detail) from None
+        raise RegistryError(404, "MANIFEST_UNKNOWN", e.message or "packages not found: " + ", ".join(e.packages),
+                            detail) from None
     except NixTimedOut as e:
         log.error("build of {image} timed out", image=name)
         raise RegistryError(500, "UNKNOWN", e.message) from None

@@ -27,7 +27,13 @@ TEMPLATE = XMLString(
 <body>
   <h1>nixeryd on <t:transparent t:render="host"/></h1>
   <p>Images are built on demand with Nix: every component of an image's name is
-  a package, and <code>shell</code> at the front adds a shell.</p>
+  a package. At the front of the name, in any order:</p>
+  <ul>
+    <li><code>shell</code> adds bash, coreutils, moreutils and nano, and runs bash;</li>
+    <li><code>arm64</code> builds for 64-bit ARM;</li>
+    <li><code>nonroot</code> runs as user and group <code>nonroot</code> (65532:65532), with a home of its own;</li>
+    <li><code>run</code> runs the first package's main program (its <code>meta.mainProgram</code>).</li>
+  </ul>
   <pre t:render="examples"/>
   <h2>Package source</h2>
   <p t:render="source"/>

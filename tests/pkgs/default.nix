@@ -228,6 +228,12 @@ in
     ln -s /etc/shadow $out/bin/shadow
   '';
 
+  # A package that brings its own account files, as a base image package would.
+  own-passwd = mk "own-passwd-1.0" ''
+    mkdir -p $out/etc
+    echo "root:x:0:0:the package's root:/root:/bin/sh" > $out/etc/passwd
+  '';
+
   # openjdk's shape: bin/ is a link into lib/, and must merge with other bin/s.
   jdk-like = mk "jdk-like-17" ''
     mkdir -p $out/lib/openjdk/bin
