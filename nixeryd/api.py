@@ -40,6 +40,7 @@ from nixeryd.names import (
     parse_reference,
 )
 from nixeryd.sendfile import SendfileProducer, can_sendfile
+from nixeryd.signatures import Signatures
 from nixeryd.site import PHRASES
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect
 from nixeryd.web import Status, render_index
@@ -113,8 +114,10 @@ class RegistryAPI:
         metrics: Metrics | None = None,
         status: Status | None = None,
         auth: Authenticator | None = None,
+        signatures: Signatures | None = None,
     ) -> None:
         self._images = images
+        self._signatures = signatures
         self._storage = storage
         self._base_packages = tuple(base_packages)
         self._metrics = metrics if metrics is not None else Metrics()
@@ -263,8 +266,14 @@ class RegistryAPI:
         elif SIGNATURE_TAG.fullmatch(reference.value):
             # cosign's and containers/image's lookups of a signature, attestation or SBOM:
             # never an image to build.
-            raise RegistryError(404, "MANIFEST_UNKNOWN", "no signature or attachment is stored for this image",
-                                {"tag": reference.value})
+            signed = None
+            if self._signatures is not None and reference.value.endswith(".sig"):
+                host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+                signed = await storage_call(self._signatures.signature(image.name, reference.value[7:71], host))
+            if signed is None:
+                raise RegistryError(404, "MANIFEST_UNKNOWN", "no signature or attachment is stored for this image",
+                                    {"tag": reference.value})
+            stored = signed
         else:
             accepted = accepted_types(request)
             manifests = await as_registry_errors(

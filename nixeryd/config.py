@@ -87,6 +87,8 @@ class Config:
     storage_deadline: float = 15.0
     storage_cooldown: float = 10.0
     signing_service_account: str | None = None
+    image_signing_key: str | None = None
+    image_signing_identity: str | None = None
     iam_endpoint: str | None = None
     nix_timeout: float = 60.0
     build_deadline: float = 3600.0
@@ -206,6 +208,8 @@ class Config:
             storage_deadline=parsed("NIXERY_STORAGE_DEADLINE", _seconds, 15.0),
             storage_cooldown=parsed("NIXERY_STORAGE_COOLDOWN", _seconds, 10.0),
             signing_service_account=get("NIXERY_SIGNING_ACCOUNT"),
+            image_signing_key=absolute(image_key) if (image_key := get("NIXERY_SIGNING_KEY")) else None,
+            image_signing_identity=(get("NIXERY_SIGNING_IDENTITY") or "").strip("/") or None,
             iam_endpoint=(get("NIXERY_IAM_ENDPOINT") or "").rstrip("/") or None,
             nix_timeout=parsed("NIX_TIMEOUT", _seconds, 60.0),
             build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds, 3600.0),

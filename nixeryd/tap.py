@@ -16,6 +16,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from nixeryd import cosign
 from nixeryd.api import RegistryAPI
 from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
 from nixeryd.builder import ImageBuilder
@@ -26,6 +27,7 @@ from nixeryd.metrics import Metrics
 from nixeryd.nix import NixBuilder
 from nixeryd.offload import thread_pool
 from nixeryd.popularity import load_popularity
+from nixeryd.signatures import Signatures
 from nixeryd.site import PlainHTTPFactory, make_site
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import IStorage
@@ -195,6 +197,17 @@ def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
     )
 
 
+def _signatures(config: Config, builder: ImageBuilder) -> Signatures | None:
+    """Image signatures, when NIXERY_SIGNING_KEY names a key."""
+    if config.image_signing_key is None:
+        return None
+    try:
+        key = cosign.load_signing_key(config.image_signing_key)
+    except ValueError as e:
+        raise ConfigError(f"NIXERY_SIGNING_KEY: {e}") from None
+    return Signatures(key, config.image_signing_identity, builder)
+
+
 def _iam_signer(config: Config) -> Any:
     """Keyless signing: the IAM Credentials API with the workload's own credentials (the
     emulator's anonymous ones in tests)."""
@@ -327,6 +340,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     api = RegistryAPI(
         parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status,
         auth=_authenticator(config, parts.auth_offload, reactor),
+        signatures=_signatures(config, parts.builder),
     )
     site = make_site(api.app.resource())
     listeners = Listeners()
