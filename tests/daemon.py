@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from tests.processes import die_with_parent, register, unregister
 
@@ -38,6 +38,21 @@ def git_package_set(where: Path) -> tuple[str, str]:
     subprocess.run([*git, "commit", "-qam", "release"], check=True)
     subprocess.run([*git, "checkout", "-q", "main"], check=True)
     return "file://" + str(where), rev
+
+
+def daemon_fixture(**extra: str) -> Any:
+    """A module-scoped pytest fixture: a daemon on the test package set (``extra``: more
+    settings), started once for the module's tests."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+        storage = tmp_path_factory.mktemp("storage")
+        started = Daemon(storage, daemon_environment(storage, **extra)).start()
+        yield started
+        started.stop()
+
+    return daemon
 
 
 def free_port() -> int:

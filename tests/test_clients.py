@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import Daemon, came_up, daemon_environment, drain, terminate
+from tests.daemon import Daemon, came_up, daemon_fixture, drain, terminate
 from tests.processes import die_with_parent, register, unregister
 
 IMAGE = "shell/hello"
@@ -27,13 +27,7 @@ DOCKERD = "/usr/sbin/dockerd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    storage = tmp_path_factory.mktemp("storage")
-    env = daemon_environment(storage, NIXERY_PLATFORMS="linux/amd64,linux/arm64")
-    d = Daemon(storage, env).start()
-    yield d
-    d.stop()
+daemon = daemon_fixture(NIXERY_PLATFORMS="linux/amd64,linux/arm64")
 
 
 def run(*args: str, timeout: float = 300) -> str:

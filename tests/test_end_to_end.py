@@ -7,19 +7,13 @@ import os
 import stat
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.daemon import TWISTD, Daemon, daemon_environment
+from tests.daemon import TWISTD, Daemon, daemon_environment, daemon_fixture
 
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    storage = tmp_path_factory.mktemp("storage")
-    d = Daemon(storage, daemon_environment(storage)).start()
-    yield d
-    d.stop()
+daemon = daemon_fixture()
 
 
 def skopeo_copy(daemon: Daemon, name: str, dest: Path) -> Path:

@@ -10,12 +10,14 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from nixeryd.names import NameInvalid, parse_name
-from tests.daemon import Daemon, daemon_environment
+from tests.daemon import Daemon, daemon_fixture
+
+daemon = daemon_fixture()
 
 
 def test_meta_packages_combine_at_the_front() -> None:
@@ -28,14 +30,6 @@ def test_meta_packages_combine_at_the_front() -> None:
     assert not late.nonroot and "nonroot" in late.packages
     with pytest.raises(NameInvalid, match="run/ needs a package"):
         parse_name("run/shell")
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    storage = tmp_path_factory.mktemp("storage")
-    d = Daemon(storage, daemon_environment(storage)).start()
-    yield d
-    d.stop()
 
 
 def pulled(daemon: Daemon, name: str) -> tuple[dict[str, Any], dict[str, tarfile.TarInfo], dict[str, bytes]]:
