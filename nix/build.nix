@@ -8,6 +8,7 @@
 #   nixeryd-roots: {"name": "/nix/store/...", ...}   the output each name stands for
 #   nixeryd-revision: "<40 hex>" or null             the git revision of the package set
 #   nixeryd-main-programs: {"name": "jq" or null}    each package's meta.mainProgram
+#   nixeryd-meta: {"name": {"license", "homepage"}}  SPDX licence ids and homepage, where meta has them
 # When a name is not found, or its attribute throws (how nixpkgs marks removed
 # aliases), one line names every such package:
 #   nixeryd-not-found: ["name", ...]
@@ -80,12 +81,25 @@ let
     let found = builtins.tryEval (value.meta.mainProgram or null); in
     if found.success && builtins.isString found.value then found.value else null;
   programs = builtins.listToAttrs (map (r: { inherit (r) name; value = mainProgram r.value; }) resolved);
+  safe = f: value: let found = builtins.tryEval (f value); in if found.success then found.value else null;
+  spdx = license:
+    if builtins.isAttrs license && license ? spdxId then license.spdxId
+    else if builtins.isList license then
+      let ids = builtins.filter builtins.isString (map spdx license); in
+      if ids == [ ] then null else builtins.concatStringsSep " AND " ids
+    else null;
+  about = value: {
+    license = safe (v: let id = spdx (v.meta.license or null); in if builtins.isString id then id else null) value;
+    homepage = safe (v: let h = v.meta.homepage or null; in if builtins.isString h then h else null) value;
+  };
+  metas = builtins.listToAttrs (map (r: { inherit (r) name; value = about r.value; }) resolved);
 in
 if unresolved == [ ] then
   builtins.trace "nixeryd-roots: ${builtins.toJSON roots}"
     (builtins.trace "nixeryd-revision: ${builtins.toJSON loaded.revision}"
       (builtins.trace "nixeryd-main-programs: ${builtins.toJSON programs}"
-        (map (r: r.value) resolved)))
+        (builtins.trace "nixeryd-meta: ${builtins.toJSON metas}"
+          (map (r: r.value) resolved))))
 else if throwing == [ ] then
   throw notFound
 else

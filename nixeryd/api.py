@@ -18,7 +18,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
-from nixeryd import manifest
+from nixeryd import manifest, sbom
 from nixeryd.auth import Authenticator
 from nixeryd.errors import (
     RegistryError,
@@ -217,7 +217,32 @@ class RegistryAPI:
         name, kind, ref = _split(rest)
         if kind == "manifests":
             return await self._manifest(request, name, ref)
+        if kind == "referrers":
+            return await self._referrers(request, name, ref)
         return await self._blob(request, name, ref)
+
+    async def _referrers(self, request: IRequest, name: str, ref: str) -> bytes:
+        """OCI distribution 1.1's referrers API: what is attached to a manifest (its SBOM,
+        and its signature when images are signed), filtered by ``?artifactType=``."""
+        self._image_name(name)
+        try:
+            digest = parse_digest(ref)
+        except DigestInvalid as e:
+            raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
+        entries = [(stored.body, sbom.SPDX_TYPE) for stored in self._images.referrers(digest.digest)]
+        if entries and self._signatures is not None:
+            host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+            signed = await storage_call(self._signatures.signature(name, digest.hex, host))
+            if signed is not None:
+                entries.append((signed.body, SIGNATURE_ARTIFACT))
+        wanted = _arg(request, b"artifactType")
+        if wanted is not None:
+            entries = [entry for entry in entries if entry[1] == wanted]
+            _set(request, "OCI-Filters-Applied", "artifactType")
+        body = sbom.referrers_index(entries)
+        _set(request, "Content-Type", sbom.OCI_INDEX)
+        _set(request, "Content-Length", len(body))
+        return body
 
     def _json(self, request: IRequest, doc: Any) -> bytes:
         body = json.dumps(doc).encode()
@@ -357,6 +382,8 @@ class RegistryAPI:
             self._metrics.served_bytes.inc(size)
 
 
+SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+"""The artifact type a signature is listed with among an image's referrers."""
 SIGNATURE_TAG = re.compile(r"sha256-[0-9a-f]{64}\.(sig|att|sbom)")
 """Tags sigstore clients look signatures and attachments up by."""
 PAGE_SIZE = re.compile(r"[0-9]{1,9}")
@@ -430,7 +457,7 @@ def _blob_file(path: str) -> IResource:
 
 def _split(rest: str) -> tuple[str, str, str]:
     """``<name>/manifests/<ref>`` or ``<name>/blobs/<digest>`` -> (name, kind, ref)."""
-    for kind in ("manifests", "blobs"):
+    for kind in ("manifests", "blobs", "referrers"):
         name, found, ref = rest.rpartition("/" + kind + "/")
         if found and name and ref and "/" not in ref:
             return name, kind, ref

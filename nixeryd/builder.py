@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from nixeryd import archive, manifest, users
+from nixeryd import archive, manifest, sbom, users
 from nixeryd.activity import Activity, BuildFailure
 from nixeryd.archive import BlobInfo
 from nixeryd.cache import SingleFlight, TTLCache, gather
@@ -53,6 +53,9 @@ class NixBuildResult(Protocol):
 
     @property
     def main_programs(self) -> Mapping[str, str | None]: ...
+
+    @property
+    def meta(self) -> Mapping[str, Mapping[str, str]]: ...
 
 
 class Nix(Protocol):
@@ -291,13 +294,22 @@ class ImageBuilder:
         if self.compression == "zstd":
             body = manifest.image_manifest(Flavour.OCI, config_descriptor, layer_descriptors,
                                            layer_type=manifest.OCI_LAYER_ZSTD)
-            return ImageManifests(oci=await self.store_manifest(body, Flavour.OCI.manifest_type),
-                                  docker=None)
+            oci = await self.store_manifest(body, Flavour.OCI.manifest_type)
+            return ImageManifests(oci=oci, docker=None, sbom=await self._sbom(image, built, oci))
         stored = []
         for flavour in (Flavour.OCI, Flavour.DOCKER):
             body = manifest.image_manifest(flavour, config_descriptor, layer_descriptors)
             stored.append(await self.store_manifest(body, flavour.manifest_type))
-        return ImageManifests(oci=stored[0], docker=stored[1])
+        return ImageManifests(oci=stored[0], docker=stored[1], sbom=await self._sbom(image, built, stored[0]))
+
+    async def _sbom(self, image: Image, built: NixBuildResult, subject: StoredManifest) -> StoredManifest:
+        """The image's SPDX document, stored with the artifact manifest attaching it."""
+        meta = {built.named[name]: about for name, about in built.meta.items() if name in built.named}
+        document: bytes = await self._offload(
+            sbom.document, image.name, subject.digest, built.roots, built.closure, meta)
+        await self.put_blob(document)
+        await self.put_blob(sbom.EMPTY)
+        return await self.store_manifest(sbom.artifact_manifest(document, subject.body), sbom.OCI_MANIFEST)
 
     async def store_manifest(self, body: bytes, media_type: str) -> StoredManifest:
         """Store a manifest or index as a blob, so that it is served by digest."""

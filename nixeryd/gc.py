@@ -59,7 +59,7 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
         try:
             doc = json.loads(data or b"")
             last = max(float(doc.get("built", 0)), float(doc.get("served", 0)))
-            digests = [d for d in (_hex(doc.get("oci")), _hex(doc.get("docker"))) if d]
+            digests = [d for d in (_hex(doc.get("oci")), _hex(doc.get("docker")), _hex(doc.get("sbom"))) if d]
         except (ValueError, TypeError, AttributeError):
             last, digests = record.modified, []
         if last >= horizon or record.modified >= horizon:

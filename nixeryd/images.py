@@ -32,9 +32,9 @@ from nixeryd.storage.interface import IStorage, StorageError
 log = Logger()
 
 
-IMAGE_LAYOUT = 2
+IMAGE_LAYOUT = 3
 """What images hold beyond their packages; raised when that changes (2: /etc/passwd,
-/etc/group, /etc/nsswitch.conf), so that cached images are built again with it."""
+/etc/group, /etc/nsswitch.conf; 3: an SBOM), so that cached images are built again."""
 
 
 def image_cache_key(image: Image, source_identity: str) -> str:
@@ -85,7 +85,7 @@ class _Digests:
     oci: str
     docker: str | None
     built: float
-
+    sbom: str | None = None
 
 class KnownImages:
     """Names recently served, newest last, each with the tags it was asked at."""
@@ -150,6 +150,7 @@ class Images:
         # The size every blob of a served image must have: a blob found otherwise on
         # disk is damaged, and is not served.
         self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._referrers: OrderedDict[str, StoredManifest] = OrderedDict()
 
     def expected_size(self, digest: str) -> int | None:
         """The size a served manifest gives the blob ``digest``, where one is known."""
@@ -164,7 +165,18 @@ class Images:
         self._sizes.pop(digest, None)
         self._bodies.clear()
 
+    def referrers(self, digest: str) -> list[StoredManifest]:
+        """The artifacts attached to the image manifest ``digest`` that this instance knows
+        (it learns them when it builds or loads the image)."""
+        found = self._referrers.get(digest)
+        return [found] if found is not None else []
+
     def _note_sizes(self, result: ImageManifests) -> None:
+        if result.sbom is not None:
+            self._referrers[result.oci.digest] = result.sbom
+            self._referrers.move_to_end(result.oci.digest)
+            while len(self._referrers) > MAX_KNOWN_SIZES:
+                self._referrers.popitem(last=False)
         try:
             doc = json.loads(result.oci.body)
             descriptors = [doc["config"], *doc["layers"]] if "config" in doc else []
@@ -269,7 +281,8 @@ class Images:
                 self._failures.put(key, e, self._failure_ttl)
             raise
         docker = result.docker.digest if result.docker is not None else None
-        digests = _Digests(result.oci.digest, docker, self._clock.seconds())
+        digests = _Digests(result.oci.digest, docker, self._clock.seconds(),
+                           result.sbom.digest if result.sbom is not None else None)
         await self._write_record(key, digests, served=digests.built)
         self._touched.put(key, digests.built, None)
         self._cache.put(key, digests, self._ttl_for(tag))
@@ -278,7 +291,8 @@ class Images:
         return result
 
     async def _write_record(self, key: str, digests: _Digests, served: float) -> None:
-        record = {"built": digests.built, "served": served, "oci": digests.oci, "docker": digests.docker}
+        record = {"built": digests.built, "served": served, "oci": digests.oci, "docker": digests.docker,
+                  "sbom": digests.sbom}
         await self._storage.put("manifests/" + key, json.dumps(record).encode(), "application/json")
 
     async def _touch(self, key: str, digests: _Digests) -> None:
@@ -300,7 +314,9 @@ class Images:
             record = json.loads(data)
             built = float(record["built"])
             docker = record["docker"]
-            digests = _Digests(str(record["oci"]), None if docker is None else str(docker), built)
+            sbom = record.get("sbom")
+            digests = _Digests(str(record["oci"]), None if docker is None else str(docker), built,
+                               None if sbom is None else str(sbom))
             self._touched.put(key, float(record.get("served", built)), None)
         except (ValueError, KeyError, TypeError):
             log.warn("ignoring an unreadable cache record", cache_key=key)
@@ -321,4 +337,5 @@ class Images:
         # Both flavours name the same blobs: checking one is enough.
         if not await self._builder.intact(oci):
             return None
-        return ImageManifests(oci=oci, docker=docker)
+        sbom = None if digests.sbom is None else await self._builder.stored_manifest(digests.sbom)
+        return ImageManifests(oci=oci, docker=docker, sbom=sbom)

@@ -85,6 +85,7 @@ class ImageManifests:
 
     oci: StoredManifest
     docker: StoredManifest | None
+    sbom: StoredManifest | None = None  # the SPDX artifact whose subject is ``oci``
 
     def flavour(self, flavour: Flavour) -> StoredManifest | None:
         return self.oci if flavour is Flavour.OCI else self.docker

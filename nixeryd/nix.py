@@ -31,6 +31,7 @@ NOT_FOUND_MARKER = re.compile(r"nixeryd-not-found: (\[.*\])")
 ROOTS_MARKER = re.compile(r"^trace: nixeryd-roots: (\{.*\})$")
 REVISION_MARKER = re.compile(r"^trace: nixeryd-revision: (.*)$")
 PROGRAMS_MARKER = re.compile(r"^trace: nixeryd-main-programs: (\{.*\})$")
+META_MARKER = re.compile(r"^trace: nixeryd-meta: (\{.*\})$")
 # How nix-build reports a derivation stopped by `--timeout`.
 DERIVATION_TIMED_OUT = re.compile(r"timed out after \d+ seconds")
 SHOW_TRACE_HINT = "(use '--show-trace'"
@@ -71,6 +72,7 @@ class NixBuild:
     named: Mapping[str, str] = field(default_factory=dict)  # package name -> its root
     revision: str | None = None  # the package set's git revision, where Nix knows it
     main_programs: Mapping[str, str | None] = field(default_factory=dict)  # name -> meta.mainProgram
+    meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # name -> licence, homepage
 
 
 class NixError(Exception):
@@ -114,6 +116,7 @@ class NixExit:
     named: Mapping[str, str] | None = None  # from the roots marker
     revision: str | None = None  # from the revision marker
     programs: Mapping[str, str | None] = field(default_factory=dict)  # from the main-programs marker
+    meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # from the meta marker
 
 
 class NixProcessProtocol(ProcessProtocol):
@@ -129,6 +132,7 @@ class NixProcessProtocol(ProcessProtocol):
         self._named: dict[str, str] | None = None
         self._revision: str | None = None
         self._programs: dict[str, str | None] = {}
+        self._meta: dict[str, dict[str, str]] = {}
 
     def outReceived(self, data: bytes) -> None:
         self._stdout.append(data)
@@ -148,6 +152,13 @@ class NixProcessProtocol(ProcessProtocol):
             named = _json_or_none(roots.group(1))
             if isinstance(named, dict):
                 self._named = {str(k): str(v) for k, v in named.items()}
+            return
+        meta = META_MARKER.match(line)
+        if meta:
+            found_meta = _json_or_none(meta.group(1))
+            if isinstance(found_meta, dict):
+                self._meta = {str(k): {f: v[f] for f in ("license", "homepage") if isinstance(v.get(f), str)}
+                              for k, v in found_meta.items() if isinstance(v, dict)}
             return
         programs = PROGRAMS_MARKER.match(line)
         if programs:
@@ -182,7 +193,7 @@ class NixProcessProtocol(ProcessProtocol):
             exit_code = None
         self.ended.callback(
             NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._not_found,
-                    self._named, self._revision, self._programs)
+                    self._named, self._revision, self._programs, self._meta)
         )
 
 
@@ -388,7 +399,7 @@ class NixBuilder:
         except (ValueError, KeyError, TypeError) as e:
             raise NixBuildFailed(f"unreadable closure from Nix: {e}") from None
         return NixBuild(roots=roots, closure=closure, named=dict(built.named or {}),
-                        revision=built.revision, main_programs=dict(built.programs))
+                        revision=built.revision, main_programs=dict(built.programs), meta=dict(built.meta))
 
     async def run(self, argv: Sequence[str], label: str, deadline: float) -> NixExit:
         """Run one Nix command in its own process group, killed at ``deadline``."""

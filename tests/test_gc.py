@@ -42,6 +42,10 @@ class CollectTests(SynchronousTestCase):
         doc = json.loads(manifests.oci.body)
         digests = {manifests.oci.digest, manifests.docker.digest, doc["config"]["digest"]}
         digests |= {layer["digest"] for layer in doc["layers"]}
+        if manifests.sbom is not None:  # the SBOM, its artifact manifest and config go with it
+            attached = json.loads(manifests.sbom.body)
+            digests |= {manifests.sbom.digest, attached["config"]["digest"]}
+            digests |= {layer["digest"] for layer in attached["layers"]}
         return {d.removeprefix("sha256:") for d in digests}
 
     def stored(self) -> set[str]:

@@ -97,7 +97,13 @@ in
   '';
 
   # With meta.mainProgram, as most nixpkgs packages have: run/hello runs it.
-  hello = script "hello" "echo Hello from nixeryd" // { meta.mainProgram = "hello"; };
+  hello = script "hello" "echo Hello from nixeryd" // {
+    meta = {
+      mainProgram = "hello";
+      license = { spdxId = "MIT"; shortName = "mit"; fullName = "MIT License"; };
+      homepage = "https://example.org/hello";
+    };
+  };
   git = script "git" "echo git version 2.40.1-test";
   htop = script "htop" "echo htop 3.2.2-test";
 
