@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import static
 from twisted.web.iweb import IRequest
@@ -27,6 +28,8 @@ from nixeryd.errors import (
     storage_call,
     unsupported,
 )
+from nixeryd.imagepage import ImagePages
+from nixeryd.imagepage import render as render_page
 from nixeryd.images import Images
 from nixeryd.manifest import ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
@@ -115,9 +118,11 @@ class RegistryAPI:
         status: Status | None = None,
         auth: Authenticator | None = None,
         signatures: Signatures | None = None,
+        pages: ImagePages | None = None,
     ) -> None:
         self._images = images
         self._signatures = signatures
+        self._pages = pages
         self._storage = storage
         self._base_packages = tuple(base_packages)
         self._metrics = metrics if metrics is not None else Metrics()
@@ -129,6 +134,26 @@ class RegistryAPI:
         if self._status is None:
             raise no_endpoint("/")
         body = await render_index(self._status, request)
+        _set(request, "Content-Type", "text/html; charset=utf-8")
+        _set(request, "Content-Length", len(body))
+        return body
+
+    @app.route("/image/<path:name>", methods=READ_METHODS)
+    async def image_page(self, request: IRequest, name: str) -> bytes:
+        """What an image holds, as HTML, or JSON for ``Accept: application/json``."""
+        if self._pages is None:
+            raise no_endpoint("/image/" + name)
+        await self._authorize(request)
+        try:
+            image = parse_name(name, self._base_packages)
+        except NameInvalid as e:
+            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
+        manifests = await as_registry_errors(image.name, self._images.manifests(image, "latest", index=False))
+        host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+        data = await storage_call(Deferred.fromCoroutine(self._pages.data(image, manifests, host)))
+        if "application/json" in accepted_types(request):
+            return self._json(request, data)
+        body = render_page(data)
         _set(request, "Content-Type", "text/html; charset=utf-8")
         _set(request, "Content-Length", len(body))
         return body

@@ -151,6 +151,7 @@ class Images:
         # disk is damaged, and is not served.
         self._sizes: OrderedDict[str, int] = OrderedDict()
         self._referrers: OrderedDict[str, StoredManifest] = OrderedDict()
+        self._users: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # layer -> image names
 
     def expected_size(self, digest: str) -> int | None:
         """The size a served manifest gives the blob ``digest``, where one is known."""
@@ -164,6 +165,24 @@ class Images:
                   "again at their next pull", digest=digest)
         self._sizes.pop(digest, None)
         self._bodies.clear()
+
+    def layer_users(self, digest: str) -> list[str]:
+        """The names of images served here (lately) that have layer ``digest``."""
+        return list(self._users.get(digest, ()))
+
+    def _note_users(self, name: str, result: ImageManifests) -> None:
+        try:
+            layers = json.loads(result.oci.body).get("layers") or []
+        except ValueError:
+            return
+        for layer in layers:
+            users = self._users.setdefault(str(layer.get("digest")), OrderedDict())
+            users[name] = None
+            while len(users) > 50:
+                users.popitem(last=False)
+            self._users.move_to_end(str(layer.get("digest")))
+        while len(self._users) > MAX_KNOWN_SIZES:
+            self._users.popitem(last=False)
 
     def referrers(self, digest: str) -> list[StoredManifest]:
         """The artifacts attached to the image manifest ``digest`` that this instance knows
@@ -210,6 +229,7 @@ class Images:
 
         def remember(result: ImageManifests) -> ImageManifests:
             self.known.add(image.name, tag)
+            self._note_users(image.name, result)
             return result
 
         return d.addCallback(remember)

@@ -22,6 +22,7 @@ from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
 from nixeryd.builder import ImageBuilder
 from nixeryd.buildlog import BuildLogs
 from nixeryd.config import Config, ConfigError
+from nixeryd.imagepage import ImagePages
 from nixeryd.images import Images
 from nixeryd.metrics import Metrics
 from nixeryd.nix import NixBuilder
@@ -341,6 +342,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status,
         auth=_authenticator(config, parts.auth_offload, reactor),
         signatures=_signatures(config, parts.builder),
+        pages=ImagePages(parts.images, parts.storage, parts.offload),
     )
     site = make_site(api.app.resource())
     listeners = Listeners()

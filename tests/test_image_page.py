@@ -1,0 +1,47 @@
+"""The image page: what an image holds, as HTML with an SVG bar of its layers, or JSON."""
+from __future__ import annotations
+
+import json
+import re
+
+from tests.daemon import Daemon, daemon_fixture
+
+daemon = daemon_fixture()
+
+
+def test_the_page_as_json(daemon: Daemon) -> None:
+    """Packages with versions, the closure size, each layer with its size and store paths,
+    the layers other images share, the pull commands and the digests."""
+    assert daemon.request("/v2/beta/manifests/latest")[0] == 200
+    status, headers, body = daemon.request("/image/alpha", headers={"Accept": "application/json"})
+    assert status == 200, body
+    data = json.loads(body)
+    assert data["name"] == "alpha" and data["digest"].startswith("sha256:") and data["sbom"].startswith("sha256:")
+    packages = {p["name"]: p for p in data["packages"]}
+    assert packages["alpha"]["version"] == "1.0" and packages["libshared"]["version"] == "1.0"
+    assert data["closure_size"] == sum(p["nar_size"] for p in data["packages"]) > 0
+    held = [path for layer in data["layers"] for path in (layer["store_paths"] or [])]
+    assert any(path.endswith("-alpha-1.0") for path in held)
+    assert data["layers"][-1]["store_paths"] == []  # the symlink layer
+    assert any("beta" in layer["shared_with"] for layer in data["layers"])  # base packages' layer
+    assert f"docker pull {daemon.registry}/alpha" in data["pull"]
+
+
+def test_the_page_as_html(daemon: Daemon) -> None:
+    """One SVG bar per layer, a row per layer and per package, names escaped."""
+    status, headers, body = daemon.request("/image/alpha")
+    assert status == 200
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    page = body.decode()
+    layers = json.loads(daemon.request("/image/alpha", headers={"Accept": "application/json"})[2])["layers"]
+    assert len(re.findall(r'<rect class="layer"', page)) == len(layers)
+    assert "<script" not in page
+    assert "libshared" in page and f"podman pull {daemon.registry}/alpha" in page
+
+
+def test_unknown_and_bad_names(daemon: Daemon) -> None:
+    """An unknown package is the registry's 404; a bad name its 400."""
+    status, _, body = daemon.request("/image/nosuchthing")
+    assert (status, daemon.error_codes(body)) == (404, ["MANIFEST_UNKNOWN"])
+    status, _, body = daemon.request("/image/Bad")
+    assert (status, daemon.error_codes(body)) == (400, ["NAME_INVALID"])
