@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := nix-bin skopeo busybox-static git ca-certificates podman containerd runc umoci systemd zstd procps util-linux docker.io strace
+SYSTEM_PACKAGES := nix-bin skopeo busybox-static git ca-certificates podman containerd runc umoci systemd zstd procps util-linux docker.io strace chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 8080
 STORAGE_PATH ?= $(CURDIR)/var

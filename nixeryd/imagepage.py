@@ -56,14 +56,12 @@ class ImagePages:
                 "shared_with": sorted(set(self._images.layer_users(digest)) - {image.name}),
             })
         packages, closure_size = await self._packages(manifests)
-        signature = None
         return {
             "name": image.name,
             "digest": manifests.oci.digest,
             "docker_digest": manifests.docker.digest if manifests.docker else None,
             "sbom": manifests.sbom.digest if manifests.sbom else None,
             "signature_tag": manifests.oci.digest.replace(":", "-") + ".sig",
-            "signature": signature,
             "packages": packages,
             "closure_size": closure_size,
             "layers": layers,
@@ -114,11 +112,14 @@ def _size(n: int) -> str:
 def render(data: dict[str, Any]) -> bytes:
     """The page, every value escaped."""
     e = html.escape
+    # Each layer gets its share of the bar, but never less than 1%: a tiny layer stays visible.
+    floor = 10.0
+    room = 1000 - floor * len(data["layers"])
     total = sum(layer["size"] for layer in data["layers"]) or 1
     x = 0.0
     bars = []
     for i, layer in enumerate(data["layers"]):
-        width = 1000 * layer["size"] / total
+        width = floor + room * layer["size"] / total
         bars.append(f'<rect class="layer" x="{x:.2f}" y="0" width="{max(width, 1):.2f}" height="40" '
                     f'fill="{COLOURS[i % len(COLOURS)]}"><title>layer {i + 1}: {e(_size(layer["size"]))}'
                     f'</title></rect>')
@@ -150,7 +151,7 @@ table {{ border-collapse: collapse; width: 100%; }} td, th {{ border-bottom: 1px
 ({e(_size(sum(layer["size"] for layer in data["layers"])))} compressed).</p>
 <pre>{pull}</pre>
 <h2>Layers</h2>
-<svg id="layers" viewBox="0 0 1000 40" width="100%" height="40" role="img"
+<svg id="layers" viewBox="0 0 1000 40" preserveAspectRatio="none" width="100%" height="40" role="img"
  aria-label="layer sizes">{"".join(bars)}</svg>
 <table><tr><th>layer</th><th>size</th><th>digest</th><th>store paths</th><th>shared with</th></tr>
 {"".join(rows)}</table>

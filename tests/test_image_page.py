@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
+from nixeryd.imagepage import COLOURS
 from tests.daemon import Daemon, daemon_fixture
 
 daemon = daemon_fixture()
@@ -45,3 +48,27 @@ def test_unknown_and_bad_names(daemon: Daemon) -> None:
     assert (status, daemon.error_codes(body)) == (404, ["MANIFEST_UNKNOWN"])
     status, _, body = daemon.request("/image/Bad")
     assert (status, daemon.error_codes(body)) == (400, ["NAME_INVALID"])
+
+
+def test_chromium_renders_the_layer_bar(daemon: Daemon, tmp_path: Path) -> None:
+    """Headless Chromium (Debian's) draws the page: the screenshot shows the SVG bar, in the
+    colours of the image's layers, across the page."""
+    from PIL import Image
+
+    shot = tmp_path / "page.png"
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+         f"{daemon.url}/image/alpha"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    layers = json.loads(daemon.request("/image/alpha", headers={"Accept": "application/json"})[2])["layers"]
+    picture = Image.open(shot).convert("RGB")
+    colours = {picture.getpixel((x, y)) for x in range(0, picture.width, 2) for y in range(0, picture.height, 2)}
+    drawn = [colour for colour in COLOURS[: len(layers)] if _rgb(colour) in colours]
+    assert len(drawn) == len(layers), (drawn, len(layers))  # every layer, the smallest too
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
