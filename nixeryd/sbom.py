@@ -23,6 +23,7 @@ EMPTY = b"{}"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 CREATED = "1970-01-01T00:00:01Z"
+SBOM_FILE = "sbom.spdx.json"
 _VERSION = re.compile(r"-(?=[0-9])")
 
 
@@ -92,7 +93,8 @@ def artifact_manifest(sbom: bytes, subject: bytes) -> bytes:
         "mediaType": OCI_MANIFEST,
         "artifactType": SPDX_TYPE,
         "config": _descriptor(EMPTY_TYPE, EMPTY),
-        "layers": [_descriptor(SPDX_TYPE, sbom)],
+        # The title is the file name ORAS clients save the document as.
+        "layers": [{**_descriptor(SPDX_TYPE, sbom), "annotations": {"org.opencontainers.image.title": SBOM_FILE}}],
         "subject": _descriptor(OCI_MANIFEST, subject),
     }, sort_keys=True, separators=(",", ":")).encode()
 

@@ -92,3 +92,19 @@ def test_signed_images_list_their_signature(tmp_path: Path) -> None:
     _, index = referrers(signing, "hello", headers["Docker-Content-Digest"])
     assert sorted(m["artifactType"] for m in index["manifests"]) == [
         "application/spdx+json", "application/vnd.dev.cosign.artifact.sig.v1+json"]
+
+
+def test_oras_fetches_the_sbom(daemon: Daemon, tmp_path: Path) -> None:
+    """oras-py, a client of the OCI artifacts nixeryd did not write, lists the referrers
+    and pulls the SBOM artifact to a file it names from the layer's title."""
+    import oras.client
+
+    client = oras.client.OrasClient(hostname=daemon.registry, insecure=True)
+    _, headers, _ = daemon.request("/v2/hello/manifests/latest", headers={"Accept": OCI})
+    response = client.do_request(f"{daemon.url}/v2/hello/referrers/{headers['Docker-Content-Digest']}")
+    assert response.status_code == 200
+    (entry,) = response.json()["manifests"]
+    files = client.pull(target=f"{daemon.registry}/hello@{entry['digest']}", outdir=str(tmp_path / "out"))
+    (saved,) = [Path(f) for f in files]
+    assert saved.name == "sbom.spdx.json"
+    assert json.loads(saved.read_text())["spdxVersion"] == "SPDX-2.3"
