@@ -231,3 +231,12 @@ def test_docker_manifest_inspect_insecure(daemon: Daemon, docker: list[str]) -> 
     manifest = json.loads(output)
     assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.list.v2+json"
     assert sorted(m["platform"]["architecture"] for m in manifest["manifests"]) == ["amd64", "arm64"]
+
+
+def test_containerd_runs_nonroot_images_as_65532(daemon: Daemon, containerd_service: Service) -> None:
+    """ctr runs a nonroot/ image as the user its config names."""
+    ref = f"{daemon.registry}/nonroot/shell/hello:latest"
+    ctr(containerd_service, "images", "pull", "--plain-http", "--snapshotter", "native", ref)
+    output = ctr(containerd_service, "run", "--rm", "--snapshotter", "native", ref, "nonroot-test",
+                 "sh", "-c", "id -u; id -g; whoami")
+    assert output.split() == ["65532", "65532", "nonroot"]
