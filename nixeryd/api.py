@@ -231,12 +231,14 @@ class RegistryAPI:
         request.setHeader(*API_VERSION_HEADER)
         await self._authorize(request)
         if rest == "_catalog":
-            names = self._page(request, self._images.known.names(), "/v2/_catalog")
+            stored_names = await storage_call(Deferred.fromCoroutine(self._images.tag_records.names()))
+            names = self._page(request, sorted({*stored_names, *self._images.known.names()}), "/v2/_catalog")
             return self._json(request, {"repositories": names})
         if rest.endswith(TAGS_SUFFIX):
             name = rest[: -len(TAGS_SUFFIX)]
             self._image_name(name)
-            tags = sorted({"latest", *self._images.known.tags(name)})
+            stored_tags = await storage_call(Deferred.fromCoroutine(self._images.tag_records.tags(name)))
+            tags = sorted({"latest", *stored_tags, *self._images.known.tags(name)})
             page = self._page(request, tags, f"/v2/{name}/tags/list")
             return self._json(request, {"name": name, "tags": page})
         name, kind, ref = _split(rest)

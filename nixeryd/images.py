@@ -28,6 +28,7 @@ from nixeryd.names import ARM64, Arch, Image
 from nixeryd.nix import NixError
 from nixeryd.pkgsource import PackageSource
 from nixeryd.storage.interface import IStorage, StorageError
+from nixeryd.tags import TagRecords
 
 log = Logger()
 
@@ -136,6 +137,7 @@ class Images:
         self._cache: TTLCache[_Digests] = TTLCache(clock)
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
+        self.tag_records = TagRecords(storage, clock)
         self._touched: TTLCache[float] = TTLCache(clock)
         # The manifests themselves, so that a warm pull costs no storage access. They
         # are checked against storage again after BODY_TTL: garbage collection
@@ -230,6 +232,8 @@ class Images:
         def remember(result: ImageManifests) -> ImageManifests:
             self.known.add(image.name, tag)
             self._note_users(image.name, result)
+            Deferred.fromCoroutine(self.tag_records.add(image.name, tag)).addErrback(
+                lambda failure: log.failure("recording a tag failed", failure))
             return result
 
         return d.addCallback(remember)

@@ -651,3 +651,32 @@ class ZstdTests(APITestCase):
         _, gzip_body = self.get("/v2/alpha/manifests/latest")
         self.assertNotEqual(json.loads(gzip_body)["layers"], doc["layers"])
         self.assertEqual(len(self.nix.calls), 2)
+
+
+class FleetTagTests(APITestCase):
+    def test_tags_and_names_live_in_storage(self) -> None:
+        """Tags served by one instance are listed by another on the same storage, and by
+        a new one after a restart; so are the names in the catalogue."""
+        for tag in ("v1", "v2"):
+            self.get(f"/v2/beta/manifests/{tag}")
+        self.get("/v2/alpha/manifests/latest")
+        source = PathSource("/srv/pkgs")
+        other = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                             clock=self.clock, popularity={})
+        treq = StubTreq(RegistryAPI(Images(other, self.storage, source, self.clock), self.storage,
+                                    ("cacert", "iana-etc")).app.resource())
+        _, body = self.fetch(treq, "/v2/beta/tags/list")
+        self.assertEqual(json.loads(body)["tags"], ["latest", "v1", "v2"])
+        _, body = self.fetch(treq, "/v2/_catalog")
+        self.assertEqual(json.loads(body)["repositories"], ["alpha", "beta"])
+        stored = self.successResultOf(self.storage.list("tags"))
+        self.assertEqual(len(stored), 2)
+
+    def test_a_tag_is_written_once(self) -> None:
+        """Serving a tag again writes nothing more."""
+        self.get("/v2/beta/manifests/v1")
+        written = self.successResultOf(self.storage.list("tags"))[0].modified
+        self.clock.advance(60)
+        for _ in range(3):
+            self.get("/v2/beta/manifests/v1")
+        self.assertEqual(self.successResultOf(self.storage.list("tags"))[0].modified, written)

@@ -111,6 +111,22 @@ def test_two_instances_share_filesystem_storage(tmp_path: Path, counter: NixCoun
         two.stop()
 
 
+def test_tags_are_seen_by_every_instance_and_survive_restarts(tmp_path: Path) -> None:
+    """A tag pulled from one instance is listed by another on the same storage, and by a
+    new instance after both stopped; the catalogue too."""
+    env = daemon_environment(tmp_path / "storage")
+    one = Daemon(tmp_path / "storage", env).start()
+    two = Daemon(tmp_path / "storage", env).start()
+    assert one.request("/v2/hello/manifests/v1.2")[0] == 200
+    status, _, body = two.request("/v2/hello/tags/list")
+    assert status == 200 and json.loads(body)["tags"] == ["latest", "v1.2"]
+    one.stop()
+    two.stop()
+    again = Daemon(tmp_path / "storage", env).start()
+    assert json.loads(again.request("/v2/hello/tags/list")[2])["tags"] == ["latest", "v1.2"]
+    assert json.loads(again.request("/v2/_catalog")[2])["repositories"] == ["hello"]
+
+
 def test_two_instances_share_a_bucket(tmp_path: Path, counter: NixCounter, private_pkgs: Path) -> None:
     """A second instance on the same bucket serves the first one's image without Nix."""
     emulator = shared_emulator()

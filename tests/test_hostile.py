@@ -144,7 +144,7 @@ def test_parsers_accept_or_refuse_cleanly(name: str, ref: str) -> None:
 
 
 VALID_KEYS = st.builds(lambda prefix, hexdigest: f"{prefix}/{hexdigest}",
-                       st.sampled_from(["layers", "manifests", "builds"]),
+                       st.sampled_from(["layers", "manifests", "builds", "tags"]),
                        st.text("0123456789abcdef", min_size=64, max_size=64))
 
 
@@ -175,7 +175,7 @@ def test_no_key_escapes_the_store(tmp_path_factory: Any, key: str) -> None:
     assert len(name) == 64
 
 
-VALID_KEY_PATTERN = re.compile(r"(layers|manifests|builds)/[0-9a-f]{64}")
+VALID_KEY_PATTERN = re.compile(r"(layers|manifests|builds|tags)/[0-9a-f]{64}")
 
 
 _files: dict[str, Any] = {}

@@ -426,9 +426,9 @@ class FilesystemOnlyTests(SynchronousTestCase):
         return sorted(os.listdir(self.root / name))
 
     def test_layout_created(self) -> None:
-        """Starting creates the four directories of the layout under the root."""
+        """Starting creates the directories of the layout under the root."""
         FilesystemStorage(str(self.root), inline)
-        self.assertEqual(sorted(os.listdir(self.root)), ["builds", "layers", "manifests", "staging"])
+        self.assertEqual(sorted(os.listdir(self.root)), ["builds", "layers", "manifests", "staging", "tags"])
 
     def test_crash_leftovers_removed_at_start(self) -> None:
         """Staging files left by a crash are removed at the next start; served objects stay."""

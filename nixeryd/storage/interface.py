@@ -31,8 +31,8 @@ from nixeryd.archive import BlobInfo
 
 log = Logger()
 
-PREFIXES = ("layers", "manifests", "builds")
-_KEY = re.compile(r"(?:layers|manifests|builds)/[0-9a-f]{64}")
+PREFIXES = ("layers", "manifests", "builds", "tags")
+_KEY = re.compile(r"(?:layers|manifests|builds|tags)/[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
