@@ -149,8 +149,7 @@ class RegistryAPI:
         except NameInvalid as e:
             raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
         manifests = await as_registry_errors(image.name, self._images.manifests(image, "latest", index=False))
-        host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
-        data = await storage_call(Deferred.fromCoroutine(self._pages.data(image, manifests, host)))
+        data = await storage_call(Deferred.fromCoroutine(self._pages.data(image, manifests, _host(request))))
         if "application/json" in accepted_types(request):
             return self._json(request, data)
         body = render_page(data)
@@ -258,8 +257,7 @@ class RegistryAPI:
             raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
         entries = [(stored.body, sbom.SPDX_TYPE) for stored in self._images.referrers(digest.digest)]
         if entries and self._signatures is not None:
-            host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
-            signed = await storage_call(self._signatures.signature(name, digest.hex, host))
+            signed = await storage_call(self._signatures.signature(name, digest.hex, _host(request)))
             if signed is not None:
                 entries.append((signed.body, SIGNATURE_ARTIFACT))
         wanted = _arg(request, b"artifactType")
@@ -320,8 +318,8 @@ class RegistryAPI:
             # never an image to build.
             signed = None
             if self._signatures is not None and reference.value.endswith(".sig"):
-                host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
-                signed = await storage_call(self._signatures.signature(image.name, reference.value[7:71], host))
+                signed = await storage_call(
+                    self._signatures.signature(image.name, reference.value[7:71], _host(request)))
             if signed is None:
                 raise RegistryError(404, "MANIFEST_UNKNOWN", "no signature or attachment is stored for this image",
                                     {"tag": reference.value})
@@ -455,6 +453,11 @@ def range_answer(header: bytes | None, size: int) -> str:
     if total > size:
         return WHOLE
     return PARTS if satisfiable else NONE
+
+
+def _host(request: IRequest) -> str:
+    """The host the client named, for pull commands and signed identities."""
+    return (request.getHeader(b"host") or b"localhost").decode("latin-1")
 
 
 def _arg(request: IRequest, name: bytes) -> str | None:

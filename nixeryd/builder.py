@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from functools import partial
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
@@ -23,7 +22,7 @@ from nixeryd.cache import SingleFlight, TTLCache, gather
 from nixeryd.layers import Layer, PathInfo, closure_of, group_layers, package_name
 from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
-from nixeryd.names import Image
+from nixeryd.names import DigestInvalid, Image, parse_digest
 from nixeryd.nix import PackagesNotFound, outcome
 from nixeryd.offload import Offload
 from nixeryd.pkgsource import PackageSource
@@ -31,7 +30,6 @@ from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, Local
 
 log = Logger()
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 SSL_CERT_FILE = "/etc/ssl/certs/ca-bundle.crt"
 
@@ -213,7 +211,9 @@ class ImageBuilder:
             if child is None or not await self.intact(child):
                 return False
         for digest, size in blobs:
-            if not _DIGEST.fullmatch(digest):
+            try:
+                parse_digest(digest)
+            except DigestInvalid:
                 return False
             state = await self._storage.check_blob(digest.removeprefix("sha256:"), size, None)
             if state != INTACT:

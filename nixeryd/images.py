@@ -154,6 +154,7 @@ class Images:
         self._sizes: OrderedDict[str, int] = OrderedDict()
         self._referrers: OrderedDict[str, StoredManifest] = OrderedDict()
         self._users: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # layer -> image names
+        self._noted: OrderedDict[tuple[str, str], None] = OrderedDict()  # (name, manifest) in _users
 
     def expected_size(self, digest: str) -> int | None:
         """The size a served manifest gives the blob ``digest``, where one is known."""
@@ -173,6 +174,15 @@ class Images:
         return list(self._users.get(digest, ()))
 
     def _note_users(self, name: str, result: ImageManifests) -> None:
+        """Which layers ``name`` has, read once per name and manifest: a warm pull, which
+        lands here every time, costs a lookup, not a parse."""
+        seen = (name, result.oci.digest)
+        if seen in self._noted:
+            self._noted.move_to_end(seen)
+            return
+        self._noted[seen] = None
+        while len(self._noted) > MAX_KNOWN_SIZES:
+            self._noted.popitem(last=False)
         try:
             layers = json.loads(result.oci.body).get("layers") or []
         except ValueError:

@@ -102,8 +102,8 @@ class GCSStorage:
         self._timeout = (connect_timeout, deadline)
         self._deadline = deadline
         # Without a clock (unit tests calling inline) deadlines never fire.
-        self.breaker = CircuitBreaker(clock if clock is not None else Clock(), cooldown=cooldown,
-                                      name="the bucket")
+        clock = clock if clock is not None else Clock()
+        self.breaker = CircuitBreaker(clock, cooldown=cooldown, name="the bucket")
         self._bucket = bucket
         self._offload = offload
         self._redirect = redirect
@@ -111,7 +111,7 @@ class GCSStorage:
         # reused for url_lifetime seconds, so that warm pulls cost no call at all.
         self._redirect_blocks = redirect_blocks
         self._url_lifetime = url_lifetime
-        self._urls: TTLCache[str] = TTLCache(clock if clock is not None else Clock(), max_entries=100_000)
+        self._urls: TTLCache[str] = TTLCache(clock, max_entries=100_000)
         self._staging = staging_dir
         os.makedirs(staging_dir, exist_ok=True)
         self._known: OrderedDict[str, None] = OrderedDict()
@@ -140,7 +140,7 @@ class GCSStorage:
             blob = self._bucket.blob(key)
             if key.startswith("layers/"):
                 # Named by their content: written once; 412 means it is there already.
-                blob.md5_hash = base64.b64encode(hashlib.md5(data).digest()).decode()
+                blob.md5_hash = md5_base64(hashlib.md5(data).hexdigest())
                 try:
                     blob.upload_from_string(bytes(data), content_type=content_type, if_generation_match=0,
                                             retry=self._retry, timeout=self._timeout)
