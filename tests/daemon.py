@@ -152,6 +152,22 @@ class Daemon:
     def log(self) -> str:
         return "".join(self.output)
 
+    def logged(self, text: str, timeout: float = 10.0) -> bool:
+        """Whether the daemon prints a line holding ``text`` within ``timeout`` seconds.
+        The reader thread collects output as it comes, so a line written just before a
+        response was sent may land a moment after the client has it."""
+        seen = threading.Event()
+
+        def look(line: str) -> None:
+            if text in line:
+                seen.set()
+
+        self.on_line.append(look)
+        try:
+            return text in self.log or seen.wait(timeout)
+        finally:
+            self.on_line.remove(look)
+
     def stop(self) -> None:
         unregister(self)
         if self.process is None:

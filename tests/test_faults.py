@@ -215,5 +215,5 @@ def test_a_blob_damaged_on_disk_is_refused_then_rebuilt(tmp_path: Path) -> None:
     fresh = Daemon(storage, daemon_environment(storage)).start()
     status, _, body = fresh.request("/v2/alpha/beta/manifests/latest")
     assert status == 200, body
-    assert "damaged" in fresh.log
+    assert fresh.logged("damaged")
     assert_store_sound(storage)
