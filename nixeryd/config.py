@@ -93,6 +93,7 @@ class Config:
     nix_timeout: float = 60.0
     build_deadline: float = 3600.0
     failure_ttl: float = 60.0
+    lease_ttl: float = 60.0
     popularity_url: str | None = None
     base_packages: tuple[str, ...] = DEFAULT_BASE_PACKAGES
     layer_budget: int = 94
@@ -143,6 +144,10 @@ class Config:
         if not (self.failure_ttl >= 0 and math.isfinite(self.failure_ttl)):
             raise ConfigError(
                 f"NIXERY_FAILURE_TTL: must be zero or a positive number of seconds, got {self.failure_ttl!r}"
+            )
+        if not (self.lease_ttl >= 1 and math.isfinite(self.lease_ttl)):
+            raise ConfigError(
+                f"NIXERY_BUILD_LEASE_TTL: must be at least 1 second, got {self.lease_ttl!r}"
             )
         if not 2 <= self.layer_budget <= 125:
             raise ConfigError(f"NIXERY_LAYER_BUDGET: must be between 2 and 125, got {self.layer_budget}")
@@ -214,6 +219,7 @@ class Config:
             nix_timeout=parsed("NIX_TIMEOUT", _seconds, 60.0),
             build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds, 3600.0),
             failure_ttl=parsed("NIXERY_FAILURE_TTL", lambda v, raw: _seconds(v, raw, zero=True), 60.0),
+            lease_ttl=parsed("NIXERY_BUILD_LEASE_TTL", _seconds, 60.0),
             popularity_url=get("NIX_POPULARITY_URL"),
             base_packages=DEFAULT_BASE_PACKAGES if raw_base is None else _packages(raw_base),
             layer_budget=parsed("NIXERY_LAYER_BUDGET", lambda v, raw: _int(v, raw, 2, 125), 94),

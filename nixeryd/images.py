@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from nixeryd import manifest
 from nixeryd.builder import ImageBuilder
 from nixeryd.cache import SingleFlight, TTLCache, gather
+from nixeryd.leases import BuildLeases
 from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import ARM64, Arch, Image
@@ -127,6 +128,7 @@ class Images:
         platforms: Sequence[Arch] = (),
         metrics: Metrics | None = None,
         failure_ttl: float = 60.0,
+        leases: BuildLeases | None = None,
     ) -> None:
         self._builder = builder
         self._storage = storage
@@ -149,6 +151,9 @@ class Images:
         # job retrying) then cost one build, not one each.
         self._failures: TTLCache[NixError] = TTLCache(clock, max_entries=1024)
         self._failure_ttl = failure_ttl
+        # One build of an image across the instances on this storage.
+        self._leases = leases if leases is not None else BuildLeases(
+            storage, clock, failure_ttl=failure_ttl)
         # The size every blob of a served image must have: a blob found otherwise on
         # disk is damaged, and is not served.
         self._sizes: OrderedDict[str, int] = OrderedDict()
@@ -308,18 +313,28 @@ class Images:
             self._metrics.cache.labels(result="failure").inc()
             raise failed.with_traceback(None)
         self._metrics.cache.labels(result="miss").inc()
+
+        async def build() -> ImageManifests:
+            made: ImageManifests = await make()
+            docker = made.docker.digest if made.docker is not None else None
+            digests = _Digests(made.oci.digest, docker, self._clock.seconds(),
+                               made.sbom.digest if made.sbom is not None else None)
+            # Written before the lease goes: whoever finds no lease finds the record.
+            await self._write_record(key, digests, served=digests.built)
+            self._touched.put(key, digests.built, None)
+            self._cache.put(key, digests, self._ttl_for(tag))
+            return made
+
+        async def built_elsewhere() -> ImageManifests | None:
+            found = await self._stored_digests(key, tag)
+            return None if found is None else await self._load(found)
+
         try:
-            result: ImageManifests = await make()
+            result = await self._leases.build_once(key, build, built_elsewhere)
         except NixError as e:
             if self._failure_ttl > 0:
                 self._failures.put(key, e, self._failure_ttl)
             raise
-        docker = result.docker.digest if result.docker is not None else None
-        digests = _Digests(result.oci.digest, docker, self._clock.seconds(),
-                           result.sbom.digest if result.sbom is not None else None)
-        await self._write_record(key, digests, served=digests.built)
-        self._touched.put(key, digests.built, None)
-        self._cache.put(key, digests, self._ttl_for(tag))
         self._bodies.put(key, result, BODY_TTL)
         self._note_sizes(result)
         return result

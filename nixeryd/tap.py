@@ -24,6 +24,7 @@ from nixeryd.buildlog import BuildLogs
 from nixeryd.config import Config, ConfigError
 from nixeryd.imagepage import ImagePages
 from nixeryd.images import Images
+from nixeryd.leases import BuildLeases
 from nixeryd.metrics import Metrics
 from nixeryd.nix import NixBuilder
 from nixeryd.offload import thread_pool
@@ -298,6 +299,8 @@ def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> 
         builder, storage, config.source, reactor,
         cache_ttl=config.cache_ttl, platforms=config.platforms, metrics=metrics,
         failure_ttl=config.failure_ttl,
+        leases=BuildLeases(storage, reactor, ttl=config.lease_ttl, failure_ttl=config.failure_ttl,
+                           wait_limit=config.build_deadline + config.lease_ttl),
     )
     return Parts(top, storage, builder, images, metrics, logs, offload, pool("auth", AUTH_THREADS))
 

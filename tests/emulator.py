@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon import came_up, drain, free_port, terminate
+from tests.gcs_preconditions import PreconditionProxy
 from tests.processes import die_with_parent, keep_for_session, register, unregister
 
 EMULATOR = Path(sys.executable).parent / "gcp-storage-emulator"
@@ -72,3 +73,16 @@ def shared_emulator() -> Emulator:
         _shared = Emulator().start()
         keep_for_session(_shared)
     return _shared
+
+
+_guarded: PreconditionProxy | None = None
+
+
+def guarded_emulator() -> PreconditionProxy:
+    """The shared emulator behind a proxy that enforces GCS's generation preconditions
+    (see ``tests.gcs_preconditions``): for tests of what only those preconditions keep
+    right, such as build leases."""
+    global _guarded
+    if _guarded is None:
+        _guarded = PreconditionProxy(shared_emulator().port)
+    return _guarded

@@ -10,6 +10,9 @@ import hashlib
 import os
 import resource
 import signal
+import subprocess
+import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -30,9 +33,9 @@ from nixeryd.storage import (
 )
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.gcs import GCSStorage, plain_url
-from nixeryd.storage.interface import DAMAGED, INTACT, MISSING
+from nixeryd.storage.interface import ABSENT, DAMAGED, INTACT, MISSING
 from nixeryd.storage.memory import MemoryStorage
-from tests.emulator import shared_emulator
+from tests.emulator import guarded_emulator, shared_emulator
 
 HEX = "0123456789abcdef" * 4
 INVALID_KEYS = [
@@ -76,6 +79,11 @@ class StorageContract:
 
     def make_storage(self) -> IStorage:
         raise NotImplementedError
+
+    def damage(self, key_: str, data: bytes) -> None:
+        """Replace what is stored under ``key_`` behind the backend's back (a disk error,
+        someone's hand), where ``put`` itself would keep a blob that is already there."""
+        self.result(self.storage.put(key_, data, "application/octet-stream"))
 
     def setUp(self) -> None:
         self.storage = self.make_storage()
@@ -197,7 +205,7 @@ class StorageContract:
         self.result(self.storage.commit_blob(path, info))
         self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, info.md5)), INTACT)
         self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, None)), INTACT)
-        self.result(self.storage.put("layers/" + hexdigest, data[:100], "application/octet-stream"))
+        self.damage("layers/" + hexdigest, data[:100])
         self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, info.md5)), DAMAGED)
         self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, None)), DAMAGED)
         with self.assertRaises(ValueError):
@@ -211,7 +219,7 @@ class StorageContract:
         self.assertIsNone(self.result(self.storage.hash_blob(hexdigest)))
         self.result(self.storage.commit_blob(path, info))
         self.assertEqual(self.result(self.storage.hash_blob(hexdigest)), (hexdigest, len(data)))
-        self.result(self.storage.put("layers/" + hexdigest, b"other", "application/octet-stream"))
+        self.damage("layers/" + hexdigest, b"other")
         self.assertEqual(self.result(self.storage.hash_blob(hexdigest)),
                          (hashlib.sha256(b"other").hexdigest(), 5))
 
@@ -221,7 +229,7 @@ class StorageContract:
         path, info = self.stage(data)
         self.result(self.storage.commit_blob(path, info))
         hexdigest = info.digest.removeprefix("sha256:")
-        self.result(self.storage.put("layers/" + hexdigest, data[:-1], "application/octet-stream"))
+        self.damage("layers/" + hexdigest, data[:-1])
         again, _ = self.stage(data)
         self.result(self.storage.commit_blob(again, info))
         self.assertEqual(self.located_bytes(self.result(self.storage.locate_blob(hexdigest))), data)
@@ -306,14 +314,109 @@ class ListingContract(StorageContract):
         self.assertRaises(ValueError, self.storage.delete, "layers/../../x")
 
 
-class MemoryStorageTests(ListingContract, SynchronousTestCase):
+class ConditionalContract(ListingContract):
+    """Reads with a generation and writes that hold only while it is current: what build
+    leases are made of, and what keeps exactly one instance building an image."""
+
+    race_rounds = 10
+
+    def make_peer(self) -> IStorage:
+        """Another instance's storage on the same objects (the same one where there is none)."""
+        return self.storage
+
+    def test_read_gives_bytes_and_generation(self) -> None:
+        """``read`` is None for no object, else the bytes with a generation that changes on every write."""
+        k = key("leases", "read")
+        self.assertIsNone(self.result(self.storage.read(k)))
+        self.result(self.storage.put(k, b"one", "application/json"))
+        data, first = self.result(self.storage.read(k))
+        self.assertEqual(data, b"one")
+        self.result(self.storage.put(k, b"two", "application/json"))
+        data, second = self.result(self.storage.read(k))
+        self.assertEqual(data, b"two")
+        self.assertNotEqual(first, second)
+
+    def test_create_only_when_absent(self) -> None:
+        """Of two writes "only if absent", the second is refused and changes nothing."""
+        k = key("leases", "create")
+        peer = self.make_peer()
+        won = self.result(self.storage.write_if(k, b"mine", "application/json", ABSENT))
+        self.assertIsNotNone(won)
+        self.assertIsNone(self.result(peer.write_if(k, b"theirs", "application/json", ABSENT)))
+        self.assertEqual(self.result(peer.read(k)), (b"mine", won))
+
+    def test_replace_only_the_version_read(self) -> None:
+        """A write naming the generation read replaces it; a second one naming the same
+        (now old) generation is refused, as is one naming a generation never seen."""
+        k = key("leases", "replace")
+        first = self.result(self.storage.write_if(k, b"v1", "application/json", ABSENT))
+        peer = self.make_peer()
+        _, seen = self.result(peer.read(k))
+        self.assertEqual(seen, first)
+        second = self.result(peer.write_if(k, b"v2", "application/json", seen))
+        self.assertIsNotNone(second)
+        self.assertNotEqual(second, first)
+        self.assertIsNone(self.result(self.storage.write_if(k, b"v3", "application/json", first)))
+        self.assertEqual(self.result(self.storage.read(k)), (b"v2", second))
+        # After a delete, neither the old generation nor "absent then present" applies.
+        self.result(self.storage.delete(k))
+        self.assertIsNone(self.result(self.storage.write_if(k, b"v4", "application/json", second)))
+        self.assertIsNone(self.result(self.storage.read(k)))
+
+    def test_delete_of_an_old_generation_keeps_the_new(self) -> None:
+        """Deleting with a generation removes that version only: an object written since stays."""
+        k = key("leases", "delete")
+        old = self.result(self.storage.write_if(k, b"old", "application/json", ABSENT))
+        new = self.result(self.storage.write_if(k, b"new", "application/json", old))
+        self.result(self.storage.delete(k, old))
+        self.assertEqual(self.result(self.storage.read(k)), (b"new", new))
+        self.result(self.storage.delete(k, new))
+        self.assertIsNone(self.result(self.storage.read(k)))
+
+    def test_one_of_many_racing_creates_wins(self) -> None:
+        """Eight instances on the same storage, each in its own thread, all creating the
+        same lease at once: exactly one succeeds, every round."""
+        peers = [self.make_peer() for _ in range(8)]
+        for round_ in range(self.race_rounds):
+            k = key("leases", f"race-{round_}")
+            start = threading.Barrier(len(peers))
+            wins: list[object] = []
+
+            def race(peer: IStorage, data: bytes, k: str, start: threading.Barrier, wins: list[object]) -> None:
+                start.wait()
+                won = self.result(peer.write_if(k, data, "application/json", ABSENT))
+                if won is not None:
+                    wins.append(data)
+
+            threads = [threading.Thread(target=race, args=(peer, b"%d" % i, k, start, wins))
+                       for i, peer in enumerate(peers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            self.assertEqual(len(wins), 1)
+            self.assertEqual(self.result(self.storage.read(k))[0], wins[0])
+
+    def test_leases_are_listed(self) -> None:
+        """Lease records are listed under their own prefix, with their generation."""
+        k = key("leases", "listed")
+        generation = self.result(self.storage.write_if(k, b"{}", "application/json", ABSENT))
+        listed = self.result(self.storage.list("leases"))
+        self.assertEqual([(o.key, o.generation) for o in listed], [(k, generation)])
+        self.assertEqual(self.result(self.storage.list("manifests")), [])
+
+
+class MemoryStorageTests(ConditionalContract, SynchronousTestCase):
     def make_storage(self) -> IStorage:
         return MemoryStorage()
 
 
-class FilesystemStorageTests(ListingContract, SynchronousTestCase):
+class FilesystemStorageTests(ConditionalContract, SynchronousTestCase):
     def make_storage(self) -> IStorage:
         self.root = Path(self.mktemp()).absolute()
+        return FilesystemStorage(str(self.root), inline)
+
+    def make_peer(self) -> IStorage:
         return FilesystemStorage(str(self.root), inline)
 
     def test_located_file_is_under_layers(self) -> None:
@@ -324,18 +427,33 @@ class FilesystemStorageTests(ListingContract, SynchronousTestCase):
         location = self.result(self.storage.locate_blob(hexdigest))
         self.assertEqual(location, LocalFile(str(self.root / "layers" / hexdigest), len(b"on disk")))
 
-
-class GCSStorageTests(ListingContract, SynchronousTestCase):
-    """The contract on a real bucket of gcp-storage-emulator (calls run inline)."""
+class GCSStorageTests(ConditionalContract, SynchronousTestCase):
+    """The contract on a real bucket of gcp-storage-emulator (calls run inline), reached
+    through the proxy that adds GCS's generation preconditions (``tests.gcs_preconditions``)."""
 
     def make_storage(self) -> IStorage:
         emulator = shared_emulator()
-        bucket_name = emulator.new_bucket()
-        self.bucket = emulator.client().bucket(bucket_name)
+        self.bucket_name = emulator.new_bucket()
+        self.bucket = emulator.client().bucket(self.bucket_name)
+        return self.connect()
+
+    def connect(self) -> GCSStorage:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        endpoint = guarded_emulator().url
+        client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": endpoint})
         return GCSStorage(
-            self.bucket, inline, redirect=plain_url(emulator.url, bucket_name),
+            client.bucket(self.bucket_name), inline, redirect=plain_url(endpoint, self.bucket_name),
             staging_dir=os.path.abspath(self.mktemp()),
         )
+
+    def make_peer(self) -> IStorage:
+        return self.connect()
+
+    def damage(self, key_: str, data: bytes) -> None:
+        self.bucket.blob(key_).upload_from_string(data, content_type="application/octet-stream")
 
     def test_identical_blob_is_not_uploaded_again(self) -> None:
         """A blob already in the bucket with the same MD5 is not uploaded again."""
@@ -428,7 +546,7 @@ class FilesystemOnlyTests(SynchronousTestCase):
     def test_layout_created(self) -> None:
         """Starting creates the directories of the layout under the root."""
         FilesystemStorage(str(self.root), inline)
-        self.assertEqual(sorted(os.listdir(self.root)), ["builds", "layers", "manifests", "staging", "tags"])
+        self.assertEqual(sorted(os.listdir(self.root)), ["builds", "layers", "leases", "manifests", "staging", "tags"])
 
     def test_crash_leftovers_removed_at_start(self) -> None:
         """Staging files left by a crash are removed at the next start; served objects stay."""
@@ -447,6 +565,30 @@ class FilesystemOnlyTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(again.get(kept)), b"record")
         hexdigest = hashlib.sha256(b"half a lay").hexdigest()
         self.assertIsNone(self.successResultOf(again.locate_blob(hexdigest)))
+
+    def test_staging_of_a_running_instance_is_kept(self) -> None:
+        """Instances sharing a directory: a start removes what dead processes of its host
+        left and any day-old file, never a file another running instance is writing."""
+        storage = FilesystemStorage(str(self.root), inline)
+        ours = Path(storage.staging_path())
+        host = ours.name.split("-")[1]
+        token = "0" * 32
+        alive = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(alive.wait)
+        self.addCleanup(alive.kill)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        staging = self.root / "staging"
+        writing = staging / f"blob-{host}-{alive.pid}-{token}"
+        crashed = staging / f"blob-{host}-{gone.pid}-{token}"
+        elsewhere_now = staging / f"put-other-host-7-{token}"
+        elsewhere_old = staging / f"put-old-host-7-{token}"
+        for path in (writing, crashed, elsewhere_now, elsewhere_old):
+            path.write_bytes(b"partial")
+        day_ago = time.time() - 25 * 3600
+        os.utime(elsewhere_old, (day_ago, day_ago))
+        FilesystemStorage(str(self.root), inline)
+        self.assertEqual(self.listing("staging"), sorted([writing.name, elsewhere_now.name]))
 
     def test_root_not_creatable(self) -> None:
         """A root that cannot be created is a ValueError naming the path."""

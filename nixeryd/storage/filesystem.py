@@ -3,15 +3,24 @@
 Every object is first written under ``staging/``, fsynced, renamed into place
 with ``os.replace`` and its directory fsynced: a crash never leaves a partial
 object under a served key, only a leftover staging file, which the next start
-removes. All file I/O after start-up goes through the injected ``Offload``.
+removes. Staging files carry their writer's host and process id, so that
+several instances can share one directory (a fleet on a shared file system):
+a start removes only what a dead process of its own host left, and anything a
+day old. Conditional writes (``write_if``) hold an ``flock`` on
+``leases/.lock`` around their check and rename. All file I/O after start-up
+goes through the injected ``Offload``.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import re
 import secrets
 import shutil
+import socket
+import time
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -21,11 +30,13 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
+    ABSENT,
     DAMAGED,
     INTACT,
     MISSING,
     PREFIXES,
     BlobLocation,
+    Generation,
     IStorage,
     LocalFile,
     StorageError,
@@ -42,6 +53,11 @@ log = Logger()
 
 STAGING = "staging"
 _COPY_CHUNK = 1024 * 1024
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+_STAGED = re.compile(r"[a-z]+-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>[0-9]+)-[0-9a-f]{32}")
+STALE_STAGING = 24 * 3600.0
+"""Seconds after which a staging file of any host is taken as a leftover."""
+LOCK = ".lock"
 _T = TypeVar("_T")
 
 
@@ -72,7 +88,7 @@ class FilesystemStorage:
     # --- IStorage ----------------------------------------------------------------
 
     def staging_path(self) -> str:
-        return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
+        return self._temporary("blob")
 
     def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
         hexdigest = blob_hex(info)
@@ -112,9 +128,21 @@ class FilesystemStorage:
         directory = os.path.join(self.root, check_prefix(prefix))
         return Deferred.fromCoroutine(self._run("listing " + prefix, _listing, directory, prefix))
 
-    def delete(self, key: str, generation: int | None = None) -> Deferred[None]:
+    def read(self, key: str) -> Deferred[tuple[bytes, Generation] | None]:
         path = self._path(key)
-        return Deferred.fromCoroutine(self._run("removing " + key, _unlink, path))
+        return Deferred.fromCoroutine(self._run("reading " + key, _read_versioned, path))
+
+    def write_if(self, key: str, data: bytes, content_type: str,
+                 generation: Generation) -> Deferred[Generation | None]:
+        path = self._path(key)
+        return Deferred.fromCoroutine(
+            self._run("writing " + key, self._write_if, path, bytes(data), generation))
+
+    def delete(self, key: str, generation: Generation | None = None) -> Deferred[None]:
+        path = self._path(key)
+        if generation is None:
+            return Deferred.fromCoroutine(self._run("removing " + key, _unlink, path))
+        return Deferred.fromCoroutine(self._run("removing " + key, self._unlink_if, path, generation))
 
     # --- helpers -----------------------------------------------------------------
 
@@ -143,21 +171,48 @@ class FilesystemStorage:
         return result
 
     def _temporary(self, kind: str) -> str:
-        return os.path.join(self._staging, kind + "-" + secrets.token_hex(16))
+        return os.path.join(self._staging, f"{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(16)}")
+
+    def _locked(self) -> int:
+        """Blocking: an open descriptor of the lock file, locked; closing it unlocks."""
+        fd = os.open(os.path.join(self.root, "leases", LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _write_if(self, path: str, data: bytes, generation: Generation) -> Generation | None:
+        """Blocking: under the lock, replace ``path`` when its generation is ``generation``."""
+        tmp = self._temporary("cond")
+        try:
+            _write_durably(tmp, data)
+            fd = self._locked()
+            try:
+                if _generation(path) != generation:
+                    return None
+                os.replace(tmp, path)
+                _fsync_dir(os.path.dirname(path))
+                return _generation(path)
+            finally:
+                os.close(fd)
+        finally:
+            remove_quietly(tmp)
+
+    def _unlink_if(self, path: str, generation: Generation) -> None:
+        fd = self._locked()
+        try:
+            if _generation(path) == generation:
+                _unlink(path)
+        finally:
+            os.close(fd)
 
     def _write(self, path: str, data: bytes) -> None:
         """Blocking: write ``data`` to staging, make it durable, rename it to ``path``."""
         tmp = self._temporary("put")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_durably(tmp, data)
             os.replace(tmp, path)
             _fsync_dir(os.path.dirname(path))
         finally:
@@ -198,7 +253,7 @@ def _prepare(root: str) -> int:
         os.unlink(probe)
         removed = 0
         with os.scandir(staging) as entries:
-            leftovers = [entry.path for entry in entries]
+            leftovers = [entry.path for entry in entries if _left_over(entry)]
         for path in leftovers:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
@@ -213,6 +268,68 @@ def _prepare(root: str) -> int:
     return removed
 
 
+def _left_over(entry: os.DirEntry[str]) -> bool:
+    """Whether a staging entry was left by a process that is gone: one of this host
+    whose process is no longer running (or has our id: an earlier process's), one of
+    another host a day old, or one not named as this module names them."""
+    named = _STAGED.fullmatch(entry.name)
+    if named is None or entry.is_dir(follow_symlinks=False):
+        return True
+    if named["host"] == _HOST:
+        pid = int(named["pid"])
+        return pid == os.getpid() or not _running(pid)
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING
+    except FileNotFoundError:
+        return False
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """Blocking: create ``path`` (which must not exist) holding ``data``, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _generation(path: str) -> Generation:
+    """The identity of the file now at ``path`` (``ABSENT`` when there is none): every
+    rename into place makes a new inode with a new change time."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ABSENT
+    return _version(st)
+
+
+def _version(st: os.stat_result) -> str:
+    return f"{st.st_ino}.{st.st_ctime_ns}.{st.st_size}"
+
+
+def _read_versioned(path: str) -> tuple[bytes, Generation] | None:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            return f.read(), _version(st)
+    except FileNotFoundError:
+        return None
+
+
 def _listing(directory: str, prefix: str) -> list[StoredObject]:
     found = []
     with os.scandir(directory) as entries:
@@ -223,7 +340,7 @@ def _listing(directory: str, prefix: str) -> list[StoredObject]:
                 st = entry.stat(follow_symlinks=False)
             except (ValueError, FileNotFoundError):
                 continue
-            found.append(StoredObject(key, st.st_mtime, st.st_size))
+            found.append(StoredObject(key, st.st_mtime, st.st_size, _version(st)))
     return found
 
 

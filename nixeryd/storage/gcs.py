@@ -32,6 +32,7 @@ from nixeryd.storage.interface import (
     INTACT,
     MISSING,
     BlobLocation,
+    Generation,
     IStorage,
     Redirect,
     StorageError,
@@ -228,14 +229,52 @@ class GCSStorage:
 
         return self._call("listing " + prefix, listing)
 
-    def delete(self, key: str, generation: int | None = None) -> Deferred[None]:
+    def read(self, key: str) -> Deferred[tuple[bytes, Generation] | None]:
+        check_key(key)
+
+        def download() -> tuple[bytes, Generation] | None:
+            from google.api_core.exceptions import NotFound
+
+            blob = self._bucket.blob(key)
+            try:
+                data: bytes = blob.download_as_bytes(retry=self._retry, timeout=self._timeout)
+            except NotFound:
+                return None
+            if blob.generation is not None:  # GCS says it in a response header
+                return data, int(blob.generation)
+            # A service that does not (an emulator): ask for the metadata.
+            found = self._stat(key)
+            return None if found is None else (data, int(found.generation))
+
+        return self._call("reading " + key, download)
+
+    def write_if(self, key: str, data: bytes, content_type: str,
+                 generation: Generation) -> Deferred[Generation | None]:
+        check_key(key)
+
+        def upload() -> Generation | None:
+            from google.api_core.exceptions import PreconditionFailed
+
+            blob = self._bucket.blob(key)
+            try:
+                blob.upload_from_string(bytes(data), content_type=content_type,
+                                        if_generation_match=int(generation), retry=self._retry,
+                                        timeout=self._timeout)
+            except PreconditionFailed:
+                return None
+            return int(blob.generation)
+
+        return self._call("writing " + key, upload, size=len(data))
+
+    def delete(self, key: str, generation: Generation | None = None) -> Deferred[None]:
         check_key(key)
 
         def remove() -> None:
             from google.api_core.exceptions import NotFound, PreconditionFailed
 
             try:
-                self._bucket.blob(key).delete(if_generation_match=generation, retry=self._retry,
+                self._bucket.blob(key).delete(if_generation_match=None if generation is None else int(generation),
+                                              retry=self._retry,
                                               timeout=self._timeout)
             except NotFound:
                 pass

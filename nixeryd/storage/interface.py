@@ -6,10 +6,13 @@ instances:
 - ``layers/<sha256hex>``: every blob (layers, configs, manifests);
 - ``manifests/<cachekey>``: the manifest record of a cacheable image;
 - ``builds/<layerkey>``: JSON describing an already built layer;
+- ``tags/<sha256 of a name>``: the tags a repository was pulled at;
+- ``leases/<cachekey>``: which instance is building an image, or how its build
+  failed (see ``nixeryd.leases``), written only with preconditions;
 - ``staging/<name>``: blobs being written, never served.
 
-Keys are checked by the storage itself (``check_key``): only the three served
-prefixes followed by exactly 64 lowercase hex characters are accepted, so no key
+Keys are checked by the storage itself (``check_key``): only those prefixes
+followed by exactly 64 lowercase hex characters are accepted, so no key
 can ever name anything outside the store. A malformed key is a programming
 error: every method raises ``ValueError`` for it at once, before any I/O, rather
 than returning a failed Deferred. Failures of the backend itself are
@@ -31,8 +34,8 @@ from nixeryd.archive import BlobInfo
 
 log = Logger()
 
-PREFIXES = ("layers", "manifests", "builds", "tags")
-_KEY = re.compile(r"(?:layers|manifests|builds|tags)/[0-9a-f]{64}")
+PREFIXES = ("layers", "manifests", "builds", "tags", "leases")
+_KEY = re.compile(r"(?:layers|manifests|builds|tags|leases)/[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -62,6 +65,13 @@ class Redirect:
 
 BlobLocation = Union[LocalFile, InMemory, Redirect]
 
+Generation = Union[int, str]
+"""Which version of an object: GCS's generation number, S3's ETag, a file's identity.
+Opaque to callers, who only hand back what ``read`` or ``list`` gave them."""
+
+ABSENT: Generation = 0
+"""The generation ``write_if`` takes to mean "only if there is no object yet"."""
+
 INTACT = "intact"
 MISSING = "missing"
 DAMAGED = "damaged"
@@ -75,7 +85,7 @@ class StoredObject:
     key: str
     modified: float  # seconds since the epoch
     size: int
-    generation: int | None = None  # the bucket's generation of the object, where there is one
+    generation: Generation | None = None  # the object's version, where the backend has one
 
 
 class StorageError(Exception):
@@ -195,8 +205,17 @@ class IStorage(Interface):
         """Where ``layers/<hexdigest>`` can be served from, or None when it is absent."""
 
     def list(prefix: str) -> Deferred[list[StoredObject]]:
-        """Every object under ``prefix`` ("layers", "manifests", "builds"); staging is never listed."""
+        """Every object under ``prefix`` (one of ``PREFIXES``); staging is never listed."""
 
-    def delete(key: str, generation: int | None = None) -> Deferred[None]:
+    def read(key: str) -> Deferred[tuple[bytes, Generation] | None]:
+        """The object's bytes and its generation, or None when there is none."""
+
+    def write_if(key: str, data: bytes, content_type: str, generation: Generation) -> Deferred[Generation | None]:
+        """Write ``key`` only when its current generation is ``generation`` (``ABSENT``:
+        only when there is no object), atomically with that check, across every instance
+        on the same storage. The new generation, or None when the precondition failed
+        (nothing written)."""
+
+    def delete(key: str, generation: Generation | None = None) -> Deferred[None]:
         """Remove the object under ``key``; an absent one is fine. With ``generation``
         (from a listing), only that version: one written since is kept."""

@@ -20,10 +20,12 @@ from zope.interface import implementer
 from nixeryd.archive import BlobInfo
 from nixeryd.offload import Offload, inline
 from nixeryd.storage.interface import (
+    ABSENT,
     DAMAGED,
     INTACT,
     MISSING,
     BlobLocation,
+    Generation,
     InMemory,
     IStorage,
     StorageError,
@@ -49,6 +51,8 @@ class MemoryStorage:
         self._modified: dict[str, float] = {}
         self._objects: dict[str, bytes] = {}
         self._content_types: dict[str, str] = {}
+        self._generations: dict[str, int] = {}
+        self._written = 0
         self._staging = tempfile.mkdtemp(prefix="nixeryd-staging-")
         weakref.finalize(self, shutil.rmtree, self._staging, True)
 
@@ -92,13 +96,27 @@ class MemoryStorage:
     def list(self, prefix: str) -> Deferred[list[StoredObject]]:
         start = check_prefix(prefix) + "/"
         return succeed([
-            StoredObject(key, self._modified[key], len(data))
+            StoredObject(key, self._modified[key], len(data), self._generations[key])
             for key, data in self._objects.items() if key.startswith(start)
         ])
 
-    def delete(self, key: str, generation: int | None = None) -> Deferred[None]:
+    def read(self, key: str) -> Deferred[tuple[bytes, Generation] | None]:
+        data = self._objects.get(check_key(key))
+        return succeed(None if data is None else (data, self._generations[key]))
+
+    def write_if(self, key: str, data: bytes, content_type: str,
+                 generation: Generation) -> Deferred[Generation | None]:
+        current = self._generations.get(check_key(key), ABSENT)
+        if current != generation:
+            return succeed(None)
+        self._store(key, bytes(data), content_type)
+        return succeed(self._generations[key])
+
+    def delete(self, key: str, generation: Generation | None = None) -> Deferred[None]:
         check_key(key)
-        for table in (self._objects, self._content_types, self._modified):
+        if generation is not None and self._generations.get(key) != generation:
+            return succeed(None)
+        for table in (self._objects, self._content_types, self._modified, self._generations):
             table.pop(key, None)
         return succeed(None)
 
@@ -108,6 +126,8 @@ class MemoryStorage:
         self._objects[key] = data
         self._content_types[key] = content_type
         self._modified[key] = self._now()
+        self._written += 1
+        self._generations[key] = self._written
 
     async def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
         try:

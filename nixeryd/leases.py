@@ -1,0 +1,265 @@
+"""One build of an image across every instance on the same storage.
+
+Before building an image, an instance takes a lease on its cache key in storage
+itself: ``leases/<cachekey>``, written with a precondition (only if absent, or
+only if still the expired version it read), so that of any number of instances
+exactly one holds it. The record names the holder and when the lease expires;
+the holder renews it while Nix runs, so a holder that dies (SIGKILL, a lost
+machine) lets it expire within one lease period and another instance takes it
+over. The others wait for the image's manifest record instead of building,
+polling with backoff, for no longer than a build may take.
+
+When the build fails the holder replaces its lease with the failure (its kind,
+message and Nix's output) for the failure TTL: every instance answers with it
+rather than running the same broken build again. When it succeeds the holder
+writes the manifest record first and only then removes the lease, so a waiter
+that finds no lease finds the record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from nixeryd.nix import NixBuildFailed, NixError, NixTimedOut, PackagesNotFound
+from nixeryd.storage.interface import ABSENT, Generation, IStorage, StorageError
+
+log = Logger()
+
+T = TypeVar("T")
+
+FIRST_POLL = 0.25
+LAST_POLL = 5.0
+LEASE_TYPE = "application/json"
+
+
+def holder_name() -> str:
+    """This process, as lease records name it: host, process id, and a random part
+    (a restarted process may get the same id)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """What ``leases/<key>`` holds."""
+
+    state: str  # "building" or "failed"
+    holder: str
+    expires: float  # seconds since the epoch
+    failure: dict[str, Any] | None = None
+
+    def encode(self) -> bytes:
+        doc: dict[str, Any] = {"state": self.state, "holder": self.holder, "expires": self.expires}
+        if self.failure is not None:
+            doc["failure"] = self.failure
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> LeaseRecord | None:
+        try:
+            doc = json.loads(data)
+            state = str(doc["state"])
+            if state not in ("building", "failed"):
+                return None
+            failure = doc.get("failure")
+            return cls(state, str(doc["holder"]), float(doc["expires"]),
+                       failure if isinstance(failure, dict) else None)
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def failure_record(error: NixError) -> dict[str, Any]:
+    """A Nix failure as other instances can raise it again."""
+    kind = "failed"
+    doc: dict[str, Any] = {"message": error.message, "log_tail": error.log_tail[-4096:]}
+    if isinstance(error, PackagesNotFound):
+        kind = "not-found"
+        doc.update(packages=list(error.packages), reason=error.reason)
+    elif isinstance(error, NixTimedOut):
+        kind = "timed-out"
+    doc["kind"] = kind
+    return doc
+
+
+def failure_error(doc: dict[str, Any]) -> NixError:
+    """The error ``failure_record`` describes."""
+    message = str(doc.get("message") or "the build failed on another instance")
+    tail = str(doc.get("log_tail") or "")
+    kind = doc.get("kind")
+    if kind == "not-found":
+        packages = [str(p) for p in doc.get("packages") or []]
+        return PackagesNotFound(message, tail, packages, str(doc.get("reason") or ""))
+    if kind == "timed-out":
+        return NixTimedOut(message, tail)
+    return NixBuildFailed(message, tail)
+
+
+class WaitedTooLong(StorageError):
+    """Another instance holds the build and it did not finish within the build deadline:
+    a 503, since a later pull may find it done."""
+
+
+class BuildLeases:
+    """Leases on cache keys in ``storage``, held by this process."""
+
+    def __init__(
+        self,
+        storage: IStorage,
+        clock: IReactorTime,
+        *,
+        ttl: float = 60.0,
+        failure_ttl: float = 60.0,
+        wait_limit: float = 3600.0,
+        holder: str | None = None,
+    ) -> None:
+        self._storage = storage
+        self._clock = clock
+        self.ttl = ttl
+        self._failure_ttl = failure_ttl
+        self._wait_limit = wait_limit
+        self.holder = holder or holder_name()
+
+    async def build_once(
+        self,
+        key: str,
+        build: Callable[[], Awaitable[T]],
+        finished: Callable[[], Awaitable[T | None]],
+    ) -> T:
+        """``build()`` here when this instance wins the lease on ``key``; otherwise
+        what ``finished()`` gives once another instance has built it (None: not yet).
+        A failure recorded by another instance is raised as its NixError."""
+        lease_key = "leases/" + key
+        started = self._clock.seconds()
+        delay = FIRST_POLL
+        first = True
+        while True:
+            found = await self._storage.read(lease_key)
+            if found is None:
+                if not first:
+                    done = await finished()
+                    if done is not None:
+                        return done
+                generation = await self._storage.write_if(
+                    lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, ABSENT)
+                if generation is not None:
+                    return await self._hold(lease_key, generation, build)
+                first = False
+                continue  # another instance took it just now: read what it wrote
+            data, generation = found
+            record = LeaseRecord.decode(data)
+            now = self._clock.seconds()
+            if record is not None and record.expires > now and record.state == "failed":
+                log.info("the build of {cache_key} failed on {holder}; not built again here",
+                         cache_key=key, holder=record.holder)
+                raise failure_error(record.failure or {})
+            if record is None or record.expires <= now:
+                taken = await self._storage.write_if(
+                    lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, generation)
+                if taken is not None:
+                    if record is not None and record.state == "building":
+                        log.warn("the lease of {holder} on {cache_key} expired; taking the build over",
+                                 holder=record.holder, cache_key=key)
+                    return await self._hold(lease_key, taken, build)
+                continue
+            if first:
+                log.info("{holder} is building {cache_key}; waiting for it", holder=record.holder,
+                         cache_key=key)
+            first = False
+            if now - started > self._wait_limit:
+                raise WaitedTooLong(f"{record.holder} has been building this image for longer than "
+                                    f"{self._wait_limit:.0f} seconds")
+            await task.deferLater(self._clock, delay, lambda: None)
+            delay = min(delay * 2, LAST_POLL)
+            done = await finished()
+            if done is not None:
+                return done
+
+    def _record(self, state: str, ttl: float, failure: dict[str, Any] | None = None) -> LeaseRecord:
+        return LeaseRecord(state, self.holder, self._clock.seconds() + ttl, failure)
+
+    async def _hold(self, lease_key: str, generation: Generation,
+                    build: Callable[[], Awaitable[T]]) -> T:
+        """Run ``build`` holding the lease, renewed every third of its period; then
+        remove it, or leave the failure in its place."""
+        held = _Held(generation)
+
+        def renew() -> Deferred[None]:
+            return Deferred.fromCoroutine(self._renew(lease_key, held))
+
+        renewing = task.LoopingCall(renew)
+        renewing.clock = self._clock
+        renewal = renewing.start(self.ttl / 3, now=False)
+        renewal.addErrback(lambda failure: log.failure("renewing a build lease failed", failure))
+        try:
+            result = await build()
+        except NixError as e:
+            renewing.stop()
+            await held.idle()
+            if self._failure_ttl > 0:
+                record = self._record("failed", self._failure_ttl, failure_record(e))
+                await self._quietly(self._storage.write_if(lease_key, record.encode(), LEASE_TYPE,
+                                                           held.generation))
+            else:
+                await self._quietly(self._storage.delete(lease_key, held.generation))
+            raise
+        except BaseException:
+            renewing.stop()
+            await held.idle()
+            await self._quietly(self._storage.delete(lease_key, held.generation))
+            raise
+        renewing.stop()
+        await held.idle()
+        await self._quietly(self._storage.delete(lease_key, held.generation))
+        return result
+
+    async def _renew(self, lease_key: str, held: _Held) -> None:
+        if held.lost:
+            return
+        held.busy = Deferred()
+        try:
+            renewed = await self._storage.write_if(
+                lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, held.generation)
+        except StorageError as e:
+            log.warn("cannot renew the lease {key}: {error}", key=lease_key, error=str(e))
+            return
+        finally:
+            busy, held.busy = held.busy, None
+            busy.callback(None)
+        if renewed is None:
+            held.lost = True
+            log.warn("the lease {key} was taken over by another instance; this build goes on, "
+                     "and whichever finishes first is served", key=lease_key)
+            return
+        held.generation = renewed
+
+    async def _quietly(self, pending: Deferred[Any]) -> None:
+        """Lease bookkeeping after a build: a storage failure here is logged, not raised
+        (the lease then expires on its own)."""
+        try:
+            await pending
+        except StorageError as e:
+            log.warn("cannot update a build lease: {error}", error=str(e))
+
+
+class _Held:
+    """A lease this instance holds: its current generation, and a renewal in flight."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self.lost = False
+        self.busy: Deferred[None] | None = None
+
+    async def idle(self) -> None:
+        """Wait for a renewal in flight, so the generation is final."""
+        if self.busy is not None:
+            done: Deferred[None] = Deferred()
+            self.busy.addBoth(lambda _: done.callback(None))
+            await done

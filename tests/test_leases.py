@@ -1,0 +1,183 @@
+"""Build leases: one build per image across instances sharing storage.
+
+Two ``BuildLeases`` on one ``MemoryStorage`` stand for two instances on one
+bucket; a ``Clock`` stands for time. The end-to-end tests with real instances
+on a shared directory, an emulator bucket and a moto bucket are in
+``test_fleet.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from nixeryd.leases import BuildLeases, LeaseRecord, WaitedTooLong
+from nixeryd.nix import NixBuildFailed, NixTimedOut, PackagesNotFound
+from nixeryd.storage.interface import ABSENT
+from nixeryd.storage.memory import MemoryStorage
+
+KEY = hashlib.sha256(b"an image").hexdigest()
+LEASE = "leases/" + KEY
+
+
+class Fleet:
+    """Shared storage, a clock, and a record of what was built and where."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.storage = MemoryStorage(now=self.clock.seconds)
+        self.finished: str | None = None  # the "manifest record"
+        self.builds: list[str] = []
+
+    def instance(self, name: str, **kwargs: Any) -> BuildLeases:
+        kwargs.setdefault("ttl", 30.0)
+        kwargs.setdefault("failure_ttl", 60.0)
+        kwargs.setdefault("wait_limit", 600.0)
+        return BuildLeases(self.storage, self.clock, holder=name, **kwargs)
+
+    def pull(self, leases: BuildLeases, until: Deferred[None] | None = None,
+             error: Exception | None = None) -> Deferred[str]:
+        async def build() -> str:
+            self.builds.append(leases.holder)
+            if until is not None:
+                await until
+            if error is not None:
+                raise error
+            self.finished = "digest-by-" + leases.holder
+            return self.finished
+
+        async def done() -> str | None:
+            return self.finished
+
+        return Deferred.fromCoroutine(leases.build_once(KEY, build, done))
+
+    def lease(self) -> LeaseRecord | None:
+        found = self.storage.read(LEASE).result
+        return None if found is None else LeaseRecord.decode(found[0])
+
+    def run(self, seconds: float, step: float = 0.25) -> None:
+        for _ in range(int(seconds / step)):
+            self.clock.advance(step)
+
+
+class BuildLeaseTests(SynchronousTestCase):
+    def test_one_builds_and_the_other_waits_for_its_result(self) -> None:
+        """While A builds, B polls; when A's record appears B answers with it, never building."""
+        fleet = Fleet()
+        release: Deferred[None] = Deferred()
+        a = fleet.pull(fleet.instance("A"), until=release)
+        b = fleet.pull(fleet.instance("B"))
+        fleet.run(20)
+        self.assertNoResult(b)
+        self.assertEqual(fleet.builds, ["A"])
+        lease = fleet.lease()
+        assert lease is not None
+        self.assertEqual((lease.state, lease.holder), ("building", "A"))
+        release.callback(None)
+        self.assertEqual(self.successResultOf(a), "digest-by-A")
+        self.assertIsNone(fleet.lease(), "the holder removes its lease when done")
+        fleet.run(6)
+        self.assertEqual(self.successResultOf(b), "digest-by-A")
+        self.assertEqual(fleet.builds, ["A"])
+
+    def test_holder_renews_while_building(self) -> None:
+        """A build running for many lease periods keeps its lease: nobody takes it over."""
+        fleet = Fleet()
+        release: Deferred[None] = Deferred()
+        a = fleet.pull(fleet.instance("A", ttl=3.0), until=release)
+        b = fleet.pull(fleet.instance("B", ttl=3.0))
+        fleet.run(60)
+        self.assertEqual(fleet.builds, ["A"])
+        lease = fleet.lease()
+        assert lease is not None
+        self.assertGreater(lease.expires, fleet.clock.seconds())
+        release.callback(None)
+        fleet.run(6)
+        self.assertEqual(self.successResultOf(a), self.successResultOf(b))
+
+    def test_lease_of_a_dead_holder_is_taken_over(self) -> None:
+        """A holder that died (its lease no longer renewed) loses it at expiry; a waiting
+        instance takes the build over."""
+        fleet = Fleet()
+        dead = LeaseRecord("building", "dead-host:123:abcd", fleet.clock.seconds() + 30)
+        fleet.storage.write_if(LEASE, dead.encode(), "application/json", ABSENT)
+        b = fleet.pull(fleet.instance("B"))
+        fleet.run(25)
+        self.assertNoResult(b)
+        self.assertEqual(fleet.builds, [])
+        fleet.run(10)
+        self.assertEqual(self.successResultOf(b), "digest-by-B")
+        self.assertEqual(fleet.builds, ["B"])
+        self.flushLoggedErrors()
+
+    def test_unreadable_lease_is_taken_over(self) -> None:
+        """A lease record that cannot be read counts as expired: it never blocks a build."""
+        fleet = Fleet()
+        fleet.storage.put(LEASE, b"\x00not json", "application/json")
+        self.assertEqual(self.successResultOf(fleet.pull(fleet.instance("B"))), "digest-by-B")
+
+    def test_failure_is_shared_then_forgotten(self) -> None:
+        """A's failure is written in its lease's place: B, asking after, gets the same error
+        without building; once the failure TTL is over, the next pull builds again."""
+        fleet = Fleet()
+        a = fleet.pull(fleet.instance("A"), error=PackagesNotFound("no such package", "tail", ["nope"], "why"))
+        failure = self.failureResultOf(a, PackagesNotFound)
+        b = fleet.pull(fleet.instance("B"))
+        shared = self.failureResultOf(b, PackagesNotFound).value
+        self.assertEqual((shared.message, shared.packages, shared.reason, shared.log_tail),
+                         (failure.value.message, ("nope",), "why", "tail"))
+        self.assertEqual(fleet.builds, ["A"])
+        fleet.clock.advance(61)
+        self.assertEqual(self.successResultOf(fleet.pull(fleet.instance("B"))), "digest-by-B")
+
+    def test_waiters_get_the_failure_when_it_happens(self) -> None:
+        """An instance waiting on a build that then fails gets that failure, of the same kind."""
+        fleet = Fleet()
+        release: Deferred[None] = Deferred()
+        a = fleet.pull(fleet.instance("A"), until=release, error=NixTimedOut("ran out of time"))
+        b = fleet.pull(fleet.instance("B"))
+        fleet.run(3)
+        release.callback(None)
+        self.failureResultOf(a, NixTimedOut)
+        fleet.run(6)
+        self.assertEqual(self.failureResultOf(b, NixTimedOut).value.message, "ran out of time")
+        self.assertEqual(fleet.builds, ["A"])
+
+    def test_no_failure_memory_means_no_failure_record(self) -> None:
+        """With the failure TTL at 0 a failed build leaves nothing: the next pull builds."""
+        fleet = Fleet()
+        self.failureResultOf(fleet.pull(fleet.instance("A", failure_ttl=0), error=NixBuildFailed("x")))
+        self.assertIsNone(fleet.lease())
+        self.successResultOf(fleet.pull(fleet.instance("B", failure_ttl=0)))
+        self.assertEqual(fleet.builds, ["A", "B"])
+
+    def test_other_errors_release_the_lease(self) -> None:
+        """A build that fails for a reason other than Nix (storage, say) removes its lease
+        and records nothing: another instance may try at once."""
+        fleet = Fleet()
+        self.failureResultOf(fleet.pull(fleet.instance("A"), error=RuntimeError("bucket gone")), RuntimeError)
+        self.assertIsNone(fleet.lease())
+
+    def test_waiting_is_bounded(self) -> None:
+        """A waiter gives up after the wait limit with a storage error (a 503 to the client),
+        even when the holder keeps renewing."""
+        fleet = Fleet()
+        fleet.pull(fleet.instance("A", ttl=3.0), until=Deferred())
+        b = fleet.pull(fleet.instance("B", ttl=3.0, wait_limit=100.0))
+        fleet.run(99)
+        self.assertNoResult(b)
+        fleet.run(10)
+        self.assertIn("A has been building", str(self.failureResultOf(b, WaitedTooLong).value))
+
+    def test_lease_record_names_holder_and_expiry(self) -> None:
+        """The stored record is JSON with the holder and an absolute expiry time."""
+        fleet = Fleet()
+        fleet.pull(fleet.instance("A", ttl=30.0), until=Deferred())
+        data, _ = fleet.storage.read(LEASE).result
+        doc = json.loads(data)
+        self.assertEqual(doc, {"state": "building", "holder": "A", "expires": fleet.clock.seconds() + 30.0})
