@@ -140,6 +140,7 @@ class BuildLeases:
         started = self._clock.seconds()
         delay = FIRST_POLL
         first = True
+        announced = False
         while True:
             found = await self._storage.read(lease_key)
             if found is None:
@@ -169,9 +170,10 @@ class BuildLeases:
                                  holder=record.holder, cache_key=key)
                     return await self._hold(lease_key, taken, build)
                 continue
-            if first:
+            if not announced:
                 log.info("{holder} is building {cache_key}; waiting for it", holder=record.holder,
                          cache_key=key)
+                announced = True
             first = False
             if now - started > self._wait_limit:
                 raise WaitedTooLong(f"{record.holder} has been building this image for longer than "

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from tests.daemon import PKGS, NixCounter
 
 # Every helper process a test starts is stopped, however the test ends.
 from tests.processes import pytest_sessionfinish, stop_leftovers  # noqa: F401
@@ -27,3 +30,16 @@ def nix_env() -> dict[str, str]:
     env = dict(os.environ)
     env["NIX_CONFIG"] = "substituters =\nsandbox = false\nexperimental-features = nix-command\n"
     return env
+
+
+@pytest.fixture
+def counter(tmp_path: Path) -> NixCounter:
+    return NixCounter(tmp_path / "counter")
+
+
+@pytest.fixture
+def private_pkgs(tmp_path: Path) -> Path:
+    """A copy of the test package set, which a test may take away."""
+    copy = tmp_path / "pkgs"
+    shutil.copytree(PKGS, copy)
+    return copy

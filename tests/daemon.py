@@ -202,3 +202,31 @@ class Daemon:
 
     def error_codes(self, body: bytes) -> list[str]:
         return [e["code"] for e in json.loads(body)["errors"]]
+
+
+class NixCounter:
+    """A ``nix-build`` first on the daemon's PATH that notes each start, then runs the real one."""
+
+    def __init__(self, root: Path) -> None:
+        self.bin = root / "bin"
+        self.bin.mkdir(parents=True)
+        self.log = root / "nix-build.calls"
+        self.log.touch()
+        real = shutil.which("nix-build")
+        assert real is not None
+        shim = self.bin / "nix-build"
+        shim.write_text(f'#!/bin/sh\necho "$*" >> "{self.log}"\nexec "{real}" "$@"\n')
+        shim.chmod(0o755)
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        return dict(base, PATH=f"{self.bin}:{base.get('PATH', '/usr/bin:/bin')}")
+
+    @property
+    def calls(self) -> int:
+        return len(self.log.read_text().splitlines())
+
+
+def manifest_digest(daemon: Daemon, name: str) -> str:
+    status, headers, body = daemon.request(f"/v2/{name}/manifests/latest")
+    assert status == 200, body
+    return headers["Docker-Content-Digest"]

@@ -7,52 +7,9 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
-from tests.daemon import PKGS, Daemon, daemon_environment
+from tests.daemon import Daemon, NixCounter, daemon_environment, manifest_digest
 from tests.emulator import shared_emulator
 from tests.test_gcs_end_to_end import gcs_environment
-
-
-class NixCounter:
-    """A ``nix-build`` first on the daemon's PATH that notes each start, then runs the real one."""
-
-    def __init__(self, root: Path) -> None:
-        self.bin = root / "bin"
-        self.bin.mkdir(parents=True)
-        self.log = root / "nix-build.calls"
-        self.log.touch()
-        real = shutil.which("nix-build")
-        assert real is not None
-        shim = self.bin / "nix-build"
-        shim.write_text(f'#!/bin/sh\necho "$*" >> "{self.log}"\nexec "{real}" "$@"\n')
-        shim.chmod(0o755)
-
-    def env(self, base: dict[str, str]) -> dict[str, str]:
-        return dict(base, PATH=f"{self.bin}:{base.get('PATH', '/usr/bin:/bin')}")
-
-    @property
-    def calls(self) -> int:
-        return len(self.log.read_text().splitlines())
-
-
-@pytest.fixture
-def counter(tmp_path: Path) -> NixCounter:
-    return NixCounter(tmp_path / "counter")
-
-
-@pytest.fixture
-def private_pkgs(tmp_path: Path) -> Path:
-    """A copy of the test package set, which a test may take away."""
-    copy = tmp_path / "pkgs"
-    shutil.copytree(PKGS, copy)
-    return copy
-
-
-def manifest_digest(daemon: Daemon, name: str) -> str:
-    status, headers, body = daemon.request(f"/v2/{name}/manifests/latest")
-    assert status == 200, body
-    return headers["Docker-Content-Digest"]
 
 
 def test_concurrent_pulls_of_a_cold_image_build_once(tmp_path: Path, counter: NixCounter,

@@ -157,6 +157,15 @@ in
     exit 1
   '';
 
+  # Takes a few seconds to build, and is a new derivation in every copy of this set
+  # that holds a `slow-nonce` file: a test can be sure Nix builds it afresh.
+  slow = mk "slow-1.0" ''
+    echo "slow-1.0: building (${if builtins.pathExists ./slow-nonce then builtins.readFile ./slow-nonce else "shared"})" >&2
+    sleep 6
+    mkdir -p $out/bin
+    ln -s ${busybox}/bin/busybox $out/bin/slow
+  '';
+
   hangs = mk "hangs-1.0" ''
     # Says which process to watch: the shell becomes the sleep.
     echo "hangs-1.0: sleeping for good as pid $$" >&2
