@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, TypeVar
 from nixeryd.names import AMD64, ARM64, DEFAULT_BASE_PACKAGES, Arch
 from nixeryd.pkgsource import ChannelSource, GitSource, PackageSource, PathSource
 
-BACKENDS = ("filesystem", "gcs")
+BACKENDS = ("filesystem", "gcs", "s3")
 PLATFORMS = {"linux/amd64": AMD64, "linux/arm64": ARM64, "linux/arm64/v8": ARM64}
 
 T = TypeVar("T")
@@ -45,6 +45,15 @@ def _seconds(variable: str, raw: str, *, zero: bool = False) -> float:
         kind = "zero or a positive" if zero else "a positive"
         raise ConfigError(f"{variable}: must be {kind} number of seconds, got {raw!r}")
     return value
+
+
+def _boolean(variable: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{variable}: must be true or false, got {raw!r}")
 
 
 def _packages(raw: str) -> tuple[str, ...]:
@@ -81,6 +90,9 @@ class Config:
     google_credentials: str | None = None
     gcs_signing_key: str | None = None
     gcs_signing_account: str | None = None
+    s3_bucket: str | None = None
+    aws_region: str = "us-east-1"
+    s3_presigned_urls: bool = True
     signed_url_ttl: int = 300
     storage_emulator_host: str | None = None
     storage_connect_timeout: float = 5.0
@@ -117,6 +129,8 @@ class Config:
             )
         if self.storage_backend == "gcs" and not self.gcs_bucket:
             raise ConfigError("GCS_BUCKET: must be set when NIXERY_STORAGE_BACKEND is gcs")
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ConfigError("S3_BUCKET: must be set when NIXERY_STORAGE_BACKEND is s3")
         if bool(self.gcs_signing_key) != bool(self.gcs_signing_account):
             raise ConfigError("GCS_SIGNING_KEY, GCS_SIGNING_ACCOUNT: set both or neither")
         if self.layer_compression not in ("gzip", "zstd"):
@@ -205,6 +219,9 @@ class Config:
             google_credentials=absolute(credentials) if credentials else None,
             gcs_signing_key=absolute(signing_key) if signing_key else None,
             gcs_signing_account=get("GCS_SIGNING_ACCOUNT"),
+            s3_bucket=get("S3_BUCKET"),
+            aws_region=get("AWS_REGION") or get("AWS_DEFAULT_REGION") or "us-east-1",
+            s3_presigned_urls=parsed("S3_USE_PRESIGNED_URLS", _boolean, True),
             signed_url_ttl=parsed(
                 "NIXERY_SIGNED_URL_TTL", lambda v, raw: _int(v, raw, 1, 604800), 300
             ),

@@ -39,7 +39,7 @@ log = Logger()
 
 FILE_THREADS = 4
 AUTH_THREADS = 2
-REMOTE_THREADS = 10  # requests' default connection pool size, which the GCS client keeps
+REMOTE_THREADS = 10  # the connection pool size of the GCS client (requests') and of boto3
 
 def default_nix_dir() -> str:
     """The Nix expressions: beside the package in a checkout, else the installed copy."""
@@ -148,7 +148,26 @@ def _storage(config: Config, offload: Any, reactor: Any) -> IStorage:
             return FilesystemStorage(config.storage_path, offload)
         except ValueError as e:
             raise ConfigError(f"STORAGE_PATH: {e}") from None
+    if config.storage_backend == "s3":
+        return _s3_storage(config, offload, reactor)
     return _gcs_storage(config, offload, reactor)
+
+
+def _s3_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
+    from nixeryd.storage import s3
+
+    assert config.s3_bucket is not None
+    try:
+        client, url_client = s3.connect(config.s3_bucket, region=config.aws_region,
+                                        connect_timeout=config.storage_connect_timeout,
+                                        deadline=config.storage_deadline)
+    except ValueError as e:
+        raise ConfigError(f"S3_BUCKET: {e}") from None
+    return s3.S3Storage(
+        client, config.s3_bucket, offload, url_client=url_client, presigned=config.s3_presigned_urls,
+        url_ttl=config.signed_url_ttl, staging_dir=os.path.join(config.storage_path, "staging"),
+        deadline=config.storage_deadline, cooldown=config.storage_cooldown, clock=reactor,
+    )
 
 
 def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
@@ -271,7 +290,7 @@ def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> 
     # remote bucket (requests' connection pool keeps REMOTE_THREADS connections).
     offload = pool("cpu", max(2, os.cpu_count() or 1))
     files = pool("files", FILE_THREADS)
-    remote = pool("remote", REMOTE_THREADS) if config.storage_backend == "gcs" else files
+    remote = pool("remote", REMOTE_THREADS) if config.storage_backend in ("gcs", "s3") else files
     storage = _storage(config, files if config.storage_backend == "filesystem" else remote, reactor)
     nix_dir = config.nix_dir or default_nix_dir()
     if not os.path.isfile(os.path.join(nix_dir, "build.nix")):

@@ -36,6 +36,7 @@ from nixeryd.storage.gcs import GCSStorage, plain_url
 from nixeryd.storage.interface import ABSENT, DAMAGED, INTACT, MISSING
 from nixeryd.storage.memory import MemoryStorage
 from tests.emulator import guarded_emulator, shared_emulator
+from tests.moto import CREDENTIALS, REGION, shared_moto
 
 HEX = "0123456789abcdef" * 4
 INVALID_KEYS = [
@@ -532,6 +533,107 @@ class GCSStorageTests(ConditionalContract, SynchronousTestCase):
             client.bucket("gone"), inline, redirect=plain_url("http://127.0.0.1:9", "gone"),
             staging_dir=os.path.abspath(self.mktemp()), connect_timeout=0.5, deadline=1,
         )
+        self.failureResultOf(broken.get(key("manifests", "x")), StorageError)
+        self.failureResultOf(broken.locate_blob(HEX), StorageError)
+
+
+class S3StorageTests(ConditionalContract, SynchronousTestCase):
+    """The contract on a real bucket of moto's S3 server (calls run inline)."""
+
+    race_rounds = 5
+
+    def make_storage(self) -> IStorage:
+        self.bucket_name = shared_moto().new_bucket()
+        self.raw = shared_moto().client()
+        return self.connect()
+
+    def connect(self, presigned: bool = True) -> IStorage:
+        import boto3
+
+        from nixeryd.storage.s3 import S3Storage, connect
+
+        session = boto3.session.Session(
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name=REGION)
+        client, url_client = connect(self.bucket_name, region=REGION, connect_timeout=5, deadline=15,
+                                     session=session, endpoint_url=shared_moto().url)
+        return S3Storage(client, self.bucket_name, inline, url_client=url_client, presigned=presigned,
+                         staging_dir=os.path.abspath(self.mktemp()))
+
+    def make_peer(self) -> IStorage:
+        return self.connect()
+
+    def damage(self, key_: str, data: bytes) -> None:
+        self.raw.put_object(Bucket=self.bucket_name, Key=key_, Body=data)
+
+    def test_redirects_are_presigned_for_five_minutes(self) -> None:
+        """A blob's redirect is a SigV4 presigned URL valid for the configured time; a
+        public bucket's (presigning off) is the object's plain address."""
+        path, info = self.stage(b"signed")
+        self.result(self.storage.commit_blob(path, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        location = self.result(self.make_peer().locate_blob(hexdigest))
+        self.assertIn("X-Amz-Expires=300", location.url)
+        self.assertIn("X-Amz-Signature=", location.url)
+        self.assertEqual(location.size, len(b"signed"), "the lookup tells the size")
+        self.assertEqual(self.located_bytes(location), b"signed")
+        plain = self.result(self.connect(presigned=False).locate_blob(hexdigest))
+        self.assertEqual(plain.url, f"{shared_moto().url}/{self.bucket_name}/layers/{hexdigest}")
+
+    def test_bytes_that_arrive_wrong_are_not_committed(self) -> None:
+        """When what reaches the bucket does not have the blob's MD5 (a staged file whose
+        bytes differ from the announced blob; moto, unlike S3, takes them), nothing is left
+        under its key."""
+        announced = blob_info(b"A" * 64)
+        path = self.storage.staging_path()
+        with open(path, "wb") as f:
+            f.write(b"B" * 64)
+        self.failureResultOf(self.storage.commit_blob(path, announced), StorageError)
+        hexdigest = announced.digest.removeprefix("sha256:")
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, 64, announced.md5)), MISSING)
+
+    def test_identical_blob_is_not_uploaded_again(self) -> None:
+        """A blob already in the bucket with the same MD5 is not uploaded again."""
+        data = b"uploaded once"
+        path, info = self.stage(data)
+        self.result(self.storage.commit_blob(path, info))
+        key_ = "layers/" + info.digest.removeprefix("sha256:")
+        before = self.raw.head_object(Bucket=self.bucket_name, Key=key_)["LastModified"]
+        again, _ = self.stage(data)
+        self.result(self.storage.commit_blob(again, info))
+        self.assertEqual(self.raw.head_object(Bucket=self.bucket_name, Key=key_)["LastModified"], before)
+        self.assertFalse(os.path.exists(again))
+
+    def test_missing_bucket_and_bad_credentials_are_one_line(self) -> None:
+        """A bucket that does not exist, or credentials S3 refuses, stop start-up with one line."""
+        import boto3
+
+        from nixeryd.storage.s3 import connect
+
+        session = boto3.session.Session(
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name=REGION)
+        with self.assertRaises(ValueError) as raised:
+            connect("no-such-bucket", region=REGION, connect_timeout=5, deadline=15, session=session,
+                    endpoint_url=shared_moto().url)
+        self.assertEqual(str(raised.exception), "bucket 'no-such-bucket' does not exist")
+        with self.assertRaises(ValueError) as raised:
+            connect(self.bucket_name, region=REGION, connect_timeout=0.5, deadline=1, session=session,
+                    endpoint_url="http://127.0.0.1:9")
+        self.assertIn("cannot reach bucket", str(raised.exception))
+        self.assertNotIn("\n", str(raised.exception))
+
+    def test_unreachable_bucket_is_storage_error(self) -> None:
+        """When the service cannot be reached, calls fail with StorageError."""
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        from nixeryd.storage.s3 import S3Storage
+
+        client = boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name=REGION,
+                              aws_access_key_id="x", aws_secret_access_key="y",
+                              config=BotoConfig(connect_timeout=0.5, retries={"max_attempts": 1}))
+        broken = S3Storage(client, "gone", inline, staging_dir=os.path.abspath(self.mktemp()), deadline=1)
         self.failureResultOf(broken.get(key("manifests", "x")), StorageError)
         self.failureResultOf(broken.locate_blob(HEX), StorageError)
 
