@@ -15,7 +15,9 @@ import pytest
 
 from tests.daemon import Daemon, NixCounter, daemon_environment, manifest_digest
 from tests.emulator import guarded_emulator, shared_emulator
+from tests.moto import shared_moto
 from tests.test_gcs_end_to_end import gcs_environment
+from tests.test_s3_end_to_end import s3_environment
 
 Environments = Callable[[Path, int], list[dict[str, str]]]
 
@@ -31,7 +33,14 @@ def gcs_bucket(tmp_path: Path, count: int) -> list[dict[str, str]]:
     return [gcs_environment(tmp_path / f"local{i}", guarded_emulator(), bucket) for i in range(count)]
 
 
-STORAGES: dict[str, Environments] = {"directory": shared_directory, "gcs": gcs_bucket}
+def s3_bucket(tmp_path: Path, count: int) -> list[dict[str, str]]:
+    """Instances on one bucket of moto's S3 server."""
+    moto = shared_moto()
+    bucket = moto.new_bucket()
+    return [s3_environment(tmp_path / f"local{i}", moto, bucket) for i in range(count)]
+
+
+STORAGES: dict[str, Environments] = {"directory": shared_directory, "gcs": gcs_bucket, "s3": s3_bucket}
 
 
 def start_fleet(tmp_path: Path, storage: str, counter: NixCounter, pkgs: Path, count: int = 2,
