@@ -5,7 +5,9 @@ or served within the keep window; instances refresh the served time of the
 images they serve (at most twice a day). Everything a kept image's manifests
 and indexes reach is kept, and so is every blob written within the window,
 whatever refers to it, so that builds in progress lose nothing. Safe while
-instances serve: one that needs a removed blob again packs it anew.
+instances serve: one that needs a removed blob again packs it anew. Build
+leases are left alone, except those expired for a day (their holder died and
+nobody asked for the image since).
 """
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from nixeryd.leases import LeaseRecord
 from nixeryd.storage.interface import IStorage, StoredObject
 
 log = Logger()
+
+STALE_LEASE = 86400.0
+"""Seconds after its expiry that a build lease is garbage."""
 
 
 @dataclass
@@ -30,6 +36,7 @@ class Report:
     removed_blobs: int = 0
     removed_bytes: int = 0
     removed_records: int = 0
+    removed_leases: int = 0
     removed: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, int]:
@@ -40,6 +47,7 @@ class Report:
             "removed_blobs": self.removed_blobs,
             "removed_bytes": self.removed_bytes,
             "removed_layer_records": self.removed_records,
+            "removed_leases": self.removed_leases,
         }
 
 
@@ -91,6 +99,19 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
         if target not in survivors:
             report.removed_records += 1
             await _remove(storage, record, report, dry_run, "layer record")
+    for lease in await storage.list("leases"):
+        if lease.modified >= now - STALE_LEASE:
+            continue
+        found = await storage.read(lease.key)
+        if found is None:
+            continue
+        record = LeaseRecord.decode(found[0])
+        if record is None or record.expires < now - STALE_LEASE:
+            report.removed_leases += 1
+            report.removed.append(lease.key)
+            if not dry_run:
+                # Only the version read: a lease taken since is kept.
+                await storage.delete(lease.key, found[1])
     log.info(
         "{verb} {blobs} blobs ({size} bytes) and {images} image records; kept {kept} images",
         verb="would remove" if dry_run else "removed",

@@ -1,6 +1,7 @@
 """Garbage collection keeps what kept images need and blobs still being written."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -90,3 +91,32 @@ class CollectTests(SynchronousTestCase):
             collect(self.storage, keep_seconds=DAY, now=self.clock.seconds(), dry_run=True))
         self.assertEqual(report.removed_blobs, len(before))
         self.assertEqual(self.stored(), before)
+
+    def test_only_leases_expired_for_a_day_go(self) -> None:
+        """A live lease, one expired an hour ago and a failure record are kept; a lease
+        whose holder died more than a day ago (and an unreadable one as old) goes."""
+        from nixeryd.leases import LeaseRecord
+        from nixeryd.storage.interface import ABSENT
+
+        now = self.clock.seconds()
+        records = {
+            "live": LeaseRecord("building", "a:1:x", now + 60).encode(),
+            "fresh-expired": LeaseRecord("building", "b:2:x", now - 3600).encode(),
+            "failed": LeaseRecord("failed", "c:3:x", now + 60, {"kind": "failed", "message": "m"}).encode(),
+        }
+        keys = {}
+        for name, data in records.items():
+            keys[name] = "leases/" + hashlib.sha256(name.encode()).hexdigest()
+            self.storage.write_if(keys[name], data, "application/json", ABSENT)
+        self.clock.advance(2 * DAY)
+        dead = "leases/" + hashlib.sha256(b"dead").hexdigest()
+        self.storage.put(dead, LeaseRecord("building", "d:4:x", now - 1).encode(), "application/json")
+        report = self.successResultOf(collect(self.storage, keep_seconds=DAY, now=self.clock.seconds()))
+        left = {o.key for o in self.successResultOf(self.storage.list("leases"))}
+        # Two days on, all three first records are more than a day past expiry: they go;
+        # the dead holder's lease was written just now, so it stays until it is a day old.
+        self.assertEqual(left, {dead})
+        self.assertEqual(report.removed_leases, 3)
+        self.clock.advance(2 * DAY)
+        self.successResultOf(collect(self.storage, keep_seconds=DAY, now=self.clock.seconds()))
+        self.assertEqual(self.successResultOf(self.storage.list("leases")), [])
