@@ -105,8 +105,8 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
         found = await storage.read(lease.key)
         if found is None:
             continue
-        record = LeaseRecord.decode(found[0])
-        if record is None or record.expires < now - STALE_LEASE:
+        lease_record = LeaseRecord.decode(found[0])
+        if lease_record is None or lease_record.expires < now - STALE_LEASE:
             report.removed_leases += 1
             report.removed.append(lease.key)
             if not dry_run:
