@@ -37,7 +37,11 @@ log = Logger()
 T = TypeVar("T")
 
 FIRST_POLL = 0.25
+BRISK_POLL = 1.0
 LAST_POLL = 5.0
+BRISK_WAIT = 60.0
+"""Waiters poll at least every BRISK_POLL seconds for the first BRISK_WAIT seconds (most
+builds are done by then, and a poll is one small read), then every LAST_POLL."""
 LEASE_TYPE = "application/json"
 
 
@@ -179,7 +183,7 @@ class BuildLeases:
                 raise WaitedTooLong(f"{record.holder} has been building this image for longer than "
                                     f"{self._wait_limit:.0f} seconds")
             await task.deferLater(self._clock, delay, lambda: None)
-            delay = min(delay * 2, LAST_POLL)
+            delay = min(delay * 1.5, BRISK_POLL if now - started < BRISK_WAIT else LAST_POLL)
             done = await finished()
             if done is not None:
                 return done

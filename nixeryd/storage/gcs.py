@@ -188,11 +188,19 @@ class GCSStorage:
                 # No MD5 at all (a composite object) counts as damaged: it is uploaded again.
                 log.warn("{key} does not match its record (size {actual}, expected {size}): damaged",
                          key=key, actual=found.size, size=size, backend=self.backend)
-                self._known.pop(key, None)
                 return DAMAGED
             return INTACT
 
-        return self._call("checking " + key, check)
+        def note(state: str) -> str:
+            # On the reactor thread, which alone touches what is known: an intact blob is
+            # served next, most likely, with no second lookup; a damaged one is looked up.
+            if state == INTACT:
+                self._remember(key)
+            else:
+                self._known.pop(key, None)
+            return state
+
+        return self._call("checking " + key, check).addCallback(note)
 
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         key = "layers/" + check_hex(hexdigest)

@@ -195,11 +195,19 @@ class S3Storage:
                     md5 is not None and stored_md5 is not None and stored_md5 != md5):
                 log.warn("{key} does not match its record (size {actual}, expected {size}): damaged",
                          key=key, actual=found.get("ContentLength"), size=size, backend=self.backend)
-                self._known.pop(key, None)
                 return DAMAGED
             return INTACT
 
-        return self._call("checking " + key, check)
+        def note(state: str) -> str:
+            # On the reactor thread, which alone touches what is known: an intact blob is
+            # served next, most likely, with no second lookup; a damaged one is looked up.
+            if state == INTACT:
+                self._remember(key)
+            else:
+                self._known.pop(key, None)
+            return state
+
+        return self._call("checking " + key, check).addCallback(note)
 
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         key = "layers/" + check_hex(hexdigest)
