@@ -37,33 +37,42 @@ sys.path.insert(0, str(ROOT))
 from bench.registry import wrk  # noqa: E402
 from tests.daemon import PKGS, Daemon, daemon_environment  # noqa: E402
 from tests.emulator import Emulator  # noqa: E402
+from tests.gcs_preconditions import PreconditionProxy  # noqa: E402
 from tests.moto import Moto  # noqa: E402
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
-REQUEST = re.compile(r'"(GET|POST|PUT|DELETE|HEAD|PATCH) /')
+# A request line as either service logs it (moto colours some statuses with ANSI escapes).
+REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|POST|PUT|DELETE|HEAD|PATCH) /')
 
 
 class Storage:
     """A storage service, its daemon environment, and a count of requests it received."""
 
     def __init__(self, name: str, env: Callable[[Path], dict[str, str]], output: list[str] | None,
-                 stop: Callable[[], None]) -> None:
-        self.name, self.env, self.output, self.stop = name, env, output, stop
+                 stop: Callable[[], None], own: Callable[[], int] = lambda: 0) -> None:
+        self.name, self.env, self.output, self.stop, self.own = name, env, output, stop, own
 
     def requests(self) -> int:
-        return 0 if self.output is None else sum(1 for line in self.output if REQUEST.search(line))
+        """Requests from nixeryd: all the service logged, less the proxy's own lookups."""
+        if self.output is None:
+            return 0
+        return sum(1 for line in self.output if REQUEST.search(line)) - self.own()
 
 
 def storages(work: Path) -> list[Storage]:
+    # The emulator behind the proxy that enforces GCS's generation preconditions, as GCS
+    # does: without it, both instances would take the same lease.
     emulator = Emulator().start()
+    proxy = PreconditionProxy(emulator.port)
     gcs_bucket = emulator.new_bucket()
     moto = Moto().start()
     s3_bucket = moto.new_bucket()
     return [
         Storage("directory", lambda local: daemon_environment(work / "shared"), None, lambda: None),
         Storage("gcs", lambda local: daemon_environment(
-            local, NIXERY_STORAGE_BACKEND="gcs", GCS_BUCKET=gcs_bucket, STORAGE_EMULATOR_HOST=emulator.url,
-            DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA="true"), emulator.output, emulator.stop),
+            local, NIXERY_STORAGE_BACKEND="gcs", GCS_BUCKET=gcs_bucket, STORAGE_EMULATOR_HOST=proxy.url,
+            DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA="true"), emulator.output, emulator.stop,
+            lambda: proxy.lookups),
         Storage("s3", lambda local: daemon_environment(
             local, NIXERY_STORAGE_BACKEND="s3", S3_BUCKET=s3_bucket, **moto.environment()),
             moto.output, moto.stop),

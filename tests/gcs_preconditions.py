@@ -62,6 +62,7 @@ class PreconditionProxy:
         self.upstream_port = upstream_port
         self.lock = threading.Lock()
         self.refused = 0
+        self.lookups = 0  # requests of its own to the emulator, to tell apart from clients'
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,6 +91,7 @@ class PreconditionProxy:
 
     def generation(self, bucket: str, name: str) -> int:
         """The object's current generation at the emulator; 0 when there is none."""
+        self.lookups += 1
         connection = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
         try:
             connection.request("GET", f"/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}")
