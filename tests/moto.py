@@ -38,6 +38,9 @@ class Moto:
     process: subprocess.Popen[bytes] | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     output: list[str] = field(default_factory=list)
+    # INITIAL_NO_AUTH_ACTION_COUNT=0: check every request's credentials, as S3 does
+    # (moto takes any by default).
+    environ: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -49,7 +52,7 @@ class Moto:
         self.process = subprocess.Popen(
             [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent(),
+            preexec_fn=die_with_parent(), env=dict(os.environ, **self.environ),
         )
         register(self)
         drain(self.process, self.output, self.ready, READY)

@@ -36,7 +36,7 @@ from nixeryd.storage.gcs import GCSStorage, plain_url
 from nixeryd.storage.interface import ABSENT, DAMAGED, INTACT, MISSING
 from nixeryd.storage.memory import MemoryStorage
 from tests.emulator import guarded_emulator, shared_emulator
-from tests.moto import CREDENTIALS, REGION, shared_moto
+from tests.moto import CREDENTIALS, REGION, Moto, shared_moto
 
 HEX = "0123456789abcdef" * 4
 INVALID_KEYS = [
@@ -412,6 +412,35 @@ class ConditionalContract(ListingContract):
             self.assertIsNone(location.size)
         self.assertEqual(self.located_bytes(location), b"checked then served")
 
+    def test_racing_commits_of_one_blob_end_with_one_correct_object(self) -> None:
+        """Four instances packing the same layer at once all succeed, and one correct
+        object is stored."""
+        data = b"the same layer " * 4096
+        info = blob_info(data)
+        peers = [self.make_peer() for _ in range(4)]
+        staged = []
+        for peer in peers:
+            path = peer.staging_path()
+            Path(path).write_bytes(data)
+            staged.append(path)
+        start = threading.Barrier(len(peers))
+        outcomes: list[object] = []
+
+        def commit(peer: IStorage, path: str) -> None:
+            start.wait()
+            d = peer.commit_blob(path, info)
+            d.addBoth(outcomes.append)
+
+        threads = [threading.Thread(target=commit, args=pair) for pair in zip(peers, staged, strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(outcomes, [None] * len(peers))
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.assertEqual(self.result(self.storage.hash_blob(hexdigest)), (hexdigest, len(data)))
+        self.assertEqual(len(self.result(self.storage.list("layers"))), 1)
+
     def test_leases_are_listed(self) -> None:
         """Lease records are listed under their own prefix, with their generation."""
         k = key("leases", "listed")
@@ -636,6 +665,22 @@ class S3StorageTests(ConditionalContract, SynchronousTestCase):
                     endpoint_url="http://127.0.0.1:9")
         self.assertIn("cannot reach bucket", str(raised.exception))
         self.assertNotIn("\n", str(raised.exception))
+
+    def test_refused_credentials_are_one_line(self) -> None:
+        """Credentials S3 does not know stop start-up with one line naming the refusal (moto
+        checking credentials, as S3 does)."""
+        import boto3
+
+        from nixeryd.storage.s3 import connect
+
+        strict = Moto(environ={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}).start()
+        self.addCleanup(strict.stop)
+        session = boto3.session.Session(aws_access_key_id="AKIAUNKNOWN", aws_secret_access_key="wrong",
+                                        region_name=REGION)
+        with self.assertRaises(ValueError) as raised:
+            connect("some-bucket", region=REGION, connect_timeout=5, deadline=15, session=session,
+                    endpoint_url=strict.url)
+        self.assertRegex(str(raised.exception), r"^no access to bucket 'some-bucket' \(InvalidAccessKeyId\)")
 
     def test_unreachable_bucket_is_storage_error(self) -> None:
         """When the service cannot be reached, calls fail with StorageError."""
