@@ -129,8 +129,14 @@ class Daemon:
     _reader: threading.Thread | None = None
     twistd_args: list[str] = field(default_factory=list)
     on_line: list[Callable[[str], None]] = field(default_factory=list)
+    earlier: str = ""
 
     def start(self, timeout: float = 30.0) -> Daemon:
+        # Started again after a stop: the earlier run's output is kept apart, so that its
+        # start-up line does not count for this one.
+        self.earlier += "".join(self.output)
+        self.output = []
+        self._started = threading.Event()
         self.port = free_port()
         self.process = subprocess.Popen(
             [str(TWISTD), "--nodaemon", "--pidfile=", *self.twistd_args, "nixeryd",
@@ -150,7 +156,7 @@ class Daemon:
 
     @property
     def log(self) -> str:
-        return "".join(self.output)
+        return self.earlier + "".join(self.output)
 
     def logged(self, text: str, timeout: float = 10.0) -> bool:
         """Whether the daemon prints a line holding ``text`` within ``timeout`` seconds.

@@ -118,3 +118,23 @@ def test_a_holder_killed_mid_build_is_taken_over(
     assert "expired; taking the build over" in two.log
     assert counter.calls == 2
     assert manifest_digest(two, "slow") == headers["Docker-Content-Digest"]
+
+
+@pytest.mark.parametrize("storage", sorted(STORAGES))
+def test_tags_and_catalogue_are_the_fleets(
+    storage: str, tmp_path: Path, counter: NixCounter, private_pkgs: Path
+) -> None:
+    """A tag pulled from one instance is listed by the other, and by both after they
+    restart; the catalogue too."""
+    one, two = start_fleet(tmp_path, storage, counter, private_pkgs)
+    assert one.request("/v2/hello/manifests/v1.2")[0] == 200
+    assert two.request("/v2/alpha/manifests/latest")[0] == 200
+    for daemon in (one, two):
+        status, _, body = daemon.request("/v2/hello/tags/list")
+        assert status == 200 and json.loads(body)["tags"] == ["latest", "v1.2"]
+    for daemon in (one, two):
+        daemon.stop()
+        daemon.start()
+    for daemon in (two, one):
+        assert json.loads(daemon.request("/v2/hello/tags/list")[2])["tags"] == ["latest", "v1.2"]
+        assert json.loads(daemon.request("/v2/_catalog")[2])["repositories"] == ["alpha", "hello"]
