@@ -398,20 +398,6 @@ class ConditionalContract(ListingContract):
             self.assertEqual(len(wins), 1)
             self.assertEqual(self.result(self.storage.read(k))[0], wins[0])
 
-    def test_redirect_after_an_intact_check_needs_no_lookup(self) -> None:
-        """A blob just found intact (an image loaded from storage) is served without a
-        second lookup: its redirect carries no size, which only a lookup gives. Backends
-        serving local bytes have nothing to look up."""
-        path, info = self.stage(b"checked then served")
-        self.result(self.storage.commit_blob(path, info))
-        peer = self.make_peer()
-        hexdigest = info.digest.removeprefix("sha256:")
-        self.assertEqual(self.result(peer.check_blob(hexdigest, info.size, info.md5)), INTACT)
-        location = self.result(peer.locate_blob(hexdigest))
-        if isinstance(location, Redirect):
-            self.assertIsNone(location.size)
-        self.assertEqual(self.located_bytes(location), b"checked then served")
-
     def test_racing_commits_of_one_blob_end_with_one_correct_object(self) -> None:
         """Four instances packing the same layer at once all succeed, and one correct
         object is stored."""

@@ -199,11 +199,10 @@ class S3Storage:
             return INTACT
 
         def note(state: str) -> str:
-            # On the reactor thread, which alone touches what is known: an intact blob is
-            # served next, most likely, with no second lookup; a damaged one is looked up.
-            if state == INTACT:
-                self._remember(key)
-            else:
+            # On the reactor thread, which alone touches what is known. An intact blob is
+            # still looked up when first served: the lookup gives its size, checked against
+            # the manifest, so an object replaced in between is refused, not redirected to.
+            if state != INTACT:
                 self._known.pop(key, None)
             return state
 
