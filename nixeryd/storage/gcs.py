@@ -9,24 +9,19 @@ again. Clients fetch blobs from the bucket through a redirect.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
-import secrets
-from collections import OrderedDict
 from typing import Any, Callable
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import Clock
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from nixeryd.archive import BlobInfo
 from nixeryd.cache import TTLCache
 from nixeryd.offload import Offload
-from nixeryd.storage.breaker import CircuitBreaker
 from nixeryd.storage.interface import (
     DAMAGED,
     INTACT,
@@ -41,20 +36,12 @@ from nixeryd.storage.interface import (
     check_hex,
     check_key,
     check_prefix,
-    remove_quietly,
 )
+from nixeryd.storage.remote import BLOB_TYPE, RemoteStorage, md5_base64
 
 log = Logger()
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
-BLOB_TYPE = "application/octet-stream"
-MIN_TRANSFER_RATE = 10 * 1024 * 1024
-"""Bytes a second a transfer is allowed at the least, beyond the deadline every call has."""
-
-
-def md5_base64(hex_md5: str) -> str:
-    """GCS spells an MD5 as base64 of the raw digest."""
-    return base64.b64encode(bytes.fromhex(hex_md5)).decode("ascii")
 
 
 def plain_url(endpoint: str, bucket: str) -> Callable[[str], str]:
@@ -75,7 +62,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 
 @implementer(IStorage)
-class GCSStorage:
+class GCSStorage(RemoteStorage):
     """Objects in a bucket; blobs served by redirect."""
 
     backend = "gcs"
@@ -97,35 +84,21 @@ class GCSStorage:
     ) -> None:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
+        super().__init__(offload, failures=_errors(), staging_dir=staging_dir, known_blobs=known_blobs,
+                         deadline=deadline, cooldown=cooldown, clock=clock)
         # Each call: connections time out on their own, and the whole call, retries
         # included, is bounded by the deadline (the breaker fails it when it is past).
         self._retry = DEFAULT_RETRY.with_timeout(deadline)
         self._timeout = (connect_timeout, deadline)
-        self._deadline = deadline
-        # Without a clock (unit tests calling inline) deadlines never fire.
-        clock = clock if clock is not None else Clock()
-        self.breaker = CircuitBreaker(clock, cooldown=cooldown, name="the bucket")
         self._bucket = bucket
-        self._offload = offload
         self._redirect = redirect
         # A redirect that blocks (a signature from IAM signBlob) is made in a thread and
         # reused for url_lifetime seconds, so that warm pulls cost no call at all.
         self._redirect_blocks = redirect_blocks
         self._url_lifetime = url_lifetime
-        self._urls: TTLCache[str] = TTLCache(clock, max_entries=100_000)
-        self._staging = staging_dir
-        os.makedirs(staging_dir, exist_ok=True)
-        self._known: OrderedDict[str, None] = OrderedDict()
-        self._known_max = known_blobs
-        self._failures = _errors()
+        self._urls: TTLCache[str] = TTLCache(self._clock, max_entries=100_000)
 
     # --- IStorage ----------------------------------------------------------------
-
-    def staging_path(self) -> str:
-        return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
-
-    def discard(self, staged: str) -> None:
-        remove_quietly(staged)
 
     def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
         key = "layers/" + blob_hex(info)
@@ -316,27 +289,6 @@ class GCSStorage:
 
     def _stat(self, key: str) -> Any:
         return self._bucket.get_blob(key, retry=self._retry, timeout=self._timeout)
-
-    def _remember(self, key: str) -> None:
-        self._known[key] = None
-        while len(self._known) > self._known_max:
-            self._known.popitem(last=False)
-
-    def _call(self, action: str, fn: Callable[..., Any], *args: Any, size: int = 0) -> Deferred[Any]:
-        """Run a blocking call through the offload, within the deadline (longer for
-        ``size`` bytes to move) and the circuit breaker; failures become StorageError."""
-
-        def failed(failure: Any) -> Any:
-            if failure.check(StorageError):
-                return failure
-            if failure.check(*self._failures):
-                log.error("{action} failed: {error}", action=action, error=str(failure.value),
-                          backend=self.backend)
-                raise StorageError(f"{action} failed: {failure.value}")
-            return failure
-
-        deadline = self._deadline + size / MIN_TRANSFER_RATE
-        return self.breaker.call(action, lambda: self._offload(fn, *args).addErrback(failed), deadline)
 
     def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
         """Blocking: upload ``staged`` as ``key`` unless an identical object is there.

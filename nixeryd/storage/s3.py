@@ -13,23 +13,18 @@ signatures), or to the object's plain URL for a public bucket.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
-import secrets
-from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import Clock
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from nixeryd.archive import BlobInfo
 from nixeryd.cache import TTLCache
 from nixeryd.offload import Offload
-from nixeryd.storage.breaker import CircuitBreaker
 from nixeryd.storage.interface import (
     ABSENT,
     DAMAGED,
@@ -45,25 +40,17 @@ from nixeryd.storage.interface import (
     check_hex,
     check_key,
     check_prefix,
-    remove_quietly,
 )
+from nixeryd.storage.remote import BLOB_TYPE, RemoteStorage, md5_base64
 
 log = Logger()
 
-BLOB_TYPE = "application/octet-stream"
-MIN_TRANSFER_RATE = 10 * 1024 * 1024
-"""Bytes a second a transfer is allowed at the least, beyond the deadline every call has."""
 DEFAULT_REGION = "us-east-1"
 _CHUNK = 1024 * 1024
 _NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 _CONFLICT = ("412", "PreconditionFailed", "409", "ConditionalRequestConflict")
 # Under these the ETag is not the MD5 of the object's bytes.
 _OPAQUE_ETAG = ("aws:kms", "aws:kms:dsse")
-
-
-def md5_base64(hex_md5: str) -> str:
-    """Content-MD5 is base64 of the raw digest."""
-    return base64.b64encode(bytes.fromhex(hex_md5)).decode("ascii")
 
 
 def _code(error: Any) -> str:
@@ -95,7 +82,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 
 @implementer(IStorage)
-class S3Storage:
+class S3Storage(RemoteStorage):
     """Objects in a bucket; blobs served by redirect."""
 
     backend = "s3"
@@ -115,32 +102,19 @@ class S3Storage:
         cooldown: float = 10.0,
         clock: IReactorTime | None = None,
     ) -> None:
-        clock = clock if clock is not None else Clock()
-        self.breaker = CircuitBreaker(clock, cooldown=cooldown, name="the bucket")
+        super().__init__(offload, failures=_errors(), staging_dir=staging_dir, known_blobs=known_blobs,
+                         deadline=deadline, cooldown=cooldown, clock=clock)
         self._client = client
         # Unsigned URLs come from a client that does not sign (botocore still lays out
         # the address: path or virtual-hosted style, the endpoint).
         self._url_client = url_client if url_client is not None else client
         self._bucket = bucket
-        self._offload = offload
-        self._deadline = deadline
         self._presigned = presigned
         self._url_ttl = url_ttl
         # A URL is reused for half its lifetime, so that warm pulls cost no call at all.
-        self._urls: TTLCache[str] = TTLCache(clock, max_entries=100_000)
-        self._staging = staging_dir
-        os.makedirs(staging_dir, exist_ok=True)
-        self._known: OrderedDict[str, None] = OrderedDict()
-        self._known_max = known_blobs
-        self._failures = _errors()
+        self._urls: TTLCache[str] = TTLCache(self._clock, max_entries=100_000)
 
     # --- IStorage ----------------------------------------------------------------
-
-    def staging_path(self) -> str:
-        return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
-
-    def discard(self, staged: str) -> None:
-        remove_quietly(staged)
 
     def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
         key = "layers/" + blob_hex(info)
@@ -357,27 +331,6 @@ class S3Storage:
         url: str = client.generate_presigned_url(
             "get_object", Params={"Bucket": self._bucket, "Key": key}, ExpiresIn=self._url_ttl)
         return url
-
-    def _remember(self, key: str) -> None:
-        self._known[key] = None
-        while len(self._known) > self._known_max:
-            self._known.popitem(last=False)
-
-    def _call(self, action: str, fn: Callable[..., Any], *args: Any, size: int = 0) -> Deferred[Any]:
-        """Run a blocking call through the offload, within the deadline (longer for
-        ``size`` bytes to move) and the circuit breaker; failures become StorageError."""
-
-        def failed(failure: Any) -> Any:
-            if failure.check(StorageError):
-                return failure
-            if failure.check(*self._failures):
-                log.error("{action} failed: {error}", action=action, error=str(failure.value),
-                          backend=self.backend)
-                raise StorageError(f"{action} failed: {failure.value}")
-            return failure
-
-        deadline = self._deadline + size / MIN_TRANSFER_RATE
-        return self.breaker.call(action, lambda: self._offload(fn, *args).addErrback(failed), deadline)
 
     def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
         """Blocking: upload ``staged`` as ``key`` unless an identical object is there:
