@@ -89,6 +89,37 @@ def came_up(ready: threading.Event, output: list[str], marker: str, timeout: flo
     return ready.wait(timeout) and any(marker in line for line in output)
 
 
+@dataclass(kw_only=True)
+class ServerProcess:
+    """A helper server a test runs (an emulator, moto, containerd, dockerd): spawned, waited
+    for until it prints ``marker``, and stopped with SIGTERM however the test ends (see
+    tests/processes.py)."""
+
+    marker: str
+    environ: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    output: list[str] = field(default_factory=list)
+
+    def spawn(self, command: list[str], timeout: float = 60.0) -> None:
+        self.ready.clear()
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(), env=dict(os.environ, **self.environ),
+        )
+        register(self)
+        drain(self.process, self.output, self.ready, self.marker)
+        if not came_up(self.ready, self.output, self.marker, timeout):
+            self.stop()
+            raise AssertionError(f"{command[0]} did not start:\n" + "".join(self.output))
+
+    def stop(self) -> None:
+        unregister(self)
+        if self.process is not None:
+            terminate(self.process)
+        self.process = None
+
+
 def terminate(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL if it is still there after 20 seconds."""
     if process.poll() is None:

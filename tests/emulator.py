@@ -2,26 +2,22 @@
 from __future__ import annotations
 
 import secrets
-import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import came_up, drain, free_port, terminate
+from tests.daemon import ServerProcess, free_port
 from tests.gcs_preconditions import PreconditionProxy
-from tests.processes import die_with_parent, keep_for_session, register, unregister
+from tests.processes import keep_for_session
 
 EMULATOR = Path(sys.executable).parent / "gcp-storage-emulator"
 
 
-@dataclass
-class Emulator:
+@dataclass(kw_only=True)
+class Emulator(ServerProcess):
+    marker: str = "All services started"
     port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
-    output: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -29,24 +25,8 @@ class Emulator:
 
     def start(self, port: int | None = None) -> Emulator:
         self.port = port or free_port()
-        self.ready.clear()
-        self.process = subprocess.Popen(
-            [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent(),
-        )
-        register(self)
-        drain(self.process, self.output, self.ready, "All services started")
-        if not came_up(self.ready, self.output, "All services started", 60):
-            self.stop()
-            raise AssertionError("the storage emulator did not start:\n" + "".join(self.output))
+        self.spawn([str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory"])
         return self
-
-    def stop(self) -> None:
-        unregister(self)
-        if self.process is not None:
-            terminate(self.process)
-        self.process = None
 
     def new_bucket(self) -> str:
         """A fresh, empty bucket: every test gets its own."""

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import came_up, drain, free_port, terminate
-from tests.processes import die_with_parent, keep_for_session, register, unregister
+from tests.daemon import ServerProcess, free_port
+from tests.processes import keep_for_session
 
 MOTO_SERVER = Path(sys.executable).parent / "moto_server"
 READY = "Running on http://"
@@ -32,15 +30,13 @@ CREDENTIALS = {
 }
 
 
-@dataclass
-class Moto:
+@dataclass(kw_only=True)
+class Moto(ServerProcess):
+    """moto's server; ``environ`` INITIAL_NO_AUTH_ACTION_COUNT=0 makes it check every
+    request's credentials, as S3 does (it takes any by default)."""
+
+    marker: str = READY
     port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
-    output: list[str] = field(default_factory=list)
-    # INITIAL_NO_AUTH_ACTION_COUNT=0: check every request's credentials, as S3 does
-    # (moto takes any by default).
-    environ: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -48,24 +44,8 @@ class Moto:
 
     def start(self, port: int | None = None) -> Moto:
         self.port = port or free_port()
-        self.ready.clear()
-        self.process = subprocess.Popen(
-            [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent(), env=dict(os.environ, **self.environ),
-        )
-        register(self)
-        drain(self.process, self.output, self.ready, READY)
-        if not came_up(self.ready, self.output, READY, 60):
-            self.stop()
-            raise AssertionError("moto did not start:\n" + "".join(self.output))
+        self.spawn([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)])
         return self
-
-    def stop(self) -> None:
-        unregister(self)
-        if self.process is not None:
-            terminate(self.process)
-        self.process = None
 
     def environment(self) -> dict[str, str]:
         """What a daemon needs to reach this server through the AWS SDK's standard chain."""

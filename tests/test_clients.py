@@ -8,16 +8,14 @@ import json
 import shutil
 import subprocess
 import tempfile
-import threading
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.daemon import Daemon, came_up, daemon_fixture, drain, terminate
-from tests.processes import die_with_parent, register, unregister
+from tests.daemon import Daemon, ServerProcess, daemon_fixture
 
 IMAGE = "shell/hello"
 # Debian's docker.io (installed by `make install`), named in full: another docker CLI may
@@ -82,35 +80,16 @@ def test_podman_pull_and_run(daemon: Daemon, tmp_path: Path, short_tmp: Path) ->
     assert output.strip() == "Hello from nixeryd"
 
 
-@dataclass
-class Service:
-    """A client-side daemon of the test's own (containerd, dockerd), stopped with SIGTERM
-    however the test ends (see tests/processes.py)."""
+@dataclass(kw_only=True)
+class Service(ServerProcess):
+    """A client-side daemon of the test's own (containerd, dockerd)."""
 
     root: Path
     command: list[str]
-    marker: str
-    process: subprocess.Popen[bytes] | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
-    output: list[str] = field(default_factory=list)
 
     def start(self) -> Service:
-        self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),
-        )
-        register(self)
-        drain(self.process, self.output, self.ready, self.marker)
-        if not came_up(self.ready, self.output, self.marker, 60):
-            self.stop()
-            raise AssertionError(f"{self.command[0]} did not start:\n" + "".join(self.output))
+        self.spawn(self.command)
         return self
-
-    def stop(self) -> None:
-        unregister(self)
-        if self.process is not None:
-            terminate(self.process)
-            self.process = None
 
 
 def containerd(root: Path) -> Service:
@@ -123,18 +102,19 @@ def containerd(root: Path) -> Service:
         'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
         f'[grpc]\n  address = "{socket}"\n'
     )
-    return Service(root, ["containerd", "--config", str(config)], "containerd successfully booted")
+    return Service(root=root, command=["containerd", "--config", str(config)],
+                   marker="containerd successfully booted")
 
 
 def dockerd(root: Path) -> Service:
     """dockerd as a sandbox allows it: vfs storage, no iptables, no bridge (containers run
     with --network none), its own data root, exec root and socket. Loopback registries are
     insecure (plain HTTP) by Docker's own default."""
-    return Service(root, [
+    return Service(root=root, marker="API listen on", command=[
         DOCKERD, "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
         "--pidfile", str(root / "docker.pid"), "--host", f"unix://{root / 'docker.sock'}",
         "--storage-driver", "vfs", "--iptables=false", "--ip6tables=false", "--bridge=none",
-    ], "API listen on")
+    ])
 
 
 @pytest.fixture

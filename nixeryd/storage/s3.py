@@ -186,12 +186,9 @@ class S3Storage(RemoteStorage):
         key = "layers/" + check_hex(hexdigest)
 
         def download() -> tuple[str, int] | None:
-            try:
-                answer = self._client.get_object(Bucket=self._bucket, Key=key)
-            except Exception as e:
-                if _is(e, _NOT_FOUND):
-                    return None
-                raise
+            answer = self._get_object(key)
+            if answer is None:
+                return None
             digest, size = hashlib.sha256(), 0
             body = answer["Body"]
             try:
@@ -287,13 +284,20 @@ class S3Storage(RemoteStorage):
                     raise
             raise StorageError(f"upload of {key} arrived corrupted; not stored")
 
-    def _read(self, key: str) -> tuple[bytes, Generation] | None:
+    def _get_object(self, key: str) -> dict[str, Any] | None:
+        """The object's GetObject answer (its body still to read), or None when there is none."""
         try:
-            answer = self._client.get_object(Bucket=self._bucket, Key=key)
+            answer: dict[str, Any] = self._client.get_object(Bucket=self._bucket, Key=key)
         except Exception as e:
             if _is(e, _NOT_FOUND):
                 return None
             raise
+        return answer
+
+    def _read(self, key: str) -> tuple[bytes, Generation] | None:
+        answer = self._get_object(key)
+        if answer is None:
+            return None
         body = answer["Body"]
         try:
             data: bytes = body.read()
