@@ -5,9 +5,14 @@ itself: ``leases/<cachekey>``, written with a precondition (only if absent, or
 only if still the expired version it read), so that of any number of instances
 exactly one holds it. The record names the holder and when the lease expires;
 the holder renews it while Nix runs, so a holder that dies (SIGKILL, a lost
-machine) lets it expire within one lease period and another instance takes it
-over. The others wait for the image's manifest record instead of building,
-polling with backoff, for no longer than a build may take.
+machine) stops renewing and another instance takes the lease over. Clocks of
+different machines may disagree, so a waiter does not trust the expiry alone: a
+lease is dead when the waiter has seen the same version of it for a whole lease
+period by its own clock, or when its expiry is more than ``CLOCK_SLACK`` (or a
+period, if longer) past: clocks up to that far apart never make a live lease
+look dead, and a lease whose holder died long ago is taken at the first look.
+The others wait for the image's manifest record instead of building, polling
+with backoff, for no longer than a build may take.
 
 When the build fails the holder replaces its lease with the failure (its kind,
 message and Nix's output) for the failure TTL: every instance answers with it
@@ -36,6 +41,10 @@ log = Logger()
 
 T = TypeVar("T")
 
+CLOCK_SLACK = 600.0
+"""How far apart the clocks of a fleet's machines may be, in seconds, before a live
+lease could look dead to a waiter (it would then build too: wasted work, never a
+wrong image)."""
 FIRST_POLL = 0.25
 BRISK_POLL = 1.0
 LAST_POLL = 5.0
@@ -57,11 +66,13 @@ class LeaseRecord:
 
     state: str  # "building" or "failed"
     holder: str
-    expires: float  # seconds since the epoch
+    expires: float  # seconds since the epoch, by the holder's clock
     failure: dict[str, Any] | None = None
+    ttl: float = 0.0  # the period it was written for; renewed every third of it
 
     def encode(self) -> bytes:
-        doc: dict[str, Any] = {"state": self.state, "holder": self.holder, "expires": self.expires}
+        doc: dict[str, Any] = {"state": self.state, "holder": self.holder, "expires": self.expires,
+                               "ttl": self.ttl}
         if self.failure is not None:
             doc["failure"] = self.failure
         return json.dumps(doc, sort_keys=True).encode()
@@ -75,7 +86,7 @@ class LeaseRecord:
                 return None
             failure = doc.get("failure")
             return cls(state, str(doc["holder"]), float(doc["expires"]),
-                       failure if isinstance(failure, dict) else None)
+                       failure if isinstance(failure, dict) else None, float(doc.get("ttl") or 0.0))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -104,6 +115,17 @@ def failure_error(doc: dict[str, Any]) -> NixError:
     if kind == "timed-out":
         return NixTimedOut(message, tail)
     return NixBuildFailed(message, tail)
+
+
+def _dead(record: LeaseRecord, now: float, unchanged: float) -> bool:
+    """Whether a lease may be taken over: a failure past its time; a build lease not
+    renewed for a whole period as this instance has watched it (``unchanged`` seconds),
+    or past its expiry by more than the clock slack by this instance's clock."""
+    if record.state == "failed":
+        return record.expires <= now
+    if record.ttl <= 0:  # written without its period: the expiry is all there is
+        return record.expires <= now
+    return unchanged >= record.ttl or record.expires + max(record.ttl, CLOCK_SLACK) <= now
 
 
 class WaitedTooLong(StorageError):
@@ -145,6 +167,7 @@ class BuildLeases:
         delay = FIRST_POLL
         first = True
         announced = False
+        seen: tuple[Generation, float] | None = None  # a lease version, and when first seen here
         while True:
             found = await self._storage.read(lease_key)
             if found is None:
@@ -161,11 +184,13 @@ class BuildLeases:
             data, generation = found
             record = LeaseRecord.decode(data)
             now = self._clock.seconds()
+            if seen is None or seen[0] != generation:
+                seen = (generation, now)
             if record is not None and record.expires > now and record.state == "failed":
                 log.info("the build of {cache_key} failed on {holder}; not built again here",
                          cache_key=key, holder=record.holder)
                 raise failure_error(record.failure or {})
-            if record is None or record.expires <= now:
+            if record is None or _dead(record, now, unchanged=now - seen[1]):
                 taken = await self._storage.write_if(
                     lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, generation)
                 if taken is not None:
@@ -189,7 +214,8 @@ class BuildLeases:
                 return done
 
     def _record(self, state: str, ttl: float, failure: dict[str, Any] | None = None) -> LeaseRecord:
-        return LeaseRecord(state, self.holder, self._clock.seconds() + ttl, failure)
+        return LeaseRecord(state, self.holder, self._clock.seconds() + ttl, failure,
+                           ttl if state == "building" else 0.0)
 
     async def _hold(self, lease_key: str, generation: Generation,
                     build: Callable[[], Awaitable[T]]) -> T:
@@ -216,7 +242,7 @@ class BuildLeases:
             else:
                 await self._quietly(self._storage.delete(lease_key, held.generation))
             raise
-        except BaseException:
+        except Exception:
             renewing.stop()
             await held.idle()
             await self._quietly(self._storage.delete(lease_key, held.generation))

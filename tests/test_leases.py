@@ -167,17 +167,60 @@ class BuildLeaseTests(SynchronousTestCase):
         """A waiter gives up after the wait limit with a storage error (a 503 to the client),
         even when the holder keeps renewing."""
         fleet = Fleet()
-        fleet.pull(fleet.instance("A", ttl=3.0), until=Deferred())
+        a = fleet.pull(fleet.instance("A", ttl=3.0), until=Deferred())
         b = fleet.pull(fleet.instance("B", ttl=3.0, wait_limit=100.0))
         fleet.run(99)
         self.assertNoResult(b)
         fleet.run(10)
         self.assertIn("A has been building", str(self.failureResultOf(b, WaitedTooLong).value))
+        self.assertNoResult(a)
+
+    def test_a_holder_whose_clock_is_behind_keeps_its_lease(self) -> None:
+        """A holder whose clock is five minutes behind writes expiries already past by the
+        waiter's clock; it keeps renewing, so the waiter does not take over."""
+        fleet = Fleet()
+        behind = Clock()
+        behind.advance(fleet.clock.seconds() - 300)
+        release: Deferred[None] = Deferred()
+        holder = BuildLeases(fleet.storage, behind, ttl=30.0, holder="A")
+        a = fleet.pull(holder, until=release)
+        b = fleet.pull(fleet.instance("B"))
+        for _ in range(600):
+            fleet.clock.advance(0.25)
+            behind.advance(0.25)
+        self.assertEqual(fleet.builds, ["A"])
+        self.assertNoResult(b)
+        release.callback(None)
+        for _ in range(24):
+            fleet.clock.advance(0.25)
+        self.assertEqual(self.successResultOf(a), self.successResultOf(b))
+
+    def test_a_dead_holder_whose_clock_was_ahead_is_taken_over_within_a_period(self) -> None:
+        """A dead holder's clock was an hour ahead: its lease seems to expire an hour from
+        now, but the waiter, seeing it unchanged for a whole period, takes over then."""
+        fleet = Fleet()
+        ahead = LeaseRecord("building", "dead:1:x", fleet.clock.seconds() + 3600 + 30, ttl=30.0)
+        fleet.storage.write_if(LEASE, ahead.encode(), "application/json", ABSENT)
+        b = fleet.pull(fleet.instance("B"))
+        fleet.run(28)
+        self.assertNoResult(b)
+        fleet.run(4)
+        self.assertEqual(self.successResultOf(b), "digest-by-B")
+
+    def test_lease_long_past_its_expiry_is_taken_at_once(self) -> None:
+        """A lease an hour past its expiry (its holder died long ago) is taken over at the
+        first look, without watching it for a period."""
+        fleet = Fleet()
+        old = LeaseRecord("building", "dead:1:x", fleet.clock.seconds() - 3600, ttl=30.0)
+        fleet.storage.write_if(LEASE, old.encode(), "application/json", ABSENT)
+        self.assertEqual(self.successResultOf(fleet.pull(fleet.instance("B"))), "digest-by-B")
 
     def test_lease_record_names_holder_and_expiry(self) -> None:
         """The stored record is JSON with the holder and an absolute expiry time."""
         fleet = Fleet()
-        fleet.pull(fleet.instance("A", ttl=30.0), until=Deferred())
+        a = fleet.pull(fleet.instance("A", ttl=30.0), until=Deferred())
         data, _ = fleet.storage.read(LEASE).result
         doc = json.loads(data)
-        self.assertEqual(doc, {"state": "building", "holder": "A", "expires": fleet.clock.seconds() + 30.0})
+        self.assertEqual(doc, {"state": "building", "holder": "A", "expires": fleet.clock.seconds() + 30.0,
+                               "ttl": 30.0})
+        self.assertNoResult(a)
