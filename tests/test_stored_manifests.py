@@ -1,0 +1,53 @@
+"""Manifests read back from storage by digest."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from nixeryd.builder import ImageBuilder
+from nixeryd.offload import inline
+from nixeryd.pkgsource import GitSource
+from nixeryd.storage.memory import MemoryStorage
+from tests.fakes import FakeNix, make_store
+from tests.test_api import DEPENDENCIES
+
+
+class StoredManifestTests(SynchronousTestCase):
+    """Manifests read back from storage by digest, small (hashed inline) and large (hashed
+    through the offload, as a manifest of hundreds of layers would be)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.storage = MemoryStorage(now=self.clock.seconds)
+        self.builder = ImageBuilder(nix=FakeNix(make_store(Path(self.mktemp()).absolute(), DEPENDENCIES),
+                                                DEPENDENCIES),
+                                    storage=self.storage, offload=inline, source=GitSource("https://g/p.git"),
+                                    clock=self.clock, popularity={})
+
+    def manifest(self, layers: int) -> bytes:
+        layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": 1,
+                 "digest": "sha256:" + "a" * 64}
+        return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 1,
+                                      "digest": "sha256:" + "b" * 64},
+                           "layers": [layer] * layers}).encode()
+
+    def test_small_and_large_manifests_come_back(self) -> None:
+        for layers in (3, 2000):
+            body = self.manifest(layers)
+            stored = self.successResultOf(Deferred.fromCoroutine(
+                self.builder.store_manifest(body, "application/vnd.oci.image.manifest.v1+json")))
+            found = self.successResultOf(Deferred.fromCoroutine(self.builder.stored_manifest(stored.digest)))
+            self.assertEqual(found.body, body)
+        self.assertGreater(len(self.manifest(2000)), 64 * 1024)
+
+    def test_a_large_manifest_not_matching_its_digest_is_ignored(self) -> None:
+        body = self.manifest(2000)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        self.storage.put("layers/" + digest[7:], body[:-1] + b" ", "application/octet-stream")
+        self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(self.builder.stored_manifest(digest))))
