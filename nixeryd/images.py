@@ -244,14 +244,16 @@ class Images:
         else:
             d = self._image(image, tag)
 
-        def remember(result: ImageManifests) -> ImageManifests:
+        async def remember(result: ImageManifests) -> ImageManifests:
             self.known.add(image.name, tag)
             self._note_users(image.name, result)
-            Deferred.fromCoroutine(self.tag_records.add(image.name, tag)).addErrback(
-                lambda failure: log.failure("recording a tag failed", failure))
+            # Recorded before the answer (a storage write the first time a tag is seen,
+            # nothing after): once a client has the manifest, every instance lists the tag.
+            # A failure to record it is logged, never the pull's.
+            await self.tag_records.add(image.name, tag)
             return result
 
-        return d.addCallback(remember)
+        return d.addCallback(lambda result: Deferred.fromCoroutine(remember(result)))
 
     def _identity(self, tag: str) -> str:
         """What a build comes from: the package set, and how layers are compressed."""

@@ -3,8 +3,8 @@
 
 One record a repository, ``tags/<sha256 of its name>``: ``{"name": ..., "tags": [...]}``,
 written when an instance serves a tag it has not seen stored, and read through a short
-cache. A write races only with another instance adding a tag to the same repository in
-the same moment; a tag lost that way is written again the next time it is served.
+cache. Each write names the version it read (``write_if``): two instances adding tags to
+one repository at the same moment both land, the second reading the first's again.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nixeryd.cache import TTLCache
-from nixeryd.storage.interface import IStorage, StorageError
+from nixeryd.storage.interface import ABSENT, IStorage, StorageError
 
 log = Logger()
 
 READ_CACHE_SECONDS = 10.0
 MAX_TAGS = 1000
 MAX_CONFIRMED = 100_000
+WRITE_ATTEMPTS = 20
 
 
 def record_key(name: str) -> str:
@@ -48,13 +49,23 @@ class TagRecords:
             log.warn("cannot record tag {tag} of {image}: {error}", tag=tag, image=name, error=str(e))
 
     async def _add(self, name: str, tag: str) -> None:
-        tags = await self._read(name)
-        if tag not in tags:
+        for _ in range(WRITE_ATTEMPTS):
+            found = await self._storage.read(record_key(name))
+            doc = _parse(found[0] if found is not None else None)
+            tags = list(doc[1]) if doc is not None and doc[0] == name else []
+            if tag in tags:
+                break
             tags = (tags + [tag])[-MAX_TAGS:]
             body = json.dumps({"name": name, "tags": tags}).encode()
-            await self._storage.put(record_key(name), body, "application/json")
-            self._tags.put(name, tags, READ_CACHE_SECONDS)
-            self._names.pop("all")
+            written = await self._storage.write_if(record_key(name), body, "application/json",
+                                                   ABSENT if found is None else found[1])
+            if written is not None:
+                self._tags.put(name, tags, READ_CACHE_SECONDS)
+                self._names.pop("all")
+                break
+        else:
+            log.warn("tag {tag} of {image} not recorded: the record kept changing", tag=tag, image=name)
+            return
         self._confirmed[(name, tag)] = None
         while len(self._confirmed) > MAX_CONFIRMED:
             self._confirmed.popitem(last=False)
