@@ -20,24 +20,19 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from nixeryd.archive import BlobInfo
-from nixeryd.cache import TTLCache
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
-    DAMAGED,
     INTACT,
     MISSING,
-    BlobLocation,
     Generation,
     IStorage,
-    Redirect,
     StorageError,
     StoredObject,
-    blob_hex,
     check_hex,
     check_key,
     check_prefix,
 )
-from nixeryd.storage.remote import BLOB_TYPE, RemoteStorage, md5_base64
+from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage, md5_base64
 
 log = Logger()
 
@@ -84,26 +79,18 @@ class GCSStorage(RemoteStorage):
     ) -> None:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
+        # A redirect that blocks is a signature from IAM signBlob.
         super().__init__(offload, failures=_errors(), staging_dir=staging_dir, known_blobs=known_blobs,
-                         deadline=deadline, cooldown=cooldown, clock=clock)
+                         deadline=deadline, cooldown=cooldown, clock=clock, url_blocks=redirect_blocks,
+                         url_lifetime=url_lifetime)
         # Each call: connections time out on their own, and the whole call, retries
         # included, is bounded by the deadline (the breaker fails it when it is past).
         self._retry = DEFAULT_RETRY.with_timeout(deadline)
         self._timeout = (connect_timeout, deadline)
         self._bucket = bucket
         self._redirect = redirect
-        # A redirect that blocks (a signature from IAM signBlob) is made in a thread and
-        # reused for url_lifetime seconds, so that warm pulls cost no call at all.
-        self._redirect_blocks = redirect_blocks
-        self._url_lifetime = url_lifetime
-        self._urls: TTLCache[str] = TTLCache(self._clock, max_entries=100_000)
 
     # --- IStorage ----------------------------------------------------------------
-
-    def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
-        key = "layers/" + blob_hex(info)
-        d = self._call("committing blob " + info.digest, self._commit, staged, key, info, size=info.size)
-        return d.addCallback(lambda _: self._remember(key))
 
     def put(self, key: str, data: bytes, content_type: str) -> Deferred[None]:
         check_key(key)
@@ -145,42 +132,13 @@ class GCSStorage(RemoteStorage):
 
         return self._call("reading " + key, download)
 
-    def has(self, key: str) -> Deferred[bool]:
-        check_key(key)
-        return self._call("looking up " + key, self._exists, key)
-
-    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
-        key = "layers/" + check_hex(hexdigest)
-
-        def check() -> str:
-            # The object's metadata, one call, carries both its size and its MD5.
-            found = self._stat(key)
-            if found is None:
-                return MISSING
-            if int(found.size or 0) != size or (md5 is not None and found.md5_hash != md5_base64(md5)):
-                # No MD5 at all (a composite object) counts as damaged: it is uploaded again.
-                log.warn("{key} does not match its record (size {actual}, expected {size}): damaged",
-                         key=key, actual=found.size, size=size, backend=self.backend)
-                return DAMAGED
-            return INTACT
-
-        def note(state: str) -> str:
-            # On the reactor thread, which alone touches what is known. An intact blob is
-            # still looked up when first served: the lookup gives its size, checked against
-            # the manifest, so an object replaced in between is refused, not redirected to.
-            if state != INTACT:
-                self._known.pop(key, None)
-            return state
-
-        return self._call("checking " + key, check).addCallback(note)
-
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         key = "layers/" + check_hex(hexdigest)
 
         def download() -> tuple[str, int] | None:
             from google.api_core.exceptions import NotFound
 
-            sink = _HashingSink()
+            sink = HashingSink()
             try:
                 self._bucket.blob(key).download_to_file(sink, retry=self._retry, timeout=self._timeout)
             except NotFound:
@@ -188,10 +146,6 @@ class GCSStorage(RemoteStorage):
             return sink.digest.hexdigest(), sink.size
 
         return self._call("reading " + key, download)
-
-    def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
-        key = "layers/" + check_hex(hexdigest)
-        return Deferred.fromCoroutine(self._locate(key))
 
     def list(self, prefix: str) -> Deferred[list[StoredObject]]:
         start = check_prefix(prefix) + "/"
@@ -266,26 +220,22 @@ class GCSStorage(RemoteStorage):
 
     # --- helpers -----------------------------------------------------------------
 
-    async def _locate(self, key: str) -> BlobLocation | None:
-        size = None
-        if key not in self._known:
-            found = await self._call("looking up " + key, self._stat, key)
-            if found is None:
-                return None
-            # The lookup's metadata says the size: the API checks it against the manifest.
-            size = None if found.size is None else int(found.size)
-            self._remember(key)
-        self._known.move_to_end(key)
-        if not self._redirect_blocks:
-            return Redirect(self._redirect(key), size)
-        url = self._urls.get(key)
-        if url is None:
-            url = await self._call("signing a URL for " + key, self._redirect, key)
-            self._urls.put(key, url, self._url_lifetime)
-        return Redirect(url, size)
+    def _lookup(self, key: str) -> Found | None:
+        found = self._stat(key)
+        return None if found is None else Found(None if found.size is None else int(found.size))
 
-    def _exists(self, key: str) -> bool:
-        return self._stat(key) is not None
+    def _check(self, key: str, size: int, md5: str | None) -> str:
+        # The object's metadata, one call, carries both its size and its MD5.
+        found = self._stat(key)
+        if found is None:
+            return MISSING
+        if int(found.size or 0) != size or (md5 is not None and found.md5_hash != md5_base64(md5)):
+            # No MD5 at all (a composite object) counts as damaged: it is uploaded again.
+            return self._damaged(key, found.size, size)
+        return INTACT
+
+    def _url(self, key: str) -> str:
+        return self._redirect(key)
 
     def _stat(self, key: str) -> Any:
         return self._bucket.get_blob(key, retry=self._retry, timeout=self._timeout)
@@ -338,19 +288,6 @@ class GCSStorage(RemoteStorage):
                 raise StorageError(f"upload of {info.digest} arrived corrupted; not committed")
         finally:
             self.discard(staged)
-
-
-class _HashingSink:
-    """A file-like object that hashes what is written to it and keeps nothing."""
-
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return len(data)
 
 
 def connect(

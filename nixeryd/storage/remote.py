@@ -4,9 +4,11 @@ blobs on their way up, and the blobs known to be in the bucket."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import secrets
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -14,9 +16,21 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
+from nixeryd.archive import BlobInfo
+from nixeryd.cache import TTLCache
 from nixeryd.offload import Offload
 from nixeryd.storage.breaker import CircuitBreaker
-from nixeryd.storage.interface import StorageError, remove_quietly
+from nixeryd.storage.interface import (
+    DAMAGED,
+    INTACT,
+    BlobLocation,
+    Redirect,
+    StorageError,
+    blob_hex,
+    check_hex,
+    check_key,
+    remove_quietly,
+)
 
 log = Logger()
 
@@ -30,9 +44,31 @@ def md5_base64(hex_md5: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_md5)).decode("ascii")
 
 
+@dataclass(frozen=True)
+class Found:
+    """An object as a metadata lookup describes it."""
+
+    size: int | None
+
+
+class HashingSink:
+    """A file-like object that hashes what is written to it and keeps nothing."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+
 class RemoteStorage:
     """The shared half of a bucket backend; subclasses name their ``backend`` and the
-    client's exceptions (``failures``), which become ``StorageError``."""
+    client's exceptions (``failures``), which become ``StorageError``, and make the blocking
+    calls below: ``_lookup``, ``_check``, ``_commit`` and ``_url`` (which makes a redirect
+    URL; when ``url_blocks``, in a thread and reused for ``url_lifetime`` seconds)."""
 
     backend = "remote"
 
@@ -46,6 +82,8 @@ class RemoteStorage:
         deadline: float,
         cooldown: float,
         clock: IReactorTime | None,
+        url_blocks: bool,
+        url_lifetime: float,
     ) -> None:
         # Without a clock (unit tests calling inline) deadlines never fire.
         self._clock = clock if clock is not None else Clock()
@@ -59,12 +97,90 @@ class RemoteStorage:
         # the reactor thread: they are served without another lookup.
         self._known: OrderedDict[str, None] = OrderedDict()
         self._known_max = known_blobs
+        # A redirect that blocks (a signature from IAM signBlob, a presigned URL whose
+        # credentials may need refreshing) is made in a thread and reused, so that warm
+        # pulls cost no call at all.
+        self._url_blocks = url_blocks
+        self._url_lifetime = url_lifetime
+        self._urls: TTLCache[str] = TTLCache(self._clock, max_entries=100_000)
+
+    # --- the IStorage methods both bucket backends make the same way ---------------
 
     def staging_path(self) -> str:
         return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
 
     def discard(self, staged: str) -> None:
         remove_quietly(staged)
+
+    def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
+        key = "layers/" + blob_hex(info)
+        d = self._call("committing blob " + info.digest, self._commit, staged, key, info, size=info.size)
+        return d.addCallback(lambda _: self._remember(key))
+
+    def has(self, key: str) -> Deferred[bool]:
+        check_key(key)
+        return self._call("looking up " + key, lambda: self._lookup(key) is not None)
+
+    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
+        key = "layers/" + check_hex(hexdigest)
+
+        def note(state: str) -> str:
+            # On the reactor thread, which alone touches what is known. An intact blob is
+            # still looked up when first served: the lookup gives its size, checked against
+            # the manifest, so an object replaced in between is refused, not redirected to.
+            if state != INTACT:
+                self._known.pop(key, None)
+            return state
+
+        return self._call("checking " + key, self._check, key, size, md5).addCallback(note)
+
+    def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
+        key = "layers/" + check_hex(hexdigest)
+        return Deferred.fromCoroutine(self._locate(key))
+
+    # --- what each backend makes its own way (blocking, run through _call) --------
+
+    def _lookup(self, key: str) -> Found | None:
+        """The object's metadata, or None when there is none."""
+        raise NotImplementedError
+
+    def _check(self, key: str, size: int, md5: str | None) -> str:
+        """``check_blob``'s answer for ``key``, from one metadata lookup."""
+        raise NotImplementedError
+
+    def _commit(self, staged: str, key: str, info: BlobInfo) -> None:
+        """Upload ``staged`` as ``key`` unless an identical object is there; the staged
+        file is gone afterwards."""
+        raise NotImplementedError
+
+    def _url(self, key: str) -> str:
+        """The URL a client is redirected to for ``key``."""
+        raise NotImplementedError
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _damaged(self, key: str, actual: object, size: int) -> str:
+        log.warn("{key} does not match its record (size {actual}, expected {size}): damaged",
+                 key=key, actual=actual, size=size, backend=self.backend)
+        return DAMAGED
+
+    async def _locate(self, key: str) -> BlobLocation | None:
+        size = None
+        if key not in self._known:
+            found = await self._call("looking up " + key, self._lookup, key)
+            if found is None:
+                return None
+            # The lookup's metadata says the size: the API checks it against the manifest.
+            size = found.size
+            self._remember(key)
+        self._known.move_to_end(key)
+        if not self._url_blocks:
+            return Redirect(self._url(key), size)
+        url = self._urls.get(key)
+        if url is None:
+            url = await self._call("signing a URL for " + key, self._url, key)
+            self._urls.put(key, url, self._url_lifetime)
+        return Redirect(url, size)
 
     def _remember(self, key: str) -> None:
         self._known[key] = None

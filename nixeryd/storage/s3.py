@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -23,25 +24,20 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from nixeryd.archive import BlobInfo
-from nixeryd.cache import TTLCache
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import (
     ABSENT,
-    DAMAGED,
     INTACT,
     MISSING,
-    BlobLocation,
     Generation,
     IStorage,
-    Redirect,
     StorageError,
     StoredObject,
-    blob_hex,
     check_hex,
     check_key,
     check_prefix,
 )
-from nixeryd.storage.remote import BLOB_TYPE, RemoteStorage, md5_base64
+from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage, md5_base64
 
 log = Logger()
 
@@ -102,8 +98,11 @@ class S3Storage(RemoteStorage):
         cooldown: float = 10.0,
         clock: IReactorTime | None = None,
     ) -> None:
+        # botocore may refresh credentials (a network call) before signing: URLs are made
+        # in a thread, and reused for half their life.
         super().__init__(offload, failures=_errors(), staging_dir=staging_dir, known_blobs=known_blobs,
-                         deadline=deadline, cooldown=cooldown, clock=clock)
+                         deadline=deadline, cooldown=cooldown, clock=clock, url_blocks=True,
+                         url_lifetime=url_ttl / 2)
         self._client = client
         # Unsigned URLs come from a client that does not sign (botocore still lays out
         # the address: path or virtual-hosted style, the endpoint).
@@ -111,15 +110,8 @@ class S3Storage(RemoteStorage):
         self._bucket = bucket
         self._presigned = presigned
         self._url_ttl = url_ttl
-        # A URL is reused for half its lifetime, so that warm pulls cost no call at all.
-        self._urls: TTLCache[str] = TTLCache(self._clock, max_entries=100_000)
 
     # --- IStorage ----------------------------------------------------------------
-
-    def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
-        key = "layers/" + blob_hex(info)
-        d = self._call("committing blob " + info.digest, self._commit, staged, key, info, size=info.size)
-        return d.addCallback(lambda _: self._remember(key))
 
     def put(self, key: str, data: bytes, content_type: str) -> Deferred[None]:
         check_key(key)
@@ -153,35 +145,6 @@ class S3Storage(RemoteStorage):
 
         return self._call("reading " + key, download)
 
-    def has(self, key: str) -> Deferred[bool]:
-        check_key(key)
-        return self._call("looking up " + key, lambda: self._head(key) is not None)
-
-    def check_blob(self, hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
-        key = "layers/" + check_hex(hexdigest)
-
-        def check() -> str:
-            found = self._head(key)
-            if found is None:
-                return MISSING
-            stored_md5 = _etag_md5(found)
-            if int(found.get("ContentLength", -1)) != size or (
-                    md5 is not None and stored_md5 is not None and stored_md5 != md5):
-                log.warn("{key} does not match its record (size {actual}, expected {size}): damaged",
-                         key=key, actual=found.get("ContentLength"), size=size, backend=self.backend)
-                return DAMAGED
-            return INTACT
-
-        def note(state: str) -> str:
-            # On the reactor thread, which alone touches what is known. An intact blob is
-            # still looked up when first served: the lookup gives its size, checked against
-            # the manifest, so an object replaced in between is refused, not redirected to.
-            if state != INTACT:
-                self._known.pop(key, None)
-            return state
-
-        return self._call("checking " + key, check).addCallback(note)
-
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         key = "layers/" + check_hex(hexdigest)
 
@@ -189,21 +152,15 @@ class S3Storage(RemoteStorage):
             answer = self._get_object(key)
             if answer is None:
                 return None
-            digest, size = hashlib.sha256(), 0
+            sink = HashingSink()
             body = answer["Body"]
             try:
-                while chunk := body.read(_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
+                shutil.copyfileobj(body, sink, _CHUNK)
             finally:
                 body.close()
-            return digest.hexdigest(), size
+            return sink.digest.hexdigest(), sink.size
 
         return self._call("reading " + key, download)
-
-    def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
-        key = "layers/" + check_hex(hexdigest)
-        return Deferred.fromCoroutine(self._locate(key))
 
     def list(self, prefix: str) -> Deferred[list[StoredObject]]:
         start = check_prefix(prefix) + "/"
@@ -314,21 +271,19 @@ class S3Storage(RemoteStorage):
             raise
         return found
 
-    async def _locate(self, key: str) -> BlobLocation | None:
-        size = None
-        if key not in self._known:
-            found = await self._call("looking up " + key, self._head, key)
-            if found is None:
-                return None
-            size = int(found["ContentLength"])
-            self._remember(key)
-        self._known.move_to_end(key)
-        url = self._urls.get(key)
-        if url is None:
-            # botocore may refresh credentials (a network call) before signing: a thread.
-            url = await self._call("signing a URL for " + key, self._url, key)
-            self._urls.put(key, url, self._url_ttl / 2)
-        return Redirect(url, size)
+    def _lookup(self, key: str) -> Found | None:
+        found = self._head(key)
+        return None if found is None else Found(int(found["ContentLength"]))
+
+    def _check(self, key: str, size: int, md5: str | None) -> str:
+        found = self._head(key)
+        if found is None:
+            return MISSING
+        stored_md5 = _etag_md5(found)
+        if int(found.get("ContentLength", -1)) != size or (
+                md5 is not None and stored_md5 is not None and stored_md5 != md5):
+            return self._damaged(key, found.get("ContentLength"), size)
+        return INTACT
 
     def _url(self, key: str) -> str:
         client = self._client if self._presigned else self._url_client
