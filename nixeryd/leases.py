@@ -222,49 +222,41 @@ class BuildLeases:
         """Run ``build`` holding the lease, renewed every third of its period; then
         remove it, or leave the failure in its place."""
         held = _Held(generation)
-
-        def renew() -> Deferred[None]:
-            return Deferred.fromCoroutine(self._renew(lease_key, held))
-
-        renewing = task.LoopingCall(renew)
+        renewing = task.LoopingCall(lambda: Deferred.fromCoroutine(self._renew(lease_key, held)))
         renewing.clock = self._clock
         renewal = renewing.start(self.ttl / 3, now=False)
         renewal.addErrback(lambda failure: log.failure("renewing a build lease failed", failure))
+
+        async def stop_renewing() -> None:
+            # The loop's Deferred fires once no renewal is in flight: the generation is final.
+            if renewing.running:
+                renewing.stop()
+            await renewal
+
         try:
             result = await build()
-        except NixError as e:
-            renewing.stop()
-            await held.idle()
-            if self._failure_ttl > 0:
+        except Exception as e:
+            await stop_renewing()
+            if isinstance(e, NixError) and self._failure_ttl > 0:
                 record = self._record("failed", self._failure_ttl, failure_record(e))
                 await self._quietly(self._storage.write_if(lease_key, record.encode(), LEASE_TYPE,
                                                            held.generation))
             else:
                 await self._quietly(self._storage.delete(lease_key, held.generation))
             raise
-        except Exception:
-            renewing.stop()
-            await held.idle()
-            await self._quietly(self._storage.delete(lease_key, held.generation))
-            raise
-        renewing.stop()
-        await held.idle()
+        await stop_renewing()
         await self._quietly(self._storage.delete(lease_key, held.generation))
         return result
 
     async def _renew(self, lease_key: str, held: _Held) -> None:
         if held.lost:
             return
-        held.busy = Deferred()
         try:
             renewed = await self._storage.write_if(
                 lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, held.generation)
         except StorageError as e:
             log.warn("cannot renew the lease {key}: {error}", key=lease_key, error=str(e))
             return
-        finally:
-            busy, held.busy = held.busy, None
-            busy.callback(None)
         if renewed is None:
             held.lost = True
             log.warn("the lease {key} was taken over by another instance; this build goes on, "
@@ -282,16 +274,8 @@ class BuildLeases:
 
 
 class _Held:
-    """A lease this instance holds: its current generation, and a renewal in flight."""
+    """A lease this instance holds: its current generation, and whether it was lost."""
 
     def __init__(self, generation: Generation) -> None:
         self.generation = generation
         self.lost = False
-        self.busy: Deferred[None] | None = None
-
-    async def idle(self) -> None:
-        """Wait for a renewal in flight, so the generation is final."""
-        if self.busy is not None:
-            done: Deferred[None] = Deferred()
-            self.busy.addBoth(lambda _: done.callback(None))
-            await done
