@@ -51,8 +51,7 @@ class TagRecords:
     async def _add(self, name: str, tag: str) -> None:
         for _ in range(WRITE_ATTEMPTS):
             found = await self._storage.read(record_key(name))
-            doc = _parse(found[0] if found is not None else None)
-            tags = list(doc[1]) if doc is not None and doc[0] == name else []
+            tags = _tags_of(name, found[0] if found is not None else None)
             if tag in tags:
                 break
             tags = (tags + [tag])[-MAX_TAGS:]
@@ -90,8 +89,14 @@ class TagRecords:
         return cached
 
     async def _read(self, name: str) -> list[str]:
-        doc = _parse(await self._storage.get(record_key(name)))
-        return list(doc[1]) if doc is not None and doc[0] == name else []
+        return _tags_of(name, await self._storage.get(record_key(name)))
+
+
+def _tags_of(name: str, data: bytes | None) -> list[str]:
+    """The tags a stored record gives ``name``; none when it is absent, unreadable, or
+    another name's (a hash collision)."""
+    doc = _parse(data)
+    return list(doc[1]) if doc is not None and doc[0] == name else []
 
 
 def _parse(data: bytes | None) -> tuple[str, list[str]] | None:
