@@ -11,6 +11,7 @@ nobody asked for the image since).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,10 +109,8 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
         lease_record = LeaseRecord.decode(found[0])
         if lease_record is None or lease_record.expires < now - STALE_LEASE:
             report.removed_leases += 1
-            report.removed.append(lease.key)
-            if not dry_run:
-                # Only the version read: a lease taken since is kept.
-                await storage.delete(lease.key, found[1])
+            # Only the version read: a lease taken since is kept.
+            await _remove(storage, dataclasses.replace(lease, generation=found[1]), report, dry_run, "lease")
     log.info(
         "{verb} {blobs} blobs ({size} bytes) and {images} image records; kept {kept} images",
         verb="would remove" if dry_run else "removed",
@@ -151,7 +150,7 @@ async def _reachable(storage: IStorage, roots: list[str]) -> set[str]:
 
 async def _remove(storage: IStorage, listed: StoredObject, report: Report, dry_run: bool, what: str) -> None:
     """Remove an object as it was listed: one written again since (a blob packed anew by
-    an instance that needed it) is kept, where the backend can tell (GCS generations)."""
+    an instance that needed it) is kept."""
     report.removed.append(listed.key)
     if not dry_run:
         await storage.delete(listed.key, listed.generation)
