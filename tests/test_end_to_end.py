@@ -41,6 +41,20 @@ def unpack(layout: Path, rootfs: Path) -> dict[str, object]:
     return config
 
 
+def pull_and_run_bash(daemon: Daemon, where: Path) -> dict[str, Any]:
+    """skopeo pulls ``shell/hello`` (its blobs wherever the daemon redirects), its bash runs
+    in a chroot; the image manifest the daemon serves."""
+    layout = skopeo_copy(daemon, "shell/hello:latest", where / "oci")
+    rootfs = where / "rootfs"
+    unpack(layout, rootfs)
+    run = subprocess.run(["chroot", str(rootfs), "/bin/bash", "-c", "echo from bash"],
+                         capture_output=True, text=True)
+    assert run.stdout.strip() == "from bash", run.stderr
+    _, _, body = daemon.request("/v2/shell/hello/manifests/latest")
+    manifest: dict[str, Any] = json.loads(body)
+    return manifest
+
+
 def test_skopeo_pulls_an_image_that_runs(daemon: Daemon, tmp_path: Path) -> None:
     """An image pulled with skopeo unpacks into a root where its program and shell run."""
     layout = skopeo_copy(daemon, "shell/hello/hello:latest", tmp_path / "oci")

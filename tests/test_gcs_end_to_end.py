@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.daemon import TWISTD, Daemon, daemon_environment
 from tests.emulator import Emulator, shared_emulator
-from tests.test_end_to_end import skopeo_copy, unpack
+from tests.test_end_to_end import pull_and_run_bash
 
 ACCOUNT = "nixeryd-test@example-project.iam.gserviceaccount.com"
 
@@ -54,15 +54,7 @@ def gcs_daemon(tmp_path: Path, signing_key: Path) -> Iterator[tuple[Daemon, str]
 def test_pull_through_signed_redirects(gcs_daemon: tuple[Daemon, str], tmp_path: Path) -> None:
     """skopeo pulls an image whose blobs are 307s to signed bucket URLs, and it runs."""
     daemon, bucket = gcs_daemon
-    layout = skopeo_copy(daemon, "shell/hello:latest", tmp_path / "oci")
-    rootfs = tmp_path / "rootfs"
-    unpack(layout, rootfs)
-    run = subprocess.run(["chroot", str(rootfs), "/bin/bash", "-c", "echo from bash"],
-                         capture_output=True, text=True)
-    assert run.stdout.strip() == "from bash", run.stderr
-
-    _, _, body = daemon.request("/v2/shell/hello/manifests/latest")
-    manifest = json.loads(body)
+    manifest = pull_and_run_bash(daemon, tmp_path)
     stored = {b.name for b in shared_emulator().client().bucket(bucket).list_blobs(prefix="layers/")}
     for descriptor in [manifest["config"], *manifest["layers"]]:
         assert "layers/" + descriptor["digest"].split(":")[1] in stored

@@ -14,7 +14,7 @@ import pytest
 
 from tests.daemon import TWISTD, Daemon, daemon_environment
 from tests.moto import REGION, Moto, shared_moto
-from tests.test_end_to_end import skopeo_copy, unpack
+from tests.test_end_to_end import pull_and_run_bash
 from tests.test_gcs_end_to_end import no_redirect_get
 
 
@@ -31,15 +31,7 @@ def test_pull_through_presigned_redirects(tmp_path: Path) -> None:
     moto = shared_moto()
     bucket = moto.new_bucket()
     daemon = Daemon(tmp_path / "local", s3_environment(tmp_path / "local", moto, bucket)).start()
-    layout = skopeo_copy(daemon, "shell/hello:latest", tmp_path / "oci")
-    rootfs = tmp_path / "rootfs"
-    unpack(layout, rootfs)
-    run = subprocess.run(["chroot", str(rootfs), "/bin/bash", "-c", "echo from bash"],
-                         capture_output=True, text=True)
-    assert run.stdout.strip() == "from bash", run.stderr
-
-    _, _, body = daemon.request("/v2/shell/hello/manifests/latest")
-    manifest = json.loads(body)
+    manifest = pull_and_run_bash(daemon, tmp_path)
     listed = moto.client().list_objects_v2(Bucket=bucket, Prefix="layers/")["Contents"]
     stored = {item["Key"] for item in listed}
     for descriptor in [manifest["config"], *manifest["layers"]]:
