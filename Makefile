@@ -29,11 +29,9 @@ system-packages:
 	@python3 -c 'import venv, ensurepip' 2>/dev/null || { \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv </dev/null; }
 
+# Nix's state directories. The host's own Nix settings (/etc/nix/nix.conf) are never
+# written: nixeryd hands its Nix processes etc/nix/nix.conf where the host has none.
 nix-settings:
-	@if ! cmp -s etc/nix/nix.conf /etc/nix/nix.conf; then \
-	  echo "writing /etc/nix/nix.conf"; \
-	  $(SUDO) install -D -m 0644 etc/nix/nix.conf /etc/nix/nix.conf; \
-	fi
 	@$(SUDO) mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles
 
 $(STAMP): pyproject.toml

@@ -9,6 +9,7 @@
 #   nixeryd-revision: "<40 hex>" or null             the git revision of the package set
 #   nixeryd-main-programs: {"name": "jq" or null}    each package's meta.mainProgram
 #   nixeryd-meta: {"name": {"license", "homepage"}}  SPDX licence ids and homepage, where meta has them
+#   nixeryd-source-loaded                          first: the package set was fetched and loaded
 # When a name is not found, or its attribute throws (how nixpkgs marks removed
 # aliases), one line names every such package:
 #   nixeryd-not-found: ["name", ...]
@@ -94,6 +95,9 @@ let
   };
   metas = builtins.listToAttrs (map (r: { inherit (r) name; value = about r.value; }) resolved);
 in
+# Said once the package set is fetched and loaded: a build that fails before it
+# failed on the package set, not on the packages asked for.
+builtins.seq pkgs (builtins.trace "nixeryd-source-loaded" (
 if unresolved == [ ] then
   builtins.trace "nixeryd-roots: ${builtins.toJSON roots}"
     (builtins.trace "nixeryd-revision: ${builtins.toJSON loaded.revision}"
@@ -103,4 +107,4 @@ if unresolved == [ ] then
 else if throwing == [ ] then
   throw notFound
 else
-  builtins.trace notFound (builtins.seq (force (builtins.head throwing).name) (throw notFound))
+  builtins.trace notFound (builtins.seq (force (builtins.head throwing).name) (throw notFound))))

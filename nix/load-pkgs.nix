@@ -1,7 +1,8 @@
 # Loads the package set that images are built from.
 #
 # `src` is the decoded source description nixeryd passes in:
-#   { type = "channel"; channel = "nixos-unstable"; }  or  { type = "channel"; rev = "<40 hex>"; }
+#   { type = "channel"; channel = "nixos-unstable"; url = "<tarball URL>"; }
+#     or  { type = "channel"; rev = "<40 hex>"; url = "<tarball URL>"; }
 #   { type = "git"; url = "..."; } with an optional `rev` or `ref`
 #   { type = "path"; path = "/absolute/path"; }
 # Only Nix builtins are used, so this works for nixpkgs and for small package sets.
@@ -21,7 +22,7 @@ let
 
   fetched =
     if src.type == "channel" then
-      builtins.fetchTarball (archive (src.rev or src.channel))
+      builtins.fetchTarball (src.url or (archive (src.rev or src.channel)))
     else if src.type == "git" then
       git
     else if src.type == "path" then

@@ -44,7 +44,6 @@ from nixeryd.names import (
 )
 from nixeryd.sendfile import SendfileProducer, can_sendfile
 from nixeryd.signatures import Signatures
-from nixeryd.site import PHRASES
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect
 from nixeryd.web import Status, render_index
 
@@ -192,7 +191,7 @@ class RegistryAPI:
 
     def _error_response(self, request: IRequest, error: RegistryError) -> bytes:
         body = error.body()
-        request.setResponseCode(error.status, PHRASES.get(error.status))
+        request.setResponseCode(error.status, error.phrase())
         request.setHeader(*API_VERSION_HEADER)
         for name in (b"Docker-Content-Digest", b"ETag", b"Content-Range"):
             request.responseHeaders.removeHeader(name)

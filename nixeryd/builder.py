@@ -19,11 +19,11 @@ from nixeryd import archive, manifest, sbom, users
 from nixeryd.activity import Activity, BuildFailure
 from nixeryd.archive import BlobInfo
 from nixeryd.cache import SingleFlight, TTLCache, gather
+from nixeryd.failures import PackagesNotFound, outcome
 from nixeryd.layers import Layer, PathInfo, closure_of, group_layers, package_name
 from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import DigestInvalid, Image, parse_digest
-from nixeryd.nix import PackagesNotFound, outcome
 from nixeryd.offload import Offload
 from nixeryd.pkgsource import PackageSource
 from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, LocalFile, staging_failure

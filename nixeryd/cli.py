@@ -220,11 +220,11 @@ class ProgressBar:
 
 async def _popularity(reactor: Any, config: Any, output: str) -> None:
     from nixeryd.popularity import compute_popularity
-    from nixeryd.tap import default_nix_dir
+    from nixeryd.tap import default_nix_dir, nix_conf_dir
 
     table = await compute_popularity(
         reactor, config.nix_dir or default_nix_dir(), config.source.nix_source("latest"),
-        config.child_environment,
+        config.child_environment, conf_dir=nix_conf_dir(config.child_environment),
     )
     data = json.dumps(table, sort_keys=True, indent=1) + "\n"
     if output == "-":

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
 from nixeryd.names import AMD64, ARM64, DEFAULT_BASE_PACKAGES, Arch
-from nixeryd.pkgsource import ChannelSource, GitSource, PackageSource, PathSource
+from nixeryd.pkgsource import CHANNEL_URL, ChannelSource, GitSource, PackageSource, PathSource
 
 BACKENDS = ("filesystem", "gcs", "s3")
 PLATFORMS = {"linux/amd64": AMD64, "linux/arm64": ARM64, "linux/arm64/v8": ARM64}
@@ -197,7 +197,10 @@ class Config:
         elif repo:
             source = GitSource(repo)
         else:
-            source = ChannelSource(channel or "nixos-unstable")
+            channel_url = get("NIXERY_CHANNEL_URL") or CHANNEL_URL
+            if not channel_url.startswith(("http://", "https://", "file://")):
+                raise ConfigError(f"NIXERY_CHANNEL_URL: must be an http(s) or file URL, got {channel_url!r}")
+            source = ChannelSource(channel or "nixos-unstable", channel_url)
         raw_base = environ.get("NIXERY_BASE_PACKAGES")
         credentials = get("GOOGLE_APPLICATION_CREDENTIALS")
         signing_key = get("GCS_SIGNING_KEY")

@@ -1,13 +1,38 @@
-"""Registry errors: the distribution spec's JSON, and what each failure becomes."""
+"""Registry errors: the distribution spec's JSON, and what each failure becomes.
+
+Registry clients show people little of an error: Docker, containerd and
+containers/image (podman, skopeo, buildah) print a registry error's ``message``
+for 4xx statuses only, and for a 5xx only the status line; containerd's ``ctr``
+prints the status line alone, whatever the status (it asks with ``HEAD``, which
+has no body). So every error also says its reason in the status line's reason
+phrase (``HTTP/1.1 422 cannot build broken-1.0: ...``), the one text all of them
+print, and the status says what a retry would give:
+
+- 404: the name is not in the package set;
+- 422: the name is there but cannot become an image, and will not until the
+  package set or the registry changes (its attribute throws, a builder fails, no
+  builder serves its platform);
+- 429 and 503 with ``Retry-After``: asking again later can succeed (the build
+  queue is full, a time limit stopped the build, the package set or storage
+  cannot be reached).
+"""
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any, Awaitable, TypeVar
 
 from twisted.logger import Logger
 
 from nixeryd.builder import BuildQueueFull
-from nixeryd.nix import NixError, NixTimedOut, PackagesNotFound
+from nixeryd.failures import (
+    NixError,
+    NixTimedOut,
+    PackagesNotFound,
+    PlatformUnavailable,
+    SourceUnavailable,
+)
 from nixeryd.storage.interface import StorageError
 
 log = Logger()
@@ -15,6 +40,9 @@ log = Logger()
 T = TypeVar("T")
 
 RETRY_AFTER_SECONDS = 10
+MAX_PHRASE = 400
+"""Most bytes of a reason phrase: Go's and Python's clients take far longer status lines."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class RegistryError(Exception):
@@ -36,6 +64,25 @@ class RegistryError(Exception):
             error["detail"] = self.detail
         return json.dumps({"errors": [error]}).encode()
 
+    def phrase(self) -> bytes:
+        """The reason phrase: the message's first line, without control characters (no
+        header can be forged through it), cut at ``MAX_PHRASE`` bytes."""
+        return reason_phrase(self.message)
+
+
+def reason_phrase(text: str) -> bytes:
+    line = _CONTROL.sub(" ", text.split("\n", 1)[0]).strip() or "error"
+    raw = line.encode("utf-8")
+    if len(raw) > MAX_PHRASE:
+        raw = raw[:MAX_PHRASE - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+    return raw
+
+
+def _retry_after(error: NixError) -> int:
+    if error.retry_after is None:
+        return RETRY_AFTER_SECONDS
+    return max(1, math.ceil(error.retry_after))
+
 
 async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
     """Waits for a build; its failures become registry errors."""
@@ -44,15 +91,25 @@ async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
     except PackagesNotFound as e:
         detail: dict[str, Any] = {"packages": list(e.packages)}
         if e.reason:
+            # In the set, but its attribute throws (a removed alias, an unfree or broken
+            # package): Nix's own words first, and a status ctr shows them with.
             detail["nix"] = e.reason
+            raise RegistryError(422, "MANIFEST_UNKNOWN", e.message, detail) from None
         raise RegistryError(404, "MANIFEST_UNKNOWN", e.message or "packages not found: " + ", ".join(e.packages),
                             detail) from None
     except NixTimedOut as e:
-        log.error("build of {image} timed out", image=name)
-        raise RegistryError(500, "UNKNOWN", e.message) from None
+        log.error("build of {image} stopped: {message}", image=name, message=e.summary)
+        raise RegistryError(503, "UNKNOWN", e.message, {"limit": e.limit, "seconds": e.seconds},
+                            retry_after=_retry_after(e)) from None
+    except SourceUnavailable as e:
+        log.error("build of {image} failed: {message}", image=name, message=e.summary)
+        raise RegistryError(503, "UNKNOWN", e.message, retry_after=_retry_after(e)) from None
+    except PlatformUnavailable as e:
+        log.error("build of {image} failed: {message}", image=name, message=e.summary)
+        raise RegistryError(422, "UNSUPPORTED", e.message, {"platform": e.wanted, "host": e.here}) from None
     except NixError as e:
-        log.error("build of {image} failed: {message}", image=name, message=e.message)
-        raise RegistryError(500, "UNKNOWN", e.message) from None
+        log.error("build of {image} failed: {message}", image=name, message=e.summary)
+        raise RegistryError(422, "UNKNOWN", e.message) from None
     except BuildQueueFull:
         raise RegistryError(
             429, "TOOMANYREQUESTS", "too many images are being built; try again shortly",

@@ -22,11 +22,11 @@ from twisted.logger import Logger
 from nixeryd import manifest
 from nixeryd.builder import ImageBuilder
 from nixeryd.cache import SingleFlight, TTLCache, gather
+from nixeryd.failures import NixError
 from nixeryd.leases import BuildLeases
 from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import ARM64, Arch, Image
-from nixeryd.nix import NixError
 from nixeryd.pkgsource import PackageSource
 from nixeryd.storage.interface import IStorage, StorageError
 from nixeryd.tags import TagRecords
@@ -149,7 +149,7 @@ class Images:
         self._metrics = metrics if metrics is not None else Metrics()
         # Builds that failed, remembered briefly: a client's HEAD and GET (or a CI
         # job retrying) then cost one build, not one each.
-        self._failures: TTLCache[NixError] = TTLCache(clock, max_entries=1024)
+        self._failures: TTLCache[tuple[NixError, float]] = TTLCache(clock, max_entries=1024)
         self._failure_ttl = failure_ttl
         # One build of an image across the instances on this storage.
         self._leases = leases if leases is not None else BuildLeases(
@@ -310,9 +310,11 @@ class Images:
                 self._note_sizes(cached)
                 await self._touch(key, digests)
                 return cached
-        failed = self._failures.get(key)
-        if failed is not None:
+        remembered_failure = self._failures.get(key)
+        if remembered_failure is not None:
             self._metrics.cache.labels(result="failure").inc()
+            failed, until = remembered_failure
+            failed.retry_after = until - self._clock.seconds()
             raise failed.with_traceback(None)
         self._metrics.cache.labels(result="miss").inc()
 
@@ -335,7 +337,8 @@ class Images:
             result = await self._leases.build_once(key, build, built_elsewhere)
         except NixError as e:
             if self._failure_ttl > 0:
-                self._failures.put(key, e, self._failure_ttl)
+                self._failures.put(key, (e, self._clock.seconds() + self._failure_ttl), self._failure_ttl)
+                e.retry_after = self._failure_ttl
             raise
         self._bodies.put(key, result, BODY_TTL)
         self._note_sizes(result)

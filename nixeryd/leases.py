@@ -34,7 +34,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from nixeryd.nix import NixBuildFailed, NixError, NixTimedOut, PackagesNotFound
+from nixeryd.failures import (
+    NixBuildFailed,
+    NixError,
+    NixTimedOut,
+    PackagesNotFound,
+    PlatformUnavailable,
+    SourceUnavailable,
+)
 from nixeryd.storage.interface import ABSENT, Generation, IStorage, StorageError
 
 log = Logger()
@@ -94,12 +101,20 @@ class LeaseRecord:
 def failure_record(error: NixError) -> dict[str, Any]:
     """A Nix failure as other instances can raise it again."""
     kind = "failed"
-    doc: dict[str, Any] = {"message": error.message, "log_tail": error.log_tail[-4096:]}
+    doc: dict[str, Any] = {"message": error.message, "log_tail": error.log_tail[-4096:], "summary": error.summary}
     if isinstance(error, PackagesNotFound):
         kind = "not-found"
         doc.update(packages=list(error.packages), reason=error.reason)
     elif isinstance(error, NixTimedOut):
         kind = "timed-out"
+        doc.update(limit=error.limit, seconds=error.seconds)
+    elif isinstance(error, SourceUnavailable):
+        kind = "source"
+    elif isinstance(error, PlatformUnavailable):
+        kind = "platform"
+        doc.update(wanted=error.wanted, here=error.here)
+    elif isinstance(error, NixBuildFailed):
+        doc.update(derivation=error.derivation)
     doc["kind"] = kind
     return doc
 
@@ -108,13 +123,21 @@ def failure_error(doc: dict[str, Any]) -> NixError:
     """The error ``failure_record`` describes."""
     message = str(doc.get("message") or "the build failed on another instance")
     tail = str(doc.get("log_tail") or "")
+    summary = str(doc["summary"]) if doc.get("summary") else None
     kind = doc.get("kind")
     if kind == "not-found":
         packages = [str(p) for p in doc.get("packages") or []]
         return PackagesNotFound(message, tail, packages, str(doc.get("reason") or ""))
     if kind == "timed-out":
-        return NixTimedOut(message, tail)
-    return NixBuildFailed(message, tail)
+        seconds = doc.get("seconds")
+        return NixTimedOut(message, tail, summary, str(doc.get("limit") or "NIXERY_BUILD_DEADLINE"),
+                           float(seconds) if isinstance(seconds, (int, float)) else 0.0)
+    if kind == "source":
+        return SourceUnavailable(message, tail, summary)
+    if kind == "platform":
+        return PlatformUnavailable(message, tail, str(doc.get("wanted") or "?"), str(doc.get("here") or "?"))
+    derivation = doc.get("derivation")
+    return NixBuildFailed(message, tail, summary, str(derivation) if derivation else None)
 
 
 def _dead(record: LeaseRecord, now: float, unchanged: float) -> bool:

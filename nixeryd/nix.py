@@ -23,29 +23,41 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from nixeryd.failures import NOT_FOUND_MARKER, NixBuildFailed, NixTimedOut, build_failure, tail_text
 from nixeryd.layers import PathInfo
 
 log = Logger()
 
-NOT_FOUND_MARKER = re.compile(r"nixeryd-not-found: (\[.*\])")
 ROOTS_MARKER = re.compile(r"^trace: nixeryd-roots: (\{.*\})$")
 REVISION_MARKER = re.compile(r"^trace: nixeryd-revision: (.*)$")
 PROGRAMS_MARKER = re.compile(r"^trace: nixeryd-main-programs: (\{.*\})$")
 META_MARKER = re.compile(r"^trace: nixeryd-meta: (\{.*\})$")
-# How nix-build reports a derivation stopped by `--timeout`.
-DERIVATION_TIMED_OUT = re.compile(r"timed out after \d+ seconds")
-SHOW_TRACE_HINT = "(use '--show-trace'"
+SOURCE_MARKER = "trace: nixeryd-source-loaded"
 TAIL_LINES = 40
-MESSAGE_LINES = 12
 MAX_LINE = 256 * 1024
 """Longest stderr line assembled whole: room for the markers of a large image (the roots
 marker names every package); a builder's longer line is cut, never kept whole."""
 KEPT_LINE = 1024
 """Longest line kept in the tail, logged, or shown in an error."""
-MAX_MESSAGE = 4096
-"""Most characters of Nix's output in one error message (it goes to every client)."""
 SETSID = "setsid"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+DOWNLOAD_SETTINGS = "connect-timeout = 5\nstalled-download-timeout = 10\ndownload-attempts = 2\n"
+"""Nix settings every Nix process of nixeryd gets, ahead of the operator's ``NIX_CONFIG``
+(which may change them): a package set or cache that cannot be reached fails a build in
+seconds, where Nix's defaults (300 s per stalled download, 5 attempts) would leave a
+client waiting for many minutes with no word."""
+
+
+def nix_environment(environ: Mapping[str, str], conf_dir: str | None = None) -> dict[str, str]:
+    """The environment Nix runs in: ``environ`` with nixeryd's download settings before the
+    operator's ``NIX_CONFIG``, and ``NIX_CONF_DIR`` set to ``conf_dir`` where the host has
+    no nix.conf of its own (nixeryd never writes the host's)."""
+    env = dict(environ)
+    env.setdefault("PATH", DEFAULT_PATH)
+    env["NIX_CONFIG"] = DOWNLOAD_SETTINGS + environ.get("NIX_CONFIG", "")
+    if conf_dir is not None:
+        env["NIX_CONF_DIR"] = conf_dir
+    return env
 
 
 class ProcessReactor(Protocol):
@@ -75,35 +87,6 @@ class NixBuild:
     meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # name -> licence, homepage
 
 
-class NixError(Exception):
-    """Nix did not give the image."""
-
-    def __init__(self, message: str, log_tail: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.log_tail = log_tail
-
-
-class PackagesNotFound(NixError):
-    """Some packages are not in the package set, or their attributes throw;
-    ``reason`` is Nix's own message for one that throws, else empty."""
-
-    def __init__(
-        self, message: str, log_tail: str, packages: Sequence[str], reason: str = ""
-    ) -> None:
-        super().__init__(message, log_tail)
-        self.packages = tuple(packages)
-        self.reason = reason
-
-
-class NixBuildFailed(NixError):
-    """Evaluation, a build, or the closure query failed."""
-
-
-class NixTimedOut(NixError):
-    """The build ran past its deadline and was killed."""
-
-
 @dataclass(frozen=True)
 class NixExit:
     """How a Nix process ended."""
@@ -117,6 +100,7 @@ class NixExit:
     revision: str | None = None  # from the revision marker
     programs: Mapping[str, str | None] = field(default_factory=dict)  # from the main-programs marker
     meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # from the meta marker
+    source_loaded: bool = False  # whether the package set was loaded (its marker was printed)
 
 
 class NixProcessProtocol(ProcessProtocol):
@@ -133,6 +117,7 @@ class NixProcessProtocol(ProcessProtocol):
         self._revision: str | None = None
         self._programs: dict[str, str | None] = {}
         self._meta: dict[str, dict[str, str]] = {}
+        self._source_loaded = False
 
     def outReceived(self, data: bytes) -> None:
         self._stdout.append(data)
@@ -147,6 +132,9 @@ class NixProcessProtocol(ProcessProtocol):
             return
         kept = shorten(raw, KEPT_LINE, cut)
         log.info("{line}", line=kept, image=self.label, build_log=True)
+        if line == SOURCE_MARKER:
+            self._source_loaded = True
+            return
         roots = ROOTS_MARKER.match(line)
         if roots:
             named = _json_or_none(roots.group(1))
@@ -193,7 +181,7 @@ class NixProcessProtocol(ProcessProtocol):
             exit_code = None
         self.ended.callback(
             NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._not_found,
-                    self._named, self._revision, self._programs, self._meta)
+                    self._named, self._revision, self._programs, self._meta, self._source_loaded)
         )
 
 
@@ -250,35 +238,11 @@ def shorten(raw: bytes, limit: int, cut: int = 0) -> str:
     return text + f" [{more} more bytes]" if more else text
 
 
-def outcome(error: Exception) -> str:
-    """How a build ended, for metrics: ``not_found``, ``timed_out`` or ``failed``."""
-    if isinstance(error, PackagesNotFound):
-        return "not_found"
-    if isinstance(error, NixTimedOut):
-        return "timed_out"
-    return "failed"
-
-
 def _json_or_none(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
         return None
-
-
-def _nix_reason(tail: Sequence[str]) -> str:
-    """Nix's message for an attribute that throws: the error lines, without the hint."""
-    lines = [line for line in tail if not line.startswith(SHOW_TRACE_HINT)
-             and not NOT_FOUND_MARKER.search(line)]
-    return _tail_text(lines)
-
-
-def _tail_text(lines: Sequence[str], count: int = MESSAGE_LINES) -> str:
-    """The last ``count`` lines, at most ``MAX_MESSAGE`` characters (the end is kept)."""
-    text = "\n".join(lines[-count:])
-    if len(text) > MAX_MESSAGE:
-        text = "[...]" + text[-MAX_MESSAGE:]
-    return text
 
 
 def parse_closure(data: bytes) -> dict[str, PathInfo]:
@@ -320,13 +284,13 @@ class NixBuilder:
         deadline: float = 3600.0,
         kill_grace: float = 5.0,
         killpg: Callable[[int, int], None] = os.killpg,
+        conf_dir: str | None = None,
     ) -> None:
         self._reactor = reactor
         self._build_nix = os.path.join(nix_dir, "build.nix")
         self._timeout = timeout
         self._deadline = deadline
-        self._environ = dict(environ)
-        self._environ.setdefault("PATH", DEFAULT_PATH)
+        self._environ = nix_environment(environ, conf_dir)
         self._kill_grace = kill_grace
         self._killpg = killpg
         self._running: dict[int, tuple[_Killer, Deferred[NixExit]]] = {}
@@ -364,22 +328,8 @@ class NixBuilder:
             deadline,
         )
         if built.exit_code != 0:
-            if built.not_found:
-                raise PackagesNotFound(
-                    "packages not found: " + ", ".join(built.not_found),
-                    _tail_text(built.tail),
-                    built.not_found,
-                    _nix_reason(built.tail),
-                )
-            if any(DERIVATION_TIMED_OUT.search(line) for line in built.tail):
-                raise NixTimedOut(
-                    f"a package took longer than NIX_TIMEOUT ({self._timeout:g} seconds) to build\n"
-                    + _tail_text(built.tail),
-                    _tail_text(built.tail),
-                )
-            raise NixBuildFailed(
-                "Nix failed to build the image:\n" + _tail_text(built.tail), _tail_text(built.tail)
-            )
+            raise build_failure(built.tail, source=source, timeout=self._timeout,
+                                not_found=built.not_found, source_loaded=built.source_loaded)
         roots = tuple(sorted({line for line in built.stdout.decode().split() if line}))
         if not roots:
             raise NixBuildFailed("Nix built nothing for this image")
@@ -391,8 +341,8 @@ class NixBuilder:
         )
         if queried.exit_code != 0:
             raise NixBuildFailed(
-                "Nix could not list the image's closure:\n" + _tail_text(queried.tail),
-                _tail_text(queried.tail),
+                "Nix could not list the image's closure:\n" + tail_text(queried.tail),
+                tail_text(queried.tail),
             )
         try:
             closure = parse_closure(queried.stdout)
@@ -426,12 +376,10 @@ class NixBuilder:
             raise NixBuildFailed("the build was stopped: nixeryd is shutting down")
         if killer.fired:
             log.warn("Nix ran past its deadline and was killed", image=label)
-            raise NixTimedOut(
-                f"the build took longer than its deadline ({self._deadline:g} seconds) "
-                "and was stopped\n"
-                + _tail_text(result.tail),
-                _tail_text(result.tail),
-            )
+            summary = (f"the build took longer than NIXERY_BUILD_DEADLINE ({self._deadline:g} seconds) and "
+                       "was stopped; what it built is kept, so pulling again goes on from there")
+            raise NixTimedOut(summary + "\n" + tail_text(result.tail), tail_text(result.tail), summary,
+                              "NIXERY_BUILD_DEADLINE", self._deadline)
         return result
 
 

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 _REV = re.compile(r"[0-9a-f]{40}")
 NIXPKGS_URL = "https://github.com/NixOS/nixpkgs"
+CHANNEL_URL = NIXPKGS_URL + "/archive/{channel}.tar.gz"
+"""Where a channel's or commit's tarball is fetched (``NIXERY_CHANNEL_URL``)."""
 SOURCE_LABEL = "org.opencontainers.image.source"
 REVISION_LABEL = "org.opencontainers.image.revision"
 
@@ -58,24 +60,30 @@ class PackageSource(Protocol):
 
 @dataclass(frozen=True)
 class ChannelSource:
-    """A nixpkgs channel (``nixos-unstable``) or commit; the tag is ignored."""
+    """A nixpkgs channel (``nixos-unstable``) or commit; the tag is ignored. Its tarball
+    is fetched from ``url``, where ``{channel}`` stands for the channel or commit."""
 
     channel: str
+    url: str = CHANNEL_URL
 
     def nix_source(self, tag: str) -> dict[str, str]:
+        url = self.url.replace("{channel}", self.channel)
         if is_rev(self.channel):
-            return {"type": "channel", "rev": self.channel}
-        return {"type": "channel", "channel": self.channel}
+            return {"type": "channel", "rev": self.channel, "url": url}
+        return {"type": "channel", "channel": self.channel, "url": url}
 
     def pinned(self, tag: str) -> bool:
         return is_rev(self.channel)
 
     def identity(self, tag: str) -> str:
-        return "channel:" + self.channel
+        # A mirror of the default URL serves the same tarballs: only another URL template
+        # is another source.
+        suffix = "" if self.url == CHANNEL_URL else "@" + self.url
+        return "channel:" + self.channel + suffix
 
     def describe(self) -> str:
         kind = "nixpkgs commit" if is_rev(self.channel) else "nixpkgs channel"
-        return f"{kind} {self.channel}"
+        return f"{kind} {self.channel} from {public_url(self.url.replace('{channel}', self.channel))}"
 
     def labels(self, tag: str, revision: str | None) -> dict[str, str]:
         return _labels(NIXPKGS_URL, revision or (self.channel if is_rev(self.channel) else None))

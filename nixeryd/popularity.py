@@ -56,15 +56,16 @@ def count_references(derivations: Mapping[str, Any]) -> dict[str, int]:
 
 async def compute_popularity(
     reactor: ProcessReactor, nix_dir: str, source: Mapping[str, str], environ: Mapping[str, str],
-    *, system: str = "x86_64-linux", timeout: float = 3600,
+    *, system: str = "x86_64-linux", timeout: float = 3600, conf_dir: str | None = None,
 ) -> dict[str, int]:
     """Popularity of every package of the package set, from its build graph."""
     import json
     import os
 
-    from nixeryd.nix import NixBuilder, NixBuildFailed
+    from nixeryd.failures import NixBuildFailed
+    from nixeryd.nix import NixBuilder
 
-    nix = NixBuilder(reactor, nix_dir, environ, deadline=timeout)
+    nix = NixBuilder(reactor, nix_dir, environ, deadline=timeout, conf_dir=conf_dir)
     deadline = reactor.seconds() + timeout
     listed = await nix.run(
         ["nix-instantiate", os.path.join(nix_dir, "popularity.nix"),

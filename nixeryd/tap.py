@@ -49,6 +49,23 @@ def default_nix_dir() -> str:
     return os.path.join(sys.prefix, "share", "nixeryd", "nix")
 
 
+HOST_NIX_CONF_DIR = "/etc/nix"
+
+
+def nix_conf_dir(environ: Mapping[str, str], host_dir: str = HOST_NIX_CONF_DIR) -> str | None:
+    """Where nixeryd's Nix processes read nix.conf: nowhere new where the host has one
+    (in ``NIX_CONF_DIR``, else /etc/nix), which is then used as it is; else nixeryd's
+    own ``etc/nix`` (builds as the user running Nix, no sandbox), so that a fresh
+    host needs no file written outside nixeryd's own."""
+    host = environ.get("NIX_CONF_DIR") or host_dir
+    if os.path.exists(os.path.join(host, "nix.conf")):
+        return None
+    checkout = Path(__file__).resolve().parent.parent / "etc" / "nix"
+    if (checkout / "nix.conf").is_file():
+        return str(checkout)
+    return os.path.join(sys.prefix, "share", "nixeryd", "etc", "nix")
+
+
 class Options(usage.Options):
     """Command-line options; each overrides the environment variable it names."""
 
@@ -296,7 +313,8 @@ def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> 
     if not os.path.isfile(os.path.join(nix_dir, "build.nix")):
         raise ConfigError(f"NIXERY_NIX_DIR: no build.nix in {nix_dir}")
     nix = NixBuilder(reactor, nix_dir, config.child_environment,
-                     timeout=config.nix_timeout, deadline=config.build_deadline)
+                     timeout=config.nix_timeout, deadline=config.build_deadline,
+                     conf_dir=nix_conf_dir(config.child_environment))
     NixService(nix).setServiceParent(top)
     metrics = Metrics()
     logs = BuildLogs()

@@ -8,6 +8,8 @@ from typing import Iterator
 
 import pytest
 
+# The clients' own daemons (dockerd, containerd) and a short directory for podman.
+from tests.clients import containerd_service, docker, short_tmp  # noqa: F401
 from tests.daemon import PKGS, NixCounter
 
 # Every helper process a test starts is stopped, however the test ends.
@@ -28,7 +30,8 @@ def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[No
 def nix_env() -> dict[str, str]:
     """Environment for real Nix in tests: offline, no binary caches."""
     env = dict(os.environ)
-    env["NIX_CONFIG"] = "substituters =\nsandbox = false\nexperimental-features = nix-command\n"
+    env["NIX_CONFIG"] = ("substituters =\nsandbox = false\nexperimental-features = nix-command\n"
+                         "build-users-group =\n")
     return env
 
 

@@ -13,8 +13,9 @@ from typing import Mapping, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 
+from nixeryd.failures import NixBuildFailed, PackagesNotFound
 from nixeryd.layers import PathInfo
-from nixeryd.nix import NixBuild, NixBuildFailed, PackagesNotFound
+from nixeryd.nix import NixBuild
 
 
 def make_store(root: Path, packages: Mapping[str, Sequence[str]]) -> dict[str, str]:

@@ -5,34 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
-import tempfile
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import pytest
-
-from tests.daemon import Daemon, ServerProcess, daemon_fixture
+from tests.clients import Service, ctr, run
+from tests.daemon import Daemon, daemon_fixture
 
 IMAGE = "shell/hello"
-# Debian's docker.io (installed by `make install`), named in full: another docker CLI may
-# come first on PATH.
-DOCKER = "/usr/bin/docker"
-DOCKERD = "/usr/sbin/dockerd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 daemon = daemon_fixture(NIXERY_PLATFORMS="linux/amd64,linux/arm64")
-
-
-def run(*args: str, timeout: float = 300) -> str:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
 
 
 def test_skopeo_inspect_lists_tags_and_platforms(daemon: Daemon) -> None:
@@ -57,14 +41,6 @@ def test_skopeo_copy_and_umoci_unpack_run(daemon: Daemon, tmp_path: Path) -> Non
     assert config["process"]["args"] == ["bash"]
 
 
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A directory with a short path: podman refuses a run root over 50 characters."""
-    path = Path(tempfile.mkdtemp(prefix="pm", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_podman_pull_and_run(daemon: Daemon, tmp_path: Path, short_tmp: Path) -> None:
     """podman pulls the image into its own store, reports its architecture and runs it."""
     podman = ["podman", "--root", str(tmp_path / "root"), "--runroot", str(short_tmp),
@@ -78,54 +54,6 @@ def test_podman_pull_and_run(daemon: Daemon, tmp_path: Path, short_tmp: Path) ->
                  "--ulimit", "nproc=1024:1024", "--ulimit", "nofile=1024:1024",
                  f"{daemon.registry}/{IMAGE}:latest", "hello")
     assert output.strip() == "Hello from nixeryd"
-
-
-@dataclass(kw_only=True)
-class Service(ServerProcess):
-    """A client-side daemon of the test's own (containerd, dockerd)."""
-
-    root: Path
-    command: list[str]
-
-    def start(self) -> Service:
-        self.spawn(self.command)
-        return self
-
-
-def containerd(root: Path) -> Service:
-    socket = root / "containerd.sock"
-    config = root / "config.toml"
-    config.write_text(
-        "version = 2\n"
-        f'root = "{root / "root"}"\n'
-        f'state = "{root / "state"}"\n'
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-        f'[grpc]\n  address = "{socket}"\n'
-    )
-    return Service(root=root, command=["containerd", "--config", str(config)],
-                   marker="containerd successfully booted")
-
-
-def dockerd(root: Path) -> Service:
-    """dockerd as a sandbox allows it: vfs storage, no iptables, no bridge (containers run
-    with --network none), its own data root, exec root and socket. Loopback registries are
-    insecure (plain HTTP) by Docker's own default."""
-    return Service(root=root, marker="API listen on", command=[
-        DOCKERD, "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
-        "--pidfile", str(root / "docker.pid"), "--host", f"unix://{root / 'docker.sock'}",
-        "--storage-driver", "vfs", "--iptables=false", "--ip6tables=false", "--bridge=none",
-    ])
-
-
-@pytest.fixture
-def containerd_service(tmp_path: Path) -> Iterator[Service]:
-    service = containerd(tmp_path).start()
-    yield service
-    service.stop()
-
-
-def ctr(service: Service, *args: str) -> str:
-    return run("ctr", "--address", str(service.root / "containerd.sock"), *args)
 
 
 def test_containerd_pulls_by_head_then_digest_and_runs(daemon: Daemon, containerd_service: Service) -> None:
@@ -160,23 +88,6 @@ def test_docker_schema2_only_client(daemon: Daemon, tmp_path: Path) -> None:
         if descriptor is not manifest["config"]:
             subprocess.run(["tar", "-xzf", "-", "-C", str(rootfs)], input=data, check=True)
     assert run("chroot", str(rootfs), "/bin/hello").strip() == "Hello from nixeryd"
-
-
-@pytest.fixture(scope="module")
-def docker() -> Iterator[list[str]]:
-    """A dockerd of the test's own; yields the docker command line that talks to it."""
-    root = Path(tempfile.mkdtemp(prefix="dk", dir="/tmp"))  # short: unix socket paths are bounded
-    service = dockerd(root)
-    try:
-        service.start()
-        yield [DOCKER, "--config", str(root / "client"), "--host", f"unix://{root / 'docker.sock'}"]
-    finally:
-        service.stop()
-        # dockerd bind-mounts its data root onto itself and leaves the mount behind
-        mounts = Path("/proc/self/mounts").read_text().split("\n")
-        if any(line.split(" ")[1:2] == [str(root / "data")] for line in mounts):
-            subprocess.run(["umount", "--recursive", str(root / "data")], check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_docker_pull_and_run(daemon: Daemon, docker: list[str]) -> None:

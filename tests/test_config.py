@@ -88,6 +88,7 @@ def test_path_source_and_empty_base() -> None:
         ({"NIXERY_SIGNED_URL_TTL": "0"}, "NIXERY_SIGNED_URL_TTL"),
         ({"NIXERY_SIGNED_URL_TTL": "604801"}, "NIXERY_SIGNED_URL_TTL"),
         ({"NIXERY_PLATFORMS": "linux/amd64,windows/amd64"}, "NIXERY_PLATFORMS"),
+        ({"NIXERY_CHANNEL_URL": "mirror.internal/{channel}.tar.gz"}, "NIXERY_CHANNEL_URL"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:

@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from nixeryd.failures import NixBuildFailed, NixTimedOut, PackagesNotFound
 from nixeryd.leases import BuildLeases, LeaseRecord, WaitedTooLong
-from nixeryd.nix import NixBuildFailed, NixTimedOut, PackagesNotFound
 from nixeryd.storage.interface import ABSENT
 from nixeryd.storage.memory import MemoryStorage
 

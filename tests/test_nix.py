@@ -16,21 +16,17 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
+from nixeryd.failures import MAX_MESSAGE, NixBuildFailed, NixTimedOut, PackagesNotFound, tail_text
 from nixeryd.nix import (
     KEPT_LINE,
     MAX_LINE,
-    MAX_MESSAGE,
     TAIL_LINES,
     LineAssembler,
     NixBuild,
     NixBuilder,
-    NixBuildFailed,
     NixProcessProtocol,
-    NixTimedOut,
-    PackagesNotFound,
     parse_closure,
 )
-from nixeryd.nix import _tail_text as tail_text
 from tests.daemon import git_package_set
 from tests.processes import SLEEPER, exited_within
 

@@ -9,12 +9,23 @@ REV = "a" * 40
 def test_channel() -> None:
     """A channel name moves; a channel commit is pinned; the tag is ignored."""
     moving = ChannelSource("nixos-unstable")
-    assert moving.nix_source("v1") == {"type": "channel", "channel": "nixos-unstable"}
+    github = "https://github.com/NixOS/nixpkgs/archive/"
+    assert moving.nix_source("v1") == {"type": "channel", "channel": "nixos-unstable",
+                                       "url": github + "nixos-unstable.tar.gz"}
     assert not moving.pinned(REV)
     assert moving.identity("a") == moving.identity("b")
     pinned = ChannelSource(REV)
-    assert pinned.nix_source("latest") == {"type": "channel", "rev": REV}
+    assert pinned.nix_source("latest") == {"type": "channel", "rev": REV, "url": github + REV + ".tar.gz"}
     assert pinned.pinned("latest")
+
+
+def test_channel_from_a_mirror() -> None:
+    """NIXERY_CHANNEL_URL: ``{channel}`` stands for the channel or commit; another URL is
+    another source for cache keys."""
+    mirror = ChannelSource("nixos-24.05", "https://mirror.internal/nixpkgs/{channel}/nixexprs.tar.xz")
+    assert mirror.nix_source("latest")["url"] == "https://mirror.internal/nixpkgs/nixos-24.05/nixexprs.tar.xz"
+    assert mirror.identity("latest") != ChannelSource("nixos-24.05").identity("latest")
+    assert "mirror.internal" in mirror.describe()
 
 
 def test_git_tags() -> None:

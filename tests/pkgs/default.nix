@@ -166,6 +166,16 @@ in
     ln -s ${busybox}/bin/busybox $out/bin/slow
   '';
 
+  # Built for the platform the image is for, as nixpkgs builds everything: an
+  # `arm64/` image of it needs a builder for aarch64-linux.
+  native-tool = derivation {
+    name = "native-tool-1.0";
+    inherit system;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-e" "-c" "mkdir -p $out/bin && echo native > $out/bin/native-tool" ];
+  };
+
   hangs = mk "hangs-1.0" ''
     # Says which process to watch: the shell becomes the sleep.
     echo "hangs-1.0: sleeping for good as pid $$" >&2
