@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         description="A container registry that builds images on demand with Nix. "
         "Settings come from the environment (see README).",
     )
+    from nixeryd import __version__
+
+    parser.add_argument("--version", action="version", version=f"nixeryd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run the registry in the foreground (takes twistd nixeryd's options)")
     build = sub.add_parser("build", help="build and store an image without HTTP, e.g. to warm a fleet")

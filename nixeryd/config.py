@@ -105,6 +105,7 @@ class Config:
     nix_timeout: float = 60.0
     build_deadline: float = 3600.0
     failure_ttl: float = 60.0
+    path_recheck: float = 1.0
     lease_ttl: float = 60.0
     popularity_url: str | None = None
     base_packages: tuple[str, ...] = DEFAULT_BASE_PACKAGES
@@ -240,6 +241,7 @@ class Config:
             build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds, 3600.0),
             failure_ttl=parsed("NIXERY_FAILURE_TTL", lambda v, raw: _seconds(v, raw, zero=True), 60.0),
             lease_ttl=parsed("NIXERY_BUILD_LEASE_TTL", _seconds, 60.0),
+            path_recheck=parsed("NIXERY_PATH_RECHECK", lambda v, raw: _seconds(v, raw, zero=True), 1.0),
             popularity_url=get("NIX_POPULARITY_URL"),
             base_packages=DEFAULT_BASE_PACKAGES if raw_base is None else _packages(raw_base),
             layer_budget=parsed("NIXERY_LAYER_BUDGET", lambda v, raw: _int(v, raw, 2, 125), 94),

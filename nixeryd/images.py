@@ -18,11 +18,13 @@ from typing import Awaitable, Callable, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from nixeryd import manifest
 from nixeryd.builder import ImageBuilder
 from nixeryd.cache import SingleFlight, TTLCache, gather
-from nixeryd.failures import NixError
+from nixeryd.failures import NixError, PlatformUnavailable
+from nixeryd.fingerprint import PathFingerprint
 from nixeryd.leases import BuildLeases
 from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
@@ -129,7 +131,9 @@ class Images:
         metrics: Metrics | None = None,
         failure_ttl: float = 60.0,
         leases: BuildLeases | None = None,
+        fingerprint: PathFingerprint | None = None,
     ) -> None:
+        self._fingerprint = fingerprint
         self._builder = builder
         self._storage = storage
         self._source = source
@@ -255,27 +259,52 @@ class Images:
 
         return d.addCallback(lambda result: Deferred.fromCoroutine(remember(result)))
 
-    def _identity(self, tag: str) -> str:
-        """What a build comes from: the package set, and how layers are compressed."""
+    async def _identity(self, tag: str) -> str:
+        """What a build comes from: the package set (with what its directory holds now, for a
+        path source), and how layers are compressed."""
         identity = self._source.identity(tag)
+        if self._fingerprint is not None:
+            identity += "#content=" + await self._fingerprint.current()
         compression = self._builder.compression
         return identity if compression == "gzip" else f"{identity}#layers={compression}"
 
     def _ttl_for(self, tag: str) -> float | None:
-        return None if self._source.pinned(tag) else self._ttl
+        """How long an image stays: for good when its package set cannot change under its
+        key (a pinned revision, or a path source keyed by its content)."""
+        return None if self._source.pinned(tag) or self._fingerprint is not None else self._ttl
 
     def _image(self, image: Image, tag: str) -> Deferred[ImageManifests]:
-        key = image_cache_key(image, self._identity(tag))
-        return self._flight.run(
+        return Deferred.fromCoroutine(self._image_at(image, tag))
+
+    async def _image_at(self, image: Image, tag: str) -> ImageManifests:
+        key = image_cache_key(image, await self._identity(tag))
+        return await self._flight.run(
             key, lambda: self._cached_or(key, tag, lambda: self._builder.build(image, tag))
         )
 
     def _index(self, image: Image, tag: str) -> Deferred[ImageManifests]:
-        key = index_cache_key(image, self._platforms, self._identity(tag))
+        return Deferred.fromCoroutine(self._index_at(image, tag))
+
+    async def _index_at(self, image: Image, tag: str) -> ImageManifests:
+        key = index_cache_key(image, self._platforms, await self._identity(tag))
 
         async def compose() -> ImageManifests:
-            per_platform = [dataclasses.replace(image, arch=arch) for arch in self._platforms]
-            built: list[ImageManifests] = await gather([self._image(one, tag) for one in per_platform])
+            wanted = [dataclasses.replace(image, arch=arch) for arch in self._platforms]
+            # A platform no builder serves is left out of the index, so that clients of the
+            # others get their image; any other failure is the whole index's.
+            tried: list[ImageManifests | PlatformUnavailable] = await gather(
+                [self._image(one, tag).addErrback(_unbuildable) for one in wanted])
+            per_platform = [one for one, got in zip(wanted, tried, strict=True) if isinstance(got, ImageManifests)]
+            built = [got for got in tried if isinstance(got, ImageManifests)]
+            missing = tuple(one.arch.oci for one, got in zip(wanted, tried, strict=True)
+                            if isinstance(got, PlatformUnavailable))
+            if not built:
+                first = tried[0]
+                assert isinstance(first, PlatformUnavailable)
+                raise first
+            if missing:
+                log.warn("the index of {image} leaves out {platforms}: no builder can build them",
+                         image=image.name, platforms=", ".join(missing))
             stored: list[StoredManifest | None] = []
             for flavour in (Flavour.OCI, Flavour.DOCKER):
                 chosen = [m.flavour(flavour) for m in built]
@@ -287,9 +316,9 @@ class Images:
                 body = manifest.image_index(flavour, entries)
                 stored.append(await self._builder.store_manifest(body, flavour.index_type))
             assert stored[0] is not None
-            return ImageManifests(oci=stored[0], docker=stored[1])
+            return ImageManifests(oci=stored[0], docker=stored[1], missing=missing)
 
-        return self._flight.run(key, lambda: self._cached_or(key, tag, compose))
+        return await self._flight.run(key, lambda: self._cached_or(key, tag, compose))
 
     async def _cached_or(
         self, key: str, tag: str, make: Callable[[], Awaitable[ImageManifests]]
@@ -320,6 +349,10 @@ class Images:
 
         async def build() -> ImageManifests:
             made: ImageManifests = await make()
+            if made.missing:
+                # Incomplete: not recorded; composed again once the failures are forgotten,
+                # when a builder for what is missing may be there.
+                return made
             docker = made.docker.digest if made.docker is not None else None
             digests = _Digests(made.oci.digest, docker, self._clock.seconds(),
                                made.sbom.digest if made.sbom is not None else None)
@@ -340,7 +373,10 @@ class Images:
                 self._failures.put(key, (e, self._clock.seconds() + self._failure_ttl), self._failure_ttl)
                 e.retry_after = self._failure_ttl
             raise
-        self._bodies.put(key, result, BODY_TTL)
+        self._bodies.put(key, result, self._failure_ttl if result.missing else BODY_TTL)
+        if result.missing:
+            self._cache.put(key, _Digests(result.oci.digest, result.docker.digest if result.docker else None,
+                                          self._clock.seconds()), self._failure_ttl)
         self._note_sizes(result)
         return result
 
@@ -393,3 +429,11 @@ class Images:
             return None
         sbom = None if digests.sbom is None else await self._builder.stored_manifest(digests.sbom)
         return ImageManifests(oci=oci, docker=docker, sbom=sbom)
+
+
+def _unbuildable(failure: Failure) -> PlatformUnavailable:
+    """A platform no builder serves, as a value; any other failure goes on."""
+    failure.trap(PlatformUnavailable)
+    error = failure.value
+    assert isinstance(error, PlatformUnavailable)
+    return error

@@ -86,6 +86,8 @@ class ImageManifests:
     oci: StoredManifest
     docker: StoredManifest | None
     sbom: StoredManifest | None = None  # the SPDX artifact whose subject is ``oci``
+    # An index without the platforms no builder can build now: served, never kept for long.
+    missing: tuple[str, ...] = ()
 
     def flavour(self, flavour: Flavour) -> StoredManifest | None:
         return self.oci if flavour is Flavour.OCI else self.docker

@@ -3,7 +3,46 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
+
+from nixeryd import __version__
+
+ROUTES = ("base", "manifest", "blob", "tags", "catalog", "referrers", "index", "image_page", "docs",
+          "healthz", "metrics", "other")
+"""Route labels: a fixed set, so that no request can add a series (or an image name)."""
+
+
+def route_of(path: bytes) -> str:
+    """The route a request path is counted under."""
+    if path == b"/v2/" or path == b"/v2":
+        return "base"
+    if path.startswith(b"/v2/"):
+        if path == b"/v2/_catalog":
+            return "catalog"
+        if path.endswith(b"/tags/list"):
+            return "tags"
+        for kind, route in ((b"/manifests/", "manifest"), (b"/blobs/", "blob"), (b"/referrers/", "referrers")):
+            if kind in path:
+                return route
+        return "other"
+    if path == b"/":
+        return "index"
+    if path.startswith(b"/image/"):
+        return "image_page"
+    if path.startswith(b"/docs"):
+        return "docs"
+    if path in (b"/healthz", b"/metrics"):
+        return path[1:].decode()
+    return "other"
 
 BUILD_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -32,8 +71,24 @@ class Metrics:
             "nixeryd_served_bytes", "Bytes of manifests and blobs served from this instance.",
             registry=r,
         )
+        self.requests = Counter(
+            "nixeryd_http_requests", "HTTP requests answered, by route, method and status.",
+            ["route", "method", "status"], registry=r,
+        )
+        self.storage_bytes = Gauge(
+            "nixeryd_storage_bytes", "Bytes of the filesystem backend: stored blobs and records, and free.",
+            ["kind"], registry=r,
+        )
+        Info("nixeryd_build", "The running nixeryd.", registry=r).info({"version": __version__})
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
         self._running = Gauge("nixeryd_nix_builds_running", "Nix builds running now.", registry=r)
         self._queued = Gauge("nixeryd_build_queue_length", "Builds waiting for a slot.", registry=r)
+
+    def answered(self, path: bytes, method: bytes, status: int) -> None:
+        """Count one answered request."""
+        verb = method.decode("ascii", "replace") if method in (b"GET", b"HEAD") else "other"
+        self.requests.labels(route=route_of(path), method=verb, status=str(status)).inc()
 
     def watch(self, running: Callable[[], float], queued: Callable[[], float]) -> None:
         """Read the running and queued build counts when scraped."""

@@ -12,10 +12,14 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from nixeryd.metrics import Metrics
 
 IDLE_TIMEOUT = 60
 MAX_HEADER_BYTES = 16384
@@ -57,8 +61,17 @@ class RefuseTLS(ProtocolWrapper):
         super().dataReceived(data)
 
 
+@implementer(IProtocolNegotiationFactory)
 class PlainHTTPFactory(WrappingFactory):
+    """What every endpoint listens with. Behind TLS (``ssl:``) it offers HTTP/1.1 by ALPN:
+    Twisted's TLS picks the protocol from the factory it wraps, and a factory that names
+    none answers every client offering ALPN (browsers, curl, Python) with an ``internal
+    error`` alert."""
+
     protocol = RefuseTLS
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
 
 
 class _Discard(io.BytesIO):
@@ -76,6 +89,12 @@ class RegistryRequest(Request):
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         super().setResponseCode(code, message if message is not None else PHRASES.get(code))
+
+    def finish(self) -> None:
+        metrics: Metrics | None = getattr(getattr(self.channel, "site", None), "metrics", None)
+        if metrics is not None and not self.finished:
+            metrics.answered(self.path or b"", self.method or b"", int(self.code))
+        super().finish()
 
 
 class RegistryChannel(http.HTTPChannel):
@@ -108,12 +127,14 @@ class RegistryChannel(http.HTTPChannel):
 
 class RegistrySite(Site):
     protocol = RegistryChannel  # type: ignore[assignment]  # Twisted types it as a factory function
+    metrics: Metrics | None = None
 
 
-def make_site(resource: IResource) -> Site:
+def make_site(resource: IResource, metrics: Metrics | None = None) -> Site:
     """The site every listening endpoint serves (wrapped in ``PlainHTTPFactory``).
     Idle connections (slow or stalled clients) are dropped after a minute."""
     site = RegistrySite(resource, timeout=IDLE_TIMEOUT)
+    site.metrics = metrics
     site.requestFactory = RegistryRequest
     site.displayTracebacks = False
     return site

@@ -11,23 +11,27 @@ from typing import Any, Mapping
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from nixeryd import cosign
+from nixeryd import __version__, cosign
 from nixeryd.api import RegistryAPI
 from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
 from nixeryd.builder import ImageBuilder
 from nixeryd.buildlog import BuildLogs
 from nixeryd.config import Config, ConfigError
+from nixeryd.fingerprint import PathFingerprint
 from nixeryd.imagepage import ImagePages
 from nixeryd.images import Images
 from nixeryd.leases import BuildLeases
 from nixeryd.metrics import Metrics
 from nixeryd.nix import NixBuilder
 from nixeryd.offload import thread_pool
+from nixeryd.pkgsource import PathSource
 from nixeryd.popularity import load_popularity
 from nixeryd.signatures import Signatures
 from nixeryd.site import PlainHTTPFactory, make_site
@@ -81,6 +85,11 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+
+    def opt_version(self) -> None:
+        """Print nixeryd's version and exit."""
+        sys.stdout.write(f"nixeryd {__version__}\n")
+        raise SystemExit(0)
 
     def opt_listen(self, description: str) -> None:
         """Listen on a Twisted endpoint, e.g. tcp:8080 (repeatable; default from PORT)."""
@@ -142,6 +151,74 @@ class NixService(Service):
     def stopService(self) -> Any:
         super().stopService()
         return self.nix.stop()
+
+
+def describe_storage(config: Config) -> str:
+    if config.storage_backend == "gcs":
+        return f"GCS bucket {config.gcs_bucket}"
+    if config.storage_backend == "s3":
+        return f"S3 bucket {config.s3_bucket} ({config.aws_region})"
+    return f"directory {config.storage_path}"
+
+
+class Announce(Service):
+    """Says, once started, what this instance serves, from where, and where it listens."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("nixeryd {version}: package set: {source}; storage: {storage}; listening on: {listen}",
+                 version=__version__, source=self.config.source.describe(),
+                 storage=describe_storage(self.config), listen=", ".join(self.config.listen))
+
+
+def disk_usage(root: str) -> tuple[int, int]:
+    """Blocking: bytes stored under ``root`` (blobs and records) and bytes free on its disk."""
+    stored = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            try:
+                stored += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                continue
+    free = os.statvfs(root)
+    return stored, free.f_bavail * free.f_frsize
+
+
+class StorageUsage(Service):
+    """Measures the filesystem backend's use for /metrics, in a thread, every minute."""
+
+    def __init__(self, root: str, metrics: Metrics, offload: Any, reactor: Any, every: float = 60.0) -> None:
+        self.root = root
+        self.metrics = metrics
+        self.offload = offload
+        self.loop = LoopingCall(self._measure)
+        self.loop.clock = reactor
+        self.every = every
+
+    def startService(self) -> None:
+        super().startService()
+        done = self.loop.start(self.every, now=True)
+        done.addErrback(lambda failure: log.failure("measuring storage failed", failure))
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+
+    async def _run(self) -> None:
+        try:
+            stored, free = await self.offload(disk_usage, self.root)
+        except OSError as e:
+            log.warn("cannot measure storage: {error}", error=str(e))
+            return
+        self.metrics.storage_bytes.labels(kind="stored").set(stored)
+        self.metrics.storage_bytes.labels(kind="free").set(free)
+
+    def _measure(self) -> Any:
+        return Deferred.fromCoroutine(self._run())
 
 
 class ThreadPoolService(Service):
@@ -317,6 +394,8 @@ def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> 
                      conf_dir=nix_conf_dir(config.child_environment))
     NixService(nix).setServiceParent(top)
     metrics = Metrics()
+    if config.storage_backend == "filesystem":
+        StorageUsage(config.storage_path, metrics, files, reactor).setServiceParent(top)
     logs = BuildLogs()
     LogObserverService(logs).setServiceParent(top)
     builder = ImageBuilder(
@@ -336,6 +415,8 @@ def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> 
         builder, storage, config.source, reactor,
         cache_ttl=config.cache_ttl, platforms=config.platforms, metrics=metrics,
         failure_ttl=config.failure_ttl,
+        fingerprint=PathFingerprint(config.source.path, files, reactor, config.path_recheck)
+        if isinstance(config.source, PathSource) else None,
         leases=BuildLeases(storage, reactor, ttl=config.lease_ttl, failure_ttl=config.failure_ttl,
                            wait_limit=config.build_deadline + config.lease_ttl),
     )
@@ -384,7 +465,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         signatures=_signatures(config, parts.builder),
         pages=ImagePages(parts.images, parts.storage, parts.offload),
     )
-    site = make_site(api.app.resource())
+    site = make_site(api.app.resource(), parts.metrics)
+    Announce(config).setServiceParent(parts.top)
     listeners = Listeners()
     listeners.setServiceParent(parts.top)
     for description in config.listen:

@@ -159,6 +159,7 @@ class Daemon:
     _started: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
     twistd_args: list[str] = field(default_factory=list)
+    listen: list[str] = field(default_factory=list)  # more endpoints, beside the loopback port
     on_line: list[Callable[[str], None]] = field(default_factory=list)
     earlier: str = ""
 
@@ -171,7 +172,8 @@ class Daemon:
         self.port = free_port()
         self.process = subprocess.Popen(
             [str(TWISTD), "--nodaemon", "--pidfile=", *self.twistd_args, "nixeryd",
-             "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+             *[arg for endpoint in self.listen for arg in ("--listen", endpoint)]],
             env=dict(self.env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -6,6 +6,7 @@ the status line; ctr prints the status line alone. Each failure below must show 
 reason in all four."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -61,6 +62,7 @@ def daemons(tmp_path_factory: pytest.TempPathFactory, stalled: StalledServer) ->
     closed_port = free_port()  # nothing listens there: connections are refused
     settings = {
         "main": {"NIX_TIMEOUT": "3"},
+        "platforms": {"NIXERY_PLATFORMS": "linux/amd64,linux/arm64"},
         "deadline": {"NIX_TIMEOUT": "60", "NIXERY_BUILD_DEADLINE": "3"},
         "path": {"NIXERY_PKGS_PATH": "/nonexistent/pkgs"},
         "git": {"NIXERY_PKGS_PATH": "", "NIXERY_PKGS_REPO": f"http://127.0.0.1:{closed_port}/pkgs.git"},
@@ -137,3 +139,22 @@ def test_a_stalled_channel_is_answered_within_30_seconds(daemons: Callable[[str]
     assert took < 30, took
     assert int(headers["Retry-After"]) > 0
     assert b"NIXERY_CHANNEL_URL" in body and b"/archive/nixos-unstable.tar.gz" in body
+
+
+def test_a_platform_without_a_builder_leaves_the_others_served(
+    daemons: Callable[[str], Daemon], docker: list[str]
+) -> None:
+    """With NIXERY_PLATFORMS naming a platform no builder serves, amd64 clients still get
+    their image (the index lists what could be built), and the platform's own name says why."""
+    daemon = daemons("platforms")
+    ref = f"{daemon.registry}/native-tool:latest"
+    code, output = attempt(*docker, "pull", ref)
+    assert code == 0, output
+    code, output = attempt("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}")
+    assert code == 0, output
+    index = json.loads(output)
+    assert [m["platform"]["architecture"] for m in index["manifests"]] == ["amd64"]
+    code, output = attempt("skopeo", "inspect", "--tls-verify=false", "--override-arch", "arm64", f"docker://{ref}")
+    assert code != 0
+    code, output = attempt("skopeo", "inspect", "--tls-verify=false", f"docker://{daemon.registry}/arm64/native-tool")
+    assert code != 0 and "no builder for aarch64-linux" in output, output

@@ -129,3 +129,11 @@ def test_socket_activation() -> None:
     """With sockets from systemd and no PORT, nixeryd listens on the first of them."""
     assert Config.from_env({"LISTEN_FDS": "1"}).listen == ("systemd:domain=INET:index=0",)
     assert Config.from_env({"LISTEN_FDS": "1", "PORT": "9000"}).listen == ("tcp:9000",)
+
+
+def test_path_recheck() -> None:
+    """NIXERY_PATH_RECHECK: how often a path source is walked; zero walks at every pull."""
+    assert Config.from_env({}).path_recheck == 1.0
+    assert Config.from_env({"NIXERY_PATH_RECHECK": "0"}).path_recheck == 0.0
+    with pytest.raises(ConfigError, match="NIXERY_PATH_RECHECK"):
+        Config.from_env({"NIXERY_PATH_RECHECK": "-1"})

@@ -164,10 +164,10 @@ def test_unknown_packages_are_404_naming_every_one(daemon: Daemon) -> None:
     assert "hello" not in error["detail"]["packages"]
 
 
-def test_a_failing_build_is_500_with_nix_output(daemon: Daemon) -> None:
-    """A package whose builder fails gives 500 UNKNOWN carrying the end of Nix's log."""
+def test_a_failing_build_is_422_with_nix_output(daemon: Daemon) -> None:
+    """A package whose builder fails gives 422 UNKNOWN carrying the end of Nix's log."""
     status, _, body = daemon.request("/v2/broken/manifests/latest")
-    assert status == 500
+    assert status == 422
     error = json.loads(body)["errors"][0]
     assert error["code"] == "UNKNOWN"
     assert "broken" in error["message"]
@@ -175,11 +175,11 @@ def test_a_failing_build_is_500_with_nix_output(daemon: Daemon) -> None:
 
 
 def test_an_endless_build_log_gives_a_short_error(daemon: Daemon) -> None:
-    """A builder printing 8 MB without a newline gives a 500 of a few KB, twice (the failure
+    """A builder printing 8 MB without a newline gives a 422 of a few KB, twice (the failure
     is remembered), and the index page stays small."""
     for _ in range(2):
         status, _, body = daemon.request("/v2/loud/manifests/latest")
-        assert status == 500
+        assert status == 422
         assert len(body) < 8192, len(body)
         assert "more bytes]" in json.loads(body)["errors"][0]["message"]
     status, _, page = daemon.request("/")

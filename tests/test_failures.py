@@ -104,7 +104,8 @@ def test_a_platform_without_a_builder() -> None:
 
 def test_a_derivation_past_nix_timeout() -> None:
     error = classify(["hangs-1.0: sleeping for good as pid 12",
-                      "error: building of '/nix/store/aaaa-hangs-1.0.drv!out' from .drv file timed out after 30 seconds"])
+                      "error: building of '/nix/store/aaaa-hangs-1.0.drv!out' from .drv file "
+                      "timed out after 30 seconds"])
     assert isinstance(error, NixTimedOut)
     assert error.limit == "NIX_TIMEOUT"
     assert error.summary == "building hangs-1.0 took longer than NIX_TIMEOUT (30 seconds) and was stopped"

@@ -65,7 +65,8 @@ def test_kill_9_while_packing_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_package_set_that_does_not_evaluate(tmp_path: Path) -> None:
-    """A package set with a syntax error gives 500 UNKNOWN carrying Nix's complaint."""
+    """A package set with a syntax error cannot be loaded: 503 UNKNOWN with Retry-After,
+    carrying Nix's complaint and the setting that chose the set."""
     broken = tmp_path / "pkgs"
     broken.mkdir()
     (broken / "default.nix").write_text("{ ... }: { hello = ; }\n")
@@ -76,9 +77,11 @@ def test_package_set_that_does_not_evaluate(tmp_path: Path) -> None:
         second, _, _ = daemon.request("/v2/")
     finally:
         daemon.stop()
-    assert status == 500 and headers["Content-Type"] == "application/json"
+    assert status == 503 and headers["Content-Type"] == "application/json"
+    assert int(headers["Retry-After"]) > 0
     error = json.loads(body)["errors"][0]
     assert error["code"] == "UNKNOWN" and "syntax error" in error["message"]
+    assert "(NIXERY_PKGS_PATH)" in error["message"]
     assert second == 200
 
 

@@ -81,10 +81,10 @@ def test_a_failure_is_shared_by_the_fleet(
     without running Nix again, for the failure TTL."""
     one, two = start_fleet(tmp_path, storage, counter, private_pkgs)
     status, _, body = one.request("/v2/broken/manifests/latest")
-    assert status == 500, body
+    assert status == 422, body
     assert counter.calls == 1
     status, _, again = two.request("/v2/broken/manifests/latest")
-    assert status == 500
+    assert status == 422
     assert json.loads(again)["errors"][0]["message"] == json.loads(body)["errors"][0]["message"]
     assert counter.calls == 1
     status, _, body = two.request("/v2/alpha/no-such-package/manifests/latest")

@@ -41,7 +41,7 @@ def test_daemon_logs_json_with_build_log_lines(tmp_path: Path) -> None:
         status, _, _ = daemon.request("/v2/broken/manifests/latest")
     finally:
         daemon.stop()
-    assert status == 500
+    assert status == 422
     records = [json.loads(line) for line in daemon.log.splitlines() if line.strip()]
     build_lines = [r for r in records if r.get("build_log")]
     assert any("meant to fail" in r["message"] for r in build_lines)

@@ -83,10 +83,11 @@ def test_run_sets_the_entrypoint(daemon: Daemon) -> None:
     assert "Cmd" not in config["config"]
 
 
-def test_run_without_a_main_program_is_404(daemon: Daemon) -> None:
-    """A package with no meta.mainProgram cannot be run/: 404 naming it, saying why."""
+def test_run_without_a_main_program_is_422(daemon: Daemon) -> None:
+    """A package with no meta.mainProgram cannot be run/: 422 naming it, saying why (the
+    name is in the set, and cannot become this image)."""
     status, _, body = daemon.request("/v2/run/git/manifests/latest")
-    assert status == 404
+    assert status == 422
     (error,) = json.loads(body)["errors"]
     assert error["code"] == "MANIFEST_UNKNOWN" and error["detail"]["packages"] == ["git"]
     assert "meta.mainProgram" in error["message"]

@@ -72,12 +72,14 @@ def test_capitals_and_nested_sets(daemon: Daemon) -> None:
     assert any(name.endswith("-python3-requests-2.31/lib/python3/requests.py") for name in entries)
 
 
-def test_a_removed_alias_is_404_with_nix_message(daemon: Daemon) -> None:
-    """A name whose attribute throws is MANIFEST_UNKNOWN naming it, Nix's words in the detail."""
+def test_a_removed_alias_is_422_with_nix_message(daemon: Daemon) -> None:
+    """A name whose attribute throws is 422 MANIFEST_UNKNOWN naming it, Nix's own words first
+    in the message (and in the reason phrase), and in the detail."""
     status, _, body = daemon.request("/v2/hello/oldtool/manifests/latest")
-    assert status == 404
+    assert status == 422
     (error,) = json.loads(body)["errors"]
     assert error["code"] == "MANIFEST_UNKNOWN"
+    assert error["message"].startswith("'oldtool' has been removed from the test package set")
     assert error["detail"]["packages"] == ["oldtool"]
     assert "'oldtool' has been removed from the test package set" in error["detail"]["nix"]
 
