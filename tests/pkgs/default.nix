@@ -167,12 +167,15 @@ in
   '';
 
   # Built for the platform the image is for, as nixpkgs builds everything: an
-  # `arm64/` image of it needs a builder for aarch64-linux.
+  # `arm64/` image of it needs a builder for aarch64-linux. A copy of this set
+  # with a `native-nonce` file has a derivation of its own (a test that builds
+  # it for aarch64 leaves the shared one unbuilt).
   native-tool = derivation {
     name = "native-tool-1.0";
     inherit system;
     builder = "/bin/sh";
     PATH = "/usr/bin:/bin";
+    nonce = if builtins.pathExists ./native-nonce then builtins.readFile ./native-nonce else "shared";
     args = [ "-e" "-c" "mkdir -p $out/bin && echo native > $out/bin/native-tool" ];
   };
 
