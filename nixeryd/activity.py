@@ -14,6 +14,8 @@ class BuildFailure:
     image: str
     tag: str
     message: str
+    summary: str = ""  # one line saying why, read first
+    kind: str = "failed"  # as counted in metrics: not_found, timed_out, source, platform, failed
 
 
 class Activity:

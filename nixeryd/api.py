@@ -31,6 +31,7 @@ from nixeryd.errors import (
 from nixeryd.imagepage import ImagePages
 from nixeryd.imagepage import render as render_page
 from nixeryd.images import Images
+from nixeryd.look import error_page, wants_html
 from nixeryd.manifest import ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import (
@@ -132,7 +133,9 @@ class RegistryAPI:
     async def index(self, request: IRequest) -> bytes:
         if self._status is None:
             raise no_endpoint("/")
-        body = await render_index(self._status, request)
+        full = self._auth is None or not self._auth.enabled or await self._auth.check(
+            request.getHeader(b"authorization"))
+        body = await render_index(self._status, _host(request), secure=request.isSecure(), full=full)
         _set(request, "Content-Type", "text/html; charset=utf-8")
         _set(request, "Content-Length", len(body))
         return body
@@ -148,7 +151,8 @@ class RegistryAPI:
         except NameInvalid as e:
             raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
         manifests = await as_registry_errors(image.name, self._images.manifests(image, "latest", index=False))
-        data = await storage_call(Deferred.fromCoroutine(self._pages.data(image, manifests, _host(request))))
+        data = await storage_call(Deferred.fromCoroutine(
+            self._pages.data(image, manifests, _host(request), request.isSecure())))
         if "application/json" in accepted_types(request):
             return self._json(request, data)
         body = render_page(data)
@@ -191,11 +195,16 @@ class RegistryAPI:
 
     def _error_response(self, request: IRequest, error: RegistryError) -> bytes:
         body = error.body()
+        content_type = "application/json"
+        if not request.path.startswith(b"/v2") and wants_html(accepted_types(request)):
+            # A person's browser on a page: the error as a page, with the way back.
+            body = error_page(error.status, error.message)
+            content_type = "text/html; charset=utf-8"
         request.setResponseCode(error.status, error.phrase())
         request.setHeader(*API_VERSION_HEADER)
         for name in (b"Docker-Content-Digest", b"ETag", b"Content-Range"):
             request.responseHeaders.removeHeader(name)
-        _set(request, "Content-Type", "application/json")
+        _set(request, "Content-Type", content_type)
         _set(request, "Content-Length", len(body))
         if error.retry_after is not None:
             _set(request, "Retry-After", error.retry_after)
@@ -229,8 +238,8 @@ class RegistryAPI:
         request.setHeader(*API_VERSION_HEADER)
         await self._authorize(request)
         if rest == "_catalog":
-            stored_names = await storage_call(Deferred.fromCoroutine(self._images.tag_records.names()))
-            names = self._page(request, sorted({*stored_names, *self._images.known.names()}), "/v2/_catalog")
+            every = await storage_call(Deferred.fromCoroutine(self._images.catalogue()))
+            names = self._page(request, every, "/v2/_catalog")
             return self._json(request, {"repositories": names})
         if rest.endswith(TAGS_SUFFIX):
             name = rest[: -len(TAGS_SUFFIX)]

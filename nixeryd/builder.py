@@ -246,7 +246,9 @@ class ImageBuilder:
             manifests = await self._build(image, tag, started, label)
         except Exception as e:
             self._metrics.builds.labels(outcome=outcome(e)).inc()
-            self.activity.failed(BuildFailure(self._clock.seconds(), label, tag, _message(e)))
+            message = _message(e)
+            self.activity.failed(BuildFailure(self._clock.seconds(), label, tag, message,
+                                              getattr(e, "summary", None) or message.split("\n", 1)[0], outcome(e)))
             raise
         finally:
             self.activity.ended(number)

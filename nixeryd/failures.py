@@ -154,6 +154,14 @@ def describe_source(source: Mapping[str, str]) -> str:
     return "package set"
 
 
+SUMMARY_LINE = 240
+"""Most characters of a log line quoted in a summary."""
+
+
+def _clipped(line: str) -> str:
+    return line if len(line) <= SUMMARY_LINE else line[:SUMMARY_LINE] + " [...]"
+
+
 def derivation_name(drv: str) -> str:
     """``/nix/store/<hash>-broken-1.0.drv`` -> ``broken-1.0``."""
     base = drv.rsplit("/", 1)[-1].removesuffix(".drv")
@@ -201,7 +209,7 @@ def build_failure(tail: Sequence[str], *, source: Mapping[str, str], timeout: fl
             logged = [line.strip() for line in tail[:index] if line.strip() and not NIX_CHATTER.match(line)]
             # Where Nix did not show the log as it ran, it quotes its end below the error.
             logged = logged or [m.group(1) for line in tail[index + 1:] if (m := QUOTED_LOG.match(line))]
-            last = logged[-1] if logged else f"its builder exited with code {code or '?'}"
+            last = _clipped(logged[-1]) if logged else f"its builder exited with code {code or '?'}"
             summary = f"cannot build {derivation_name(drv)}: {last}"
             message = f"{summary}\nlog of {drv}:\n" + tail_text(logged)
             return NixBuildFailed(message, log, summary, drv)

@@ -8,21 +8,24 @@ and which other images built here share a layer.
 """
 from __future__ import annotations
 
-import html
 import io
 import json
 import tarfile
+import time
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import quote
 
 from nixeryd.images import Images
+from nixeryd.look import e, layer_colour, layout, pull_commands
 from nixeryd.manifest import ImageManifests
 from nixeryd.names import Image
 from nixeryd.offload import Offload
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile
 
 MAX_LISTINGS = 2000
-COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
+SOURCE_LABEL = "org.opencontainers.image.source"
+REVISION_LABEL = "org.opencontainers.image.revision"
 
 
 def _store_paths(data: bytes | None, path: str | None) -> list[str]:
@@ -38,13 +41,15 @@ def _store_paths(data: bytes | None, path: str | None) -> list[str]:
 
 
 class ImagePages:
-    def __init__(self, images: Images, storage: IStorage, offload: Offload) -> None:
+    def __init__(self, images: Images, storage: IStorage, offload: Offload, *, signing: bool = False) -> None:
         self._images = images
         self._storage = storage
         self._offload = offload
+        self._signing = signing
         self._listings: OrderedDict[str, list[str] | None] = OrderedDict()
 
-    async def data(self, image: Image, manifests: ImageManifests, registry: str) -> dict[str, Any]:
+    async def data(self, image: Image, manifests: ImageManifests, registry: str,
+                   secure: bool = False) -> dict[str, Any]:
         manifest = json.loads(manifests.oci.body)
         layers = []
         for descriptor in manifest["layers"]:
@@ -56,18 +61,30 @@ class ImagePages:
                 "shared_with": sorted(set(self._images.layer_users(digest)) - {image.name}),
             })
         packages, closure_size = await self._packages(manifests)
+        labels = await self._labels(manifest)
         return {
             "name": image.name,
             "digest": manifests.oci.digest,
             "docker_digest": manifests.docker.digest if manifests.docker else None,
             "sbom": manifests.sbom.digest if manifests.sbom else None,
-            "signature_tag": manifests.oci.digest.replace(":", "-") + ".sig",
+            "signature_tag": manifests.oci.digest.replace(":", "-") + ".sig" if self._signing else None,
+            "built": self._images.built_at(manifests.oci.digest),
+            "source": labels.get(SOURCE_LABEL),
+            "revision": labels.get(REVISION_LABEL),
             "packages": packages,
             "closure_size": closure_size,
             "layers": layers,
-            "pull": [f"docker pull {registry}/{image.name}", f"podman pull {registry}/{image.name}",
-                     f"skopeo copy docker://{registry}/{image.name} oci:image"],
+            "pull": pull_commands(registry, secure, image.name),
         }
+
+    async def _labels(self, manifest: dict[str, Any]) -> dict[str, str]:
+        config = manifest.get("config") or {}
+        data = await self._storage.get("layers/" + str(config.get("digest", "")).removeprefix("sha256:"))
+        try:
+            labels = json.loads(data or b"{}").get("config", {}).get("Labels") or {}
+        except ValueError:
+            return {}
+        return {str(k): str(v) for k, v in labels.items()}
 
     async def _paths(self, digest: str) -> list[str] | None:
         if digest in self._listings:
@@ -91,14 +108,17 @@ class ImagePages:
         if data is None:
             return [], 0
         document = json.loads(data)
+        named = {r["relatedSpdxElement"] for r in document.get("relationships", [])
+                 if r.get("relationshipType") == "DESCRIBES"}
         packages, total = [], 0
         for package in document["packages"]:
             comment = package.get("comment", "")
             size = int(comment.rsplit("NAR size ", 1)[1].split()[0]) if "NAR size " in comment else 0
             total += size
             packages.append({"name": package["name"], "version": package["versionInfo"], "nar_size": size,
-                             "store_path": comment.split(";")[0].removeprefix("store path ")})
-        return sorted(packages, key=lambda p: (p["name"], p["version"])), total
+                             "store_path": comment.split(";")[0].removeprefix("store path "),
+                             "named": package.get("SPDXID") in named})
+        return sorted(packages, key=lambda p: (not p["named"], p["name"], p["version"])), total
 
 
 def _size(n: int) -> str:
@@ -114,7 +134,6 @@ def _size(n: int) -> str:
 
 def render(data: dict[str, Any]) -> bytes:
     """The page, every value escaped."""
-    e = html.escape
     # Each layer gets its share of the bar, but never less than 1%: a tiny layer stays visible.
     floor = 10.0
     room = 1000 - floor * len(data["layers"])
@@ -124,34 +143,32 @@ def render(data: dict[str, Any]) -> bytes:
     for i, layer in enumerate(data["layers"]):
         width = floor + room * layer["size"] / total
         bars.append(f'<rect class="layer" x="{x:.2f}" y="0" width="{max(width, 1):.2f}" height="40" '
-                    f'fill="{COLOURS[i % len(COLOURS)]}"><title>layer {i + 1}: {e(_size(layer["size"]))}'
-                    f'</title></rect>')
+                    f'fill="{layer_colour(i)}"><title>layer {i + 1}: {e(_size(layer["size"]))}</title></rect>')
         x += width
     rows = []
     for i, layer in enumerate(data["layers"]):
         paths = layer["store_paths"]
         held = ("the symlinks that make /bin and the rest" if paths == [] else
                 "not listed (in the bucket)" if paths is None else "<br/>".join(e(p) for p in paths))
-        shared = ", ".join(e(n) for n in layer["shared_with"]) or "no other image built here"
-        rows.append(f'<tr><td><span class="swatch" style="background:{COLOURS[i % len(COLOURS)]}"></span>'
+        shared = ", ".join(f'<a href="/image/{quote(n, safe="/")}">{e(n)}</a>' for n in layer["shared_with"]) \
+            or "no other image built here"
+        rows.append(f'<tr><td><span class="swatch" style="background:{layer_colour(i)}"></span>'
                     f'{i + 1}</td><td>{e(_size(layer["size"]))}</td><td><code>{e(layer["digest"][:19])}…'
                     f'</code></td><td class="paths">{held}</td><td>{shared}</td></tr>')
-    packages = "".join(f'<tr><td>{e(p["name"])}</td><td>{e(p["version"])}</td><td>{e(_size(p["nar_size"]))}</td></tr>'
-                       for p in data["packages"])
+    packages = "".join(
+        f'<tr><td>{e(p["name"])}</td><td>{e(p["version"])}</td><td>{e(_size(p["nar_size"]))}</td>'
+        f'<td>{"asked for" if p["named"] else "dependency"}</td></tr>' for p in data["packages"])
+    named = sum(1 for p in data["packages"] if p["named"])
     pull = "\n".join(e(c) for c in data["pull"])
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"/><title>{e(data["name"])} - nixeryd</title>
-<style>
-body {{ font-family: sans-serif; max-width: 70em; margin: 2em auto; padding: 0 1em; }}
-code, pre {{ background: #f4f4f4; padding: 0.2em 0.4em; }} pre {{ padding: 0.6em; }}
-table {{ border-collapse: collapse; width: 100%; }} td, th {{ border-bottom: 1px solid #ddd; padding: 0.3em;
- text-align: left; vertical-align: top; }} .paths {{ font-family: monospace; font-size: 0.85em; }}
-.swatch {{ display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.4em; }}
-</style></head>
-<body>
-<h1>{e(data["name"])}</h1>
-<p>{len(data["packages"])} store paths, {e(_size(data["closure_size"]))} unpacked, in {len(data["layers"])} layers
-({e(_size(sum(layer["size"] for layer in data["layers"])))} compressed).</p>
+    built = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(data["built"])) if data["built"] else "unknown"
+    origin = e(data["source"] or "a package set on the build host")
+    if data["revision"]:
+        origin += f" at revision <code>{e(data['revision'])}</code>"
+    signature = (f"<br/>signature tag <code>{e(data['signature_tag'])}</code>" if data["signature_tag"] else "")
+    body = f"""<h1>{e(data["name"])}</h1>
+<p>Built {e(built)} from {origin}.<br/>
+{named} packages asked for and {len(data["packages"]) - named} dependencies, {e(_size(data["closure_size"]))}
+unpacked, in {len(data["layers"])} layers ({e(_size(sum(layer["size"] for layer in data["layers"])))} compressed).</p>
 <pre>{pull}</pre>
 <h2>Layers</h2>
 <svg id="layers" viewBox="0 0 1000 40" preserveAspectRatio="none" width="100%" height="40" role="img"
@@ -159,10 +176,11 @@ table {{ border-collapse: collapse; width: 100%; }} td, th {{ border-bottom: 1px
 <table><tr><th>layer</th><th>size</th><th>digest</th><th>store paths</th><th>shared with</th></tr>
 {"".join(rows)}</table>
 <h2>Packages</h2>
-<table><tr><th>name</th><th>version</th><th>NAR size</th></tr>{packages}</table>
+<p class="note">"Asked for": the packages the name names, with those its meta-packages and the base packages
+add; the rest are what they depend on.</p>
+<table><tr><th>name</th><th>version</th><th>NAR size</th><th></th></tr>{packages}</table>
 <h2>Digests</h2>
 <p>manifest <code>{e(data["digest"])}</code><br/>SBOM (SPDX, through the referrers API)
-<code>{e(data["sbom"] or "none")}</code><br/>signature tag <code>{e(data["signature_tag"])}</code></p>
-</body></html>
+<code>{e(data["sbom"] or "none")}</code>{signature}</p>
 """
-    return page.encode()
+    return layout(f"{data['name']} - nixeryd", body)

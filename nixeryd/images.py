@@ -162,8 +162,14 @@ class Images:
         # disk is damaged, and is not served.
         self._sizes: OrderedDict[str, int] = OrderedDict()
         self._referrers: OrderedDict[str, StoredManifest] = OrderedDict()
+        self._built: OrderedDict[str, float] = OrderedDict()  # manifest digest -> when it was built
         self._users: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # layer -> image names
         self._noted: OrderedDict[tuple[str, str], None] = OrderedDict()  # (name, manifest) in _users
+
+    async def catalogue(self) -> list[str]:
+        """Every name pulled, by any instance on this storage."""
+        stored = await self.tag_records.names()
+        return sorted({*stored, *self.known.names()})
 
     def expected_size(self, digest: str) -> int | None:
         """The size a served manifest gives the blob ``digest``, where one is known."""
@@ -177,6 +183,16 @@ class Images:
                   "again at their next pull", digest=digest)
         self._sizes.pop(digest, None)
         self._bodies.clear()
+
+    def built_at(self, digest: str) -> float | None:
+        """When the image (or index) with manifest ``digest`` was built, where known."""
+        return self._built.get(digest)
+
+    def _note_built(self, digests: _Digests) -> None:
+        self._built[digests.oci] = digests.built
+        self._built.move_to_end(digests.oci)
+        while len(self._built) > MAX_KNOWN_SIZES:
+            self._built.popitem(last=False)
 
     def layer_users(self, digest: str) -> list[str]:
         """The names of images served here (lately) that have layer ``digest``."""
@@ -327,6 +343,7 @@ class Images:
         digests = self._cache.get(key)
         if remembered is not None and digests is not None:
             self._metrics.cache.labels(result="memory").inc()
+            self._note_built(digests)
             await self._touch(key, digests)
             return remembered
         if digests is None:
@@ -335,6 +352,7 @@ class Images:
             cached = await self._load(digests)
             if cached is not None:
                 self._metrics.cache.labels(result="storage").inc()
+                self._note_built(digests)
                 self._bodies.put(key, cached, BODY_TTL)
                 self._note_sizes(cached)
                 await self._touch(key, digests)
@@ -357,6 +375,7 @@ class Images:
             digests = _Digests(made.oci.digest, docker, self._clock.seconds(),
                                made.sbom.digest if made.sbom is not None else None)
             # Written before the lease goes: whoever finds no lease finds the record.
+            self._note_built(digests)
             await self._write_record(key, digests, served=digests.built)
             self._touched.put(key, digests.built, None)
             self._cache.put(key, digests, self._ttl_for(tag))

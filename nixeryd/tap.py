@@ -458,12 +458,16 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         failures=lambda: list(builder.activity.failures),
         tail=parts.logs.tail,
         now=reactor.seconds,
+        storage=describe_storage(config),
+        listen=", ".join(config.listen),
+        catalogue=parts.images.catalogue,
     )
+    signatures = _signatures(config, parts.builder)
     api = RegistryAPI(
         parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status,
         auth=_authenticator(config, parts.auth_offload, reactor),
-        signatures=_signatures(config, parts.builder),
-        pages=ImagePages(parts.images, parts.storage, parts.offload),
+        signatures=signatures,
+        pages=ImagePages(parts.images, parts.storage, parts.offload, signing=signatures is not None),
     )
     site = make_site(api.app.resource(), parts.metrics)
     Announce(config).setServiceParent(parts.top)

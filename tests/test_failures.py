@@ -171,3 +171,10 @@ def test_a_failure_recorded_for_the_fleet_comes_back_the_same(error: NixError) -
     again = failure_error(json.loads(json.dumps(failure_record(error))))
     assert type(again) is type(error)
     assert (again.message, again.summary) == (error.message, error.summary)
+
+
+def test_a_summary_quotes_a_short_line() -> None:
+    """A builder's endless line is quoted in a summary in a few hundred characters."""
+    error = classify(["x" * 1024 + " [8387584 more bytes]",
+                      "error: builder for '/nix/store/aaaa-loud-1.0.drv' failed with exit code 1"])
+    assert len(error.summary) < 300 and error.summary.endswith("[...]")

@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from nixeryd.imagepage import COLOURS
+from nixeryd.look import layer_colour
 from tests.daemon import Daemon, daemon_fixture
 
 daemon = daemon_fixture()
@@ -28,6 +28,8 @@ def test_the_page_as_json(daemon: Daemon) -> None:
     assert data["layers"][-1]["store_paths"] == []  # the symlink layer
     assert any("beta" in layer["shared_with"] for layer in data["layers"])  # base packages' layer
     assert f"docker pull {daemon.registry}/alpha" in data["pull"]
+    assert data["signature_tag"] is None  # signing is off: no tag that would answer 404
+    assert data["built"] > 0
 
 
 def test_the_page_as_html(daemon: Daemon) -> None:
@@ -39,7 +41,7 @@ def test_the_page_as_html(daemon: Daemon) -> None:
     layers = json.loads(daemon.request("/image/alpha", headers={"Accept": "application/json"})[2])["layers"]
     assert len(re.findall(r'<rect class="layer"', page)) == len(layers)
     assert "<script" not in page
-    assert "libshared" in page and f"podman pull {daemon.registry}/alpha" in page
+    assert "libshared" in page and f"podman pull --tls-verify=false {daemon.registry}/alpha" in page
 
 
 def test_unknown_and_bad_names(daemon: Daemon) -> None:
@@ -66,7 +68,7 @@ def test_chromium_renders_the_layer_bar(daemon: Daemon, tmp_path: Path) -> None:
     layers = json.loads(daemon.request("/image/alpha", headers={"Accept": "application/json"})[2])["layers"]
     picture = Image.open(shot).convert("RGB")
     colours = {picture.getpixel((x, y)) for x in range(0, picture.width, 2) for y in range(0, picture.height, 2)}
-    drawn = [colour for colour in COLOURS[: len(layers)] if _rgb(colour) in colours]
+    drawn = [colour for colour in (layer_colour(i) for i in range(len(layers))) if _rgb(colour) in colours]
     assert len(drawn) == len(layers), (drawn, len(layers))  # every layer, the smallest too
 
 
