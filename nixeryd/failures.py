@@ -28,6 +28,8 @@ NIX_CHATTER = re.compile(
     r"  /nix/store/|trace: |warning: |copying path |error: |fatal: |For full logs|"
     r"\(use '--show-trace'|querying info|downloading '|unpacking '|fetching |       )"
 )
+NIX_CLOSING = re.compile(r"^(error: |\s+\S|\(use '--show-trace'|For full logs)")
+"""Lines of the block of errors Nix ends a failed build with."""
 QUOTED_LOG = re.compile(r"^\s+> (.*\S.*)$")
 SHOW_TRACE_HINT = "(use '--show-trace'"
 MESSAGE_LINES = 12
@@ -187,7 +189,15 @@ def build_failure(tail: Sequence[str], *, source: Mapping[str, str], timeout: fl
         return SourceUnavailable(
             f"cannot load the package set, {what}: {said}; the package set is chosen with {SOURCE_SETTINGS}",
             log)
-    for line in reversed(tail):
+    # Only Nix's own closing errors say what happened: a builder's log, printed before
+    # them, may say anything (a hostile one would pass its failure off as a time-out).
+    start = len(tail)
+    while start > 0 and NIX_CLOSING.match(tail[start - 1]):
+        start -= 1
+    for index in range(len(tail) - 1, start - 1, -1):
+        line = tail[index]
+        if QUOTED_LOG.match(line):
+            continue  # the builder's words, quoted by Nix
         platform = WRONG_PLATFORM.search(line)
         if platform:
             wanted, drv, here = platform.groups()
@@ -195,15 +205,13 @@ def build_failure(tail: Sequence[str], *, source: Mapping[str, str], timeout: fl
                 f"no builder for {wanted}: {derivation_name(drv)} must be built on {wanted} and this "
                 f"host builds {here}; add a {wanted} machine to Nix's builders (NIX_CONFIG) or leave "
                 f"{wanted} out of NIXERY_PLATFORMS", log, wanted, here)
-    for line in reversed(tail):
         timed_out = DERIVATION_TIMED_OUT.search(line)
         if timed_out:
             what = derivation_name(timed_out.group(1)) if timed_out.group(1) else "a package"
             summary = (f"building {what} took longer than NIX_TIMEOUT ({timeout:g} seconds) "
                        "and was stopped")
             return NixTimedOut(summary + "\n" + log, log, summary, "NIX_TIMEOUT", timeout)
-    for index in range(len(tail) - 1, -1, -1):
-        failed = FAILED_BUILDER.search(tail[index])
+        failed = FAILED_BUILDER.search(line)
         if failed:
             drv, code = failed.groups()
             logged = [line.strip() for line in tail[:index] if line.strip() and not NIX_CHATTER.match(line)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import PKGS, Daemon, daemon_environment
+from tests.daemon import PKGS, Daemon, NixCounter, daemon_environment
 
 NIXERYD = str(Path(sys.executable).parent / "nixeryd")
 
@@ -28,7 +28,7 @@ def test_every_command_has_help(command: str) -> None:
     assert "usage" in (result.stdout + result.stderr).lower()
 
 
-def test_build_warms_storage_for_the_daemon(tmp_path: Path) -> None:
+def test_build_warms_storage_for_the_daemon(tmp_path: Path, counter: NixCounter) -> None:
     """`nixeryd build` stores an image that a daemon on the same storage then serves without Nix."""
     pkgs = tmp_path / "pkgs"
     shutil.copytree(PKGS, pkgs)
@@ -38,13 +38,13 @@ def test_build_warms_storage_for_the_daemon(tmp_path: Path) -> None:
     built = json.loads(result.stdout)
     assert built["image"] == "shell/hello:latest"
     assert "layer 1:" in result.stderr
-    shutil.rmtree(pkgs)  # the daemon can only serve what was stored
-    daemon = Daemon(tmp_path / "storage", env).start()
+    daemon = Daemon(tmp_path / "storage", counter.env(env)).start()
     try:
         status, headers, _ = daemon.request("/v2/shell/hello/manifests/latest")
     finally:
         daemon.stop()
     assert (status, headers["Docker-Content-Digest"]) == (200, built["digest"])
+    assert counter.calls == 0  # served from what `build` stored
 
 
 def test_build_errors_are_one_line(tmp_path: Path) -> None:

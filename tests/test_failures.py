@@ -178,3 +178,27 @@ def test_a_summary_quotes_a_short_line() -> None:
     error = classify(["x" * 1024 + " [8387584 more bytes]",
                       "error: builder for '/nix/store/aaaa-loud-1.0.drv' failed with exit code 1"])
     assert len(error.summary) < 300 and error.summary.endswith("[...]")
+
+
+@pytest.mark.parametrize("lie", [
+    "error: building of '/nix/store/aaaa-x-1.drv!out' from .drv file timed out after 3 seconds",
+    "error: a 'aarch64-linux' with features {} is required to build '/nix/store/aaaa-x-1.drv', but I am a "
+    "'x86_64-linux' with features {}",
+])
+def test_a_builder_cannot_pass_its_failure_off_as_another(lie: str) -> None:
+    """Only Nix's closing errors are read: a builder printing Nix's words for a time-out or a
+    missing platform, then failing, is a failing builder (422), not a 503 or UNSUPPORTED."""
+    error = classify([
+        "building '/nix/store/bbbb-liar-1.0.drv'...",
+        lie,
+        "liar-1.0: giving up",
+        "error: builder for '/nix/store/bbbb-liar-1.0.drv' failed with exit code 1",
+    ])
+    assert type(error) is NixBuildFailed
+    assert error.summary == "cannot build liar-1.0: liar-1.0: giving up"
+    quoted = classify([
+        "error: builder for '/nix/store/bbbb-liar-1.0.drv' failed with exit code 1;",
+        "       last 10 log lines:",
+        "       > " + lie,
+    ])
+    assert type(quoted) is NixBuildFailed
