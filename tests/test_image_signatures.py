@@ -127,3 +127,13 @@ def test_no_signature_for_a_manifest_never_served(signing: tuple[Daemon, Path, P
     daemon, _, _ = signing
     status, _, body = daemon.request(f"/v2/hello/manifests/sha256-{'b' * 64}.sig")
     assert (status, daemon.error_codes(body)) == (404, ["MANIFEST_UNKNOWN"])
+
+
+def test_the_image_page_names_the_signature_tag_that_answers(signing: tuple[Daemon, Path, Path]) -> None:
+    """With signing on, the image page shows the signature tag, and that tag answers 200."""
+    daemon, _, _ = signing
+    status, _, body = daemon.request("/image/hello", headers={"Accept": "application/json"})
+    assert status == 200, body
+    tag = json.loads(body)["signature_tag"]
+    assert tag is not None and tag.endswith(".sig")
+    assert daemon.request(f"/v2/hello/manifests/{tag}")[0] == 200
