@@ -265,7 +265,9 @@ class RegistryAPI:
             raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
         entries = [(stored.body, sbom.SPDX_TYPE) for stored in self._images.referrers(digest.digest)]
         if entries and self._signatures is not None:
-            signed = await storage_call(self._signatures.signature(name, digest.hex, _host(request)))
+            image = parse_name(name, self._base_packages)
+            signed = await storage_call(Deferred.fromCoroutine(
+                self._signatures.signature(image, digest.hex, _host(request))))
             if signed is not None:
                 entries.append((signed.body, SIGNATURE_ARTIFACT))
         wanted = _arg(request, b"artifactType")
@@ -326,8 +328,8 @@ class RegistryAPI:
             # never an image to build.
             signed = None
             if self._signatures is not None and reference.value.endswith(".sig"):
-                signed = await storage_call(
-                    self._signatures.signature(image.name, reference.value[7:71], _host(request)))
+                signed = await storage_call(Deferred.fromCoroutine(
+                    self._signatures.signature(image, reference.value[7:71], _host(request))))
             if signed is None:
                 raise RegistryError(404, "MANIFEST_UNKNOWN", "no signature or attachment is stored for this image",
                                     {"tag": reference.value})

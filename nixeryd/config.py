@@ -64,6 +64,22 @@ def _packages(raw: str) -> tuple[str, ...]:
     return names
 
 
+IDENTITY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[a-z0-9]+([._/-][a-z0-9]+)*)?")
+
+
+def _identities(raw: str) -> tuple[str, ...]:
+    """NIXERY_SIGNING_IDENTITY: registry hosts (``host[:port]``, with an optional path
+    prefix), comma-separated."""
+    found = []
+    for item in (part.strip().rstrip("/") for part in raw.split(",")):
+        if not item:
+            continue
+        if not IDENTITY.fullmatch(item):
+            raise ConfigError(f"NIXERY_SIGNING_IDENTITY: {item!r} is not a registry host[:port][/path]")
+        found.append(item)
+    return tuple(found)
+
+
 def _platforms(variable: str, raw: str) -> tuple[Arch, ...]:
     found: list[Arch] = []
     for item in (p.strip().lower() for p in raw.split(",")):
@@ -100,7 +116,7 @@ class Config:
     storage_cooldown: float = 10.0
     signing_service_account: str | None = None
     image_signing_key: str | None = None
-    image_signing_identity: str | None = None
+    image_signing_identity: tuple[str, ...] = ()
     iam_endpoint: str | None = None
     nix_timeout: float = 60.0
     build_deadline: float = 3600.0
@@ -147,6 +163,11 @@ class Config:
                 "NIXERY_STORAGE_CONNECT_TIMEOUT, NIXERY_STORAGE_DEADLINE: must be positive numbers of seconds, "
                 f"the connect timeout no longer than the deadline, got {self.storage_connect_timeout!r} and "
                 f"{self.storage_deadline!r}"
+            )
+        if self.image_signing_key is not None and not self.image_signing_identity:
+            raise ConfigError(
+                "NIXERY_SIGNING_IDENTITY: must be set with NIXERY_SIGNING_KEY: the registry host (or hosts, "
+                "comma-separated) clients pull by, e.g. registry.internal:8080"
             )
         if self.signing_service_account is not None and self.gcs_signing_key is not None:
             raise ConfigError("NIXERY_SIGNING_ACCOUNT, GCS_SIGNING_KEY: set one or the other")
@@ -235,7 +256,7 @@ class Config:
             storage_cooldown=parsed("NIXERY_STORAGE_COOLDOWN", _seconds, 10.0),
             signing_service_account=get("NIXERY_SIGNING_ACCOUNT"),
             image_signing_key=absolute(image_key) if (image_key := get("NIXERY_SIGNING_KEY")) else None,
-            image_signing_identity=(get("NIXERY_SIGNING_IDENTITY") or "").strip("/") or None,
+            image_signing_identity=_identities(get("NIXERY_SIGNING_IDENTITY") or ""),
             iam_endpoint=(get("NIXERY_IAM_ENDPOINT") or "").rstrip("/") or None,
             nix_timeout=parsed("NIX_TIMEOUT", _seconds, 60.0),
             build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds, 3600.0),

@@ -336,27 +336,56 @@ class Images:
 
         return await self._flight.run(key, lambda: self._cached_or(key, tag, compose))
 
-    async def _cached_or(
-        self, key: str, tag: str, make: Callable[[], Awaitable[ImageManifests]]
-    ) -> ImageManifests:
+    async def resolved(self, image: Image, tag: str) -> set[str]:
+        """The manifest digests ``image`` at ``tag`` stands for, as built already (this never
+        builds): its image manifest in each flavour and, with platforms, its index and each
+        platform's image."""
+        identity = await self._identity(tag)
+        if self._platforms and image.arch != ARM64:
+            keys = [index_cache_key(image, self._platforms, identity),
+                    *[image_cache_key(dataclasses.replace(image, arch=arch), identity) for arch in self._platforms]]
+        else:
+            keys = [image_cache_key(image, identity)]
+        found: set[str] = set()
+        for key in keys:
+            manifests = await self._cached(key, tag, served=False)
+            if manifests is not None:
+                found.add(manifests.oci.digest)
+                if manifests.docker is not None:
+                    found.add(manifests.docker.digest)
+        return found
+
+    async def _cached(self, key: str, tag: str, *, served: bool = True) -> ImageManifests | None:
+        """The manifests built for ``key``, from memory or storage, or None; ``served`` when
+        they are being served (counted, and the record's served time kept fresh)."""
         remembered = self._bodies.get(key)
         digests = self._cache.get(key)
         if remembered is not None and digests is not None:
-            self._metrics.cache.labels(result="memory").inc()
-            self._note_built(digests)
-            await self._touch(key, digests)
+            if served:
+                self._metrics.cache.labels(result="memory").inc()
+                self._note_built(digests)
+                await self._touch(key, digests)
             return remembered
         if digests is None:
             digests = await self._stored_digests(key, tag)
         if digests is not None:
             cached = await self._load(digests)
             if cached is not None:
-                self._metrics.cache.labels(result="storage").inc()
                 self._note_built(digests)
                 self._bodies.put(key, cached, BODY_TTL)
                 self._note_sizes(cached)
-                await self._touch(key, digests)
+                if served:
+                    self._metrics.cache.labels(result="storage").inc()
+                    await self._touch(key, digests)
                 return cached
+        return None
+
+    async def _cached_or(
+        self, key: str, tag: str, make: Callable[[], Awaitable[ImageManifests]]
+    ) -> ImageManifests:
+        found = await self._cached(key, tag)
+        if found is not None:
+            return found
         remembered_failure = self._failures.get(key)
         if remembered_failure is not None:
             self._metrics.cache.labels(result="failure").inc()

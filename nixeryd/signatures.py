@@ -1,36 +1,60 @@
-"""Serving signatures: the ``sha256-<hex>.sig`` tag of a repository, for an image
-manifest nixeryd stores, signed when first asked and kept as blobs.
+"""Serving signatures: the ``sha256-<hex>.sig`` tag of a repository, signed when first
+asked and kept as blobs.
 
-The signed identity is the repository as the client named it, behind the host from
-``NIXERY_SIGNING_IDENTITY`` or else the request's ``Host``: what a client's policy
-compares with the reference it pulled (``matchRepository``).
+A signature binds a manifest digest to a repository, and a client's policy trusts that
+binding (``matchRepository``). So the request never chooses what is signed: a digest is
+signed only for a name that stands for it here (the name was built, at ``latest`` or at a
+tag it was pulled at, and resolves to that digest), and only under an identity the
+operator configured (``NIXERY_SIGNING_IDENTITY``: the registry hosts clients pull by; the
+request's ``Host`` picks among them, never adds one). A lookup for anything else is a 404
+that writes nothing.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Sequence
 
 from nixeryd import cosign
 from nixeryd.builder import ImageBuilder
+from nixeryd.images import Images
 from nixeryd.manifest import StoredManifest
+from nixeryd.names import Image
 
 MAX_CACHED = 10_000
+MAX_TAGS = 100
+"""Most tags of one name looked at for the digest a signature is asked for."""
 
 
 class Signatures:
-    def __init__(self, key: cosign.SigningKey, identity: str | None, builder: ImageBuilder) -> None:
+    def __init__(self, key: cosign.SigningKey, identities: Sequence[str], builder: ImageBuilder,
+                 images: Images) -> None:
+        if not identities:
+            raise ValueError("signing needs at least one identity")
         self._key = key
-        self._identity = identity
+        self._identities = tuple(identities)
         self._builder = builder
+        self._images = images
         self._cache: OrderedDict[tuple[str, str], StoredManifest] = OrderedDict()
 
-    async def signature(self, name: str, hexdigest: str, host: str) -> StoredManifest | None:
-        """The signature manifest for manifest ``sha256:<hexdigest>`` of repository ``name``,
-        or None when no such manifest is stored (nothing to sign)."""
-        reference = f"{self._identity or host}/{name}"
+    def identity(self, host: str) -> str:
+        """The configured identity a request for ``host`` is signed under: that host where
+        it is one of them, else the first."""
+        wanted = host.strip().lower()
+        for identity in self._identities:
+            if identity.lower() == wanted:
+                return identity
+        return self._identities[0]
+
+    async def signature(self, image: Image, hexdigest: str, host: str) -> StoredManifest | None:
+        """The signature manifest binding manifest ``sha256:<hexdigest>`` to repository
+        ``image.name``, or None when the name does not stand for that digest here."""
+        reference = f"{self.identity(host)}/{image.name}"
         cached = self._cache.get((reference, hexdigest))
         if cached is not None:
             self._cache.move_to_end((reference, hexdigest))
             return cached
+        if not await self._stands_for(image, "sha256:" + hexdigest):
+            return None
         subject = await self._builder.stored_manifest("sha256:" + hexdigest)
         if subject is None:
             return None
@@ -42,3 +66,13 @@ class Signatures:
         while len(self._cache) > MAX_CACHED:
             self._cache.popitem(last=False)
         return stored
+
+    async def _stands_for(self, image: Image, digest: str) -> bool:
+        tags = ["latest"]
+        for tag in [*self._images.known.tags(image.name), *await self._images.tag_records.tags(image.name)]:
+            if tag not in tags and len(tags) < MAX_TAGS:
+                tags.append(tag)
+        for tag in tags:
+            if digest in await self._images.resolved(image, tag):
+                return True
+        return False

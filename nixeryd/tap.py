@@ -312,7 +312,7 @@ def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
     )
 
 
-def _signatures(config: Config, builder: ImageBuilder) -> Signatures | None:
+def _signatures(config: Config, builder: ImageBuilder, images: Images) -> Signatures | None:
     """Image signatures, when NIXERY_SIGNING_KEY names a key."""
     if config.image_signing_key is None:
         return None
@@ -320,7 +320,7 @@ def _signatures(config: Config, builder: ImageBuilder) -> Signatures | None:
         key = cosign.load_signing_key(config.image_signing_key)
     except ValueError as e:
         raise ConfigError(f"NIXERY_SIGNING_KEY: {e}") from None
-    return Signatures(key, config.image_signing_identity, builder)
+    return Signatures(key, config.image_signing_identity, builder, images)
 
 
 def _iam_signer(config: Config) -> Any:
@@ -462,7 +462,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         listen=", ".join(config.listen),
         catalogue=parts.images.catalogue,
     )
-    signatures = _signatures(config, parts.builder)
+    signatures = _signatures(config, parts.builder, parts.images)
     api = RegistryAPI(
         parts.images, parts.storage, config.base_packages, metrics=parts.metrics, status=status,
         auth=_authenticator(config, parts.auth_offload, reactor),

@@ -89,6 +89,9 @@ def test_path_source_and_empty_base() -> None:
         ({"NIXERY_SIGNED_URL_TTL": "604801"}, "NIXERY_SIGNED_URL_TTL"),
         ({"NIXERY_PLATFORMS": "linux/amd64,windows/amd64"}, "NIXERY_PLATFORMS"),
         ({"NIXERY_CHANNEL_URL": "mirror.internal/{channel}.tar.gz"}, "NIXERY_CHANNEL_URL"),
+        ({"NIXERY_SIGNING_KEY": "k.pem"}, "NIXERY_SIGNING_IDENTITY"),
+        ({"NIXERY_SIGNING_KEY": "k.pem", "NIXERY_SIGNING_IDENTITY": "https://registry.internal"},
+         "NIXERY_SIGNING_IDENTITY"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -137,3 +140,10 @@ def test_path_recheck() -> None:
     assert Config.from_env({"NIXERY_PATH_RECHECK": "0"}).path_recheck == 0.0
     with pytest.raises(ConfigError, match="NIXERY_PATH_RECHECK"):
         Config.from_env({"NIXERY_PATH_RECHECK": "-1"})
+
+
+def test_signing_identities() -> None:
+    """NIXERY_SIGNING_IDENTITY: one host or several, comma-separated, with ports and paths."""
+    config = Config.from_env({"NIXERY_SIGNING_KEY": "k.pem",
+                              "NIXERY_SIGNING_IDENTITY": "registry.internal:8080, registry.internal/team/"})
+    assert config.image_signing_identity == ("registry.internal:8080", "registry.internal/team")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -12,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nixeryd import cosign
-from tests.daemon import Daemon, daemon_environment
+from tests.daemon import TWISTD, Daemon, daemon_environment
 
 
 def key_pair(where: Path, name: str) -> tuple[Path, Path]:
@@ -63,7 +65,8 @@ def signing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, 
     private, public = key_pair(where, "nixeryd")
     _, other = key_pair(where, "other")
     storage = tmp_path_factory.mktemp("storage")
-    daemon = Daemon(storage, daemon_environment(storage, NIXERY_SIGNING_KEY=str(private))).start()
+    daemon = Daemon(storage, daemon_environment(storage, NIXERY_SIGNING_KEY=str(private),
+                                                NIXERY_SIGNING_IDENTITY="registry.test, mirror.test:5000")).start()
     yield daemon, public, other
     daemon.stop()
 
@@ -106,7 +109,7 @@ def test_a_signed_image_verifies(signing: tuple[Daemon, Path, Path]) -> None:
     manifest the tag serves and the repository as it was asked for, and is the same bytes
     each time it is asked for."""
     daemon, public, _ = signing
-    assert verify_as_containers_image_does(daemon, "shell/hello", public) == f"{daemon.registry}/shell/hello"
+    assert verify_as_containers_image_does(daemon, "shell/hello", public) == "registry.test/shell/hello"
     status, headers, _ = daemon.request("/v2/shell/hello/manifests/latest", "HEAD", {"Accept": cosign.OCI_MANIFEST})
     tag = headers["Docker-Content-Digest"].replace(":", "-") + ".sig"
     first, second = (daemon.request(f"/v2/shell/hello/manifests/{tag}")[2] for _ in range(2))
@@ -137,3 +140,35 @@ def test_the_image_page_names_the_signature_tag_that_answers(signing: tuple[Daem
     tag = json.loads(body)["signature_tag"]
     assert tag is not None and tag.endswith(".sig")
     assert daemon.request(f"/v2/hello/manifests/{tag}")[0] == 200
+
+
+def test_a_request_never_chooses_what_is_signed(signing: tuple[Daemon, Path, Path]) -> None:
+    """A name that was never built, or one that does not stand for the digest, gets no
+    signature, and asking writes nothing; the Host header picks among the configured
+    identities and adds none."""
+    daemon, public, _ = signing
+    _, headers, _ = daemon.request("/v2/hello/manifests/latest", "HEAD", {"Accept": cosign.OCI_MANIFEST})
+    tag = headers["Docker-Content-Digest"].replace(":", "-") + ".sig"
+    blobs = set(os.listdir(daemon.storage / "layers"))
+    for name, host in [("library/ubuntu", "docker.io"), ("alpha", "docker.io"), ("library/ubuntu", "registry.test")]:
+        status, _, body = daemon.request(f"/v2/{name}/manifests/{tag}", headers={"Host": host})
+        assert (status, daemon.error_codes(body)) == (404, ["MANIFEST_UNKNOWN"]), (name, host)
+    assert set(os.listdir(daemon.storage / "layers")) == blobs
+    for host, identity in [("docker.io", "registry.test"), ("mirror.test:5000", "mirror.test:5000"),
+                           ("REGISTRY.TEST", "registry.test")]:
+        status, _, body = daemon.request(f"/v2/hello/manifests/{tag}", headers={"Host": host})
+        assert status == 200, body
+        (layer,) = [item for item in json.loads(body)["layers"] if item["mediaType"] == cosign.SIMPLE_SIGNING]
+        signed = json.loads(daemon.request(f"/v2/hello/blobs/{layer['digest']}")[2])
+        assert signed["critical"]["identity"]["docker-reference"] == f"{identity}/hello", host
+
+
+def test_signing_needs_an_identity(tmp_path: Path) -> None:
+    """A key without NIXERY_SIGNING_IDENTITY stops start-up with one line naming it."""
+    private, _ = key_pair(tmp_path, "k")
+    env = daemon_environment(tmp_path / "s", NIXERY_SIGNING_KEY=str(private))
+    result = subprocess.run([str(TWISTD), "--nodaemon", "--pidfile=", "nixeryd"], env=env, capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("nixeryd: NIXERY_SIGNING_IDENTITY: must be set with NIXERY_SIGNING_KEY"), lines

@@ -87,7 +87,8 @@ def test_signed_images_list_their_signature(tmp_path: Path) -> None:
     storage = tmp_path / "storage"
     from tests.daemon import daemon_environment
 
-    signing = Daemon(storage, daemon_environment(storage, NIXERY_SIGNING_KEY=str(private))).start()
+    signing = Daemon(storage, daemon_environment(storage, NIXERY_SIGNING_KEY=str(private),
+                                                 NIXERY_SIGNING_IDENTITY="registry.test")).start()
     _, headers, _ = signing.request("/v2/hello/manifests/latest", headers={"Accept": OCI})
     _, index = referrers(signing, "hello", headers["Docker-Content-Digest"])
     assert sorted(m["artifactType"] for m in index["manifests"]) == [
