@@ -239,7 +239,7 @@ class RegistryAPI:
         await self._authorize(request)
         if rest == "_catalog":
             every = await storage_call(Deferred.fromCoroutine(self._images.catalogue()))
-            names = self._page(request, every, "/v2/_catalog")
+            names = self._page(request, every, "/v2/_catalog", default=CATALOG_PAGE)
             return self._json(request, {"repositories": names})
         if rest.endswith(TAGS_SUFFIX):
             name = rest[: -len(TAGS_SUFFIX)]
@@ -286,14 +286,19 @@ class RegistryAPI:
         _set(request, "Content-Length", len(body))
         return body
 
-    def _page(self, request: IRequest, items: list[str], path: str) -> list[str]:
-        """The spec's pagination: ``last`` excludes up to it, ``n`` bounds the count."""
+    def _page(self, request: IRequest, items: list[str], path: str, default: int | None = None) -> list[str]:
+        """The spec's pagination: ``last`` excludes up to it, ``n`` bounds the count (at most
+        ``MAX_PAGE``; ``default`` when not given); a malformed ``n`` is a 400, as in
+        distribution."""
         last = _arg(request, b"last")
         if last is not None:
             items = [i for i in items if i > last]
-        raw_n = _arg(request, b"n")
-        if raw_n is not None and PAGE_SIZE.fullmatch(raw_n):
-            n = int(raw_n)
+        raw_n = _arg(request, b"n") or None  # an empty n is no n
+        if raw_n is not None and (not PAGE_SIZE.fullmatch(raw_n) or int(raw_n) > MAX_PAGE):
+            raise RegistryError(400, "PAGINATION_NUMBER_INVALID",
+                                f"n must be a whole number from 0 to {MAX_PAGE}", {"n": raw_n[:64]})
+        n = int(raw_n) if raw_n is not None else default
+        if n is not None:
             if len(items) > n:
                 items = items[:n]
                 if items:
@@ -422,8 +427,13 @@ SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SIGNATURE_TAG = re.compile(r"sha256-[0-9a-f]{64}\.(sig|att|sbom)")
 """Tags sigstore clients look signatures and attachments up by."""
 PAGE_SIZE = re.compile(r"[0-9]{1,9}")
-"""An ``n`` taken for pagination: plain ASCII digits, bounded; any other is ignored."""
+"""An ``n`` taken for pagination: plain ASCII digits."""
+MAX_PAGE = 1000
+CATALOG_PAGE = 100
+"""Names in a page of ``/v2/_catalog`` when the client does not say, as distribution answers."""
 MAX_RANGES = 64
+MAX_DIGITS = 18
+"""Digits of a byte position in a Range header: more name no position in any blob."""
 
 
 WHOLE, PARTS, NONE = "whole", "parts", "none"
@@ -447,6 +457,8 @@ def range_answer(header: bytes | None, size: int) -> str:
     satisfiable = 0
     for part in parts:
         first, dash, last = part.strip().partition(b"-")
+        if len(first) > MAX_DIGITS or len(last) > MAX_DIGITS:
+            return WHOLE  # past any blob (and past what int() reads): not a range of one
         if not dash or not (first.isdigit() or first == b"") or not (last.isdigit() or last == b"") \
                 or first == last == b"" or (first and last and int(last) < int(first)):
             return WHOLE  # not a range: ignored, as the RFC allows

@@ -71,7 +71,8 @@ SHELL_PACKAGES: tuple[str, ...] = ("bashInteractive", "coreutils", "moreutils", 
 META_PACKAGES: tuple[str, ...] = ("shell", "arm64", "nonroot", "run")
 """Components with a meaning of their own, only at the front of a name, in any order."""
 
-_COMPONENT = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+"""The distribution spec's path component: ``a.b``, ``a_b``, ``a__b``, ``a-b``, ``a--b``."""
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[a-f0-9]{64}")
 _ALGORITHM = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")

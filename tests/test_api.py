@@ -262,17 +262,34 @@ class NegotiationTests(APITestCase):
         response, body = self.get("/v2/Bad/tags/list")
         self.assertEqual((response.code, self.errors(body)), (400, ["NAME_INVALID"]))
 
-    def test_a_page_size_that_is_not_a_plain_number_is_ignored(self) -> None:
-        """`n` as a Unicode digit, with 5,000 nines, negative or empty lists everything."""
+    def test_a_page_size_that_is_not_a_plain_number_is_refused(self) -> None:
+        """`n` as a Unicode digit, with 5,000 nines, negative, past 1000 or not a number is
+        400 PAGINATION_NUMBER_INVALID, as distribution answers; an empty one is no `n`."""
         for tag in ("v2", "v1"):
             self.get(f"/v2/beta/manifests/{tag}")
-        for n in ("%C2%B2", "9" * 5000, "-1", "", "1e3", "%EF%BC%91"):
+        for n in ("%C2%B2", "9" * 5000, "-1", "1e3", "%EF%BC%91", "1001", "9" * 9):
             for path in (f"/v2/beta/tags/list?n={n}", f"/v2/_catalog?n={n}"):
                 response, body = self.get(path)
-                self.assertEqual(response.code, 200, path[:40])
-                self.assertIsNone(response.headers.getRawHeaders("Link"))
-        _, body = self.get("/v2/beta/tags/list?n=" + "9" * 9)
+                self.assertEqual((response.code, self.errors(body)), (400, ["PAGINATION_NUMBER_INVALID"]), path[:40])
+        _, body = self.get("/v2/beta/tags/list?n=")
         self.assertEqual(json.loads(body)["tags"], ["latest", "v1", "v2"])
+        _, body = self.get("/v2/beta/tags/list?n=1000")
+        self.assertEqual(json.loads(body)["tags"], ["latest", "v1", "v2"])
+
+    def test_the_catalog_answers_a_page_at_a_time(self) -> None:
+        """Without `n`, the catalogue answers 100 names and a Link to the next page."""
+        import itertools
+
+        spellings = ["/".join(p) for k in (1, 2, 3, 4) for p in itertools.permutations(["alpha", "beta", "libshared",
+                                                                                    "cacert", "iana-etc"], k)]
+        for name in spellings[:105]:  # distinct repositories, a few images
+            self.assertEqual(self.get(f"/v2/{name}/manifests/latest")[0].code, 200)
+        response, body = self.get("/v2/_catalog")
+        names = json.loads(body)["repositories"]
+        self.assertEqual(len(names), 100)
+        self.assertIn(f"last={names[-1]}>", self.header(response, "Link"))
+        _, body = self.get(f"/v2/_catalog?last={names[-1]}")
+        self.assertEqual(len(json.loads(body)["repositories"]), 5)
 
 
 class MultiPlatformTests(APITestCase):
