@@ -2,7 +2,9 @@
 
 An image is kept while its cache record (``manifests/<key>``) says it was built
 or served within the keep window; instances refresh the served time of the
-images they serve (at most twice a day). Everything a kept image's manifests
+images they serve at most every ``TOUCH_INTERVAL``, so a record may be that much
+behind, and gc keeps what it says was served within the window and that interval:
+nothing served within the window is collected, whatever the window. Everything a kept image's manifests
 and indexes reach is kept, and so is every blob written within the window,
 whatever refers to it, so that builds in progress lose nothing. Safe while
 instances serve: one that needs a removed blob again packs it anew. Build
@@ -23,6 +25,8 @@ from nixeryd.storage.interface import IStorage, StoredObject
 
 log = Logger()
 
+TOUCH_INTERVAL = 3600.0
+"""Most seconds an image's record lags behind its last serving (see ``Images._touch``)."""
 STALE_LEASE = 86400.0
 """Seconds after its expiry that a build lease is garbage."""
 
@@ -62,6 +66,7 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
     """Remove what nothing kept needs; with ``dry_run`` only report it."""
     report = Report()
     horizon = now - keep_seconds
+    served_horizon = horizon - TOUCH_INTERVAL
     roots: list[str] = []
     for record in await storage.list("manifests"):
         data = await storage.get(record.key)
@@ -71,7 +76,7 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
             digests = [d for d in (_hex(doc.get("oci")), _hex(doc.get("docker")), _hex(doc.get("sbom"))) if d]
         except (ValueError, TypeError, AttributeError):
             last, digests = record.modified, []
-        if last >= horizon or record.modified >= horizon:
+        if last >= served_horizon or record.modified >= served_horizon:
             report.kept_images += 1
             roots.extend(digests)
         else:

@@ -25,6 +25,7 @@ from nixeryd.builder import ImageBuilder
 from nixeryd.cache import SingleFlight, TTLCache, gather
 from nixeryd.failures import NixError, PlatformUnavailable
 from nixeryd.fingerprint import PathFingerprint
+from nixeryd.gc import TOUCH_INTERVAL
 from nixeryd.leases import BuildLeases
 from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
@@ -77,7 +78,6 @@ def _key(doc: object) -> str:
 
 # How often an instance refreshes the served time of a cached image's record,
 # which garbage collection keeps images by.
-TOUCH_INTERVAL = 12 * 3600
 # How long manifests are served from memory before being checked against storage.
 BODY_TTL = 3600
 # Blob sizes remembered to check served blobs against.

@@ -74,6 +74,18 @@ class CollectTests(SynchronousTestCase):
         self.assertEqual(self.pull("beta").oci.digest, beta.oci.digest)
         self.assertEqual(len(self.nix.calls), calls + 1)
 
+    def test_nothing_served_within_the_window_is_collected(self) -> None:
+        """An image pulled every ten minutes for ten hours survives gc with a 0.1-day window
+        run between every pull (a served time refreshed twice a day lost it after 2.4 hours)."""
+        alpha = self.pull("alpha")
+        for _ in range(60):
+            self.clock.advance(600)
+            self.assertEqual(self.pull("alpha").oci.digest, alpha.oci.digest)
+            report = self.successResultOf(collect(self.storage, keep_seconds=0.1 * DAY, now=self.clock.seconds()))
+            self.assertEqual(report.removed_images, 0)
+            self.assertTrue(self.blobs(alpha) <= self.stored())
+        self.assertEqual(len(self.nix.calls), 1)
+
     def test_new_blobs_stay_whatever_refers_to_them(self) -> None:
         """A blob written within the window stays even when no image refers to it yet."""
         self.pull("alpha")
