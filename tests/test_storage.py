@@ -485,6 +485,29 @@ class GCSStorageTests(ConditionalContract, SynchronousTestCase):
     def damage(self, key_: str, data: bytes) -> None:
         self.bucket.blob(key_).upload_from_string(data, content_type="application/octet-stream")
 
+    def test_uploads_a_dead_process_left_are_removed_at_start(self) -> None:
+        """Local copies of uploads a kill -9 cut short (named with a dead process's id) are
+        removed when a backend starts on their directory; a live process's stay."""
+        from nixeryd.storage import filesystem
+
+        staging = os.path.abspath(self.mktemp())
+        os.makedirs(staging)
+        host = filesystem._HOST
+        gone = os.path.join(staging, f"blob-{host}-{2**22 + 7}-{'a' * 32}")  # past any pid_max
+        mine = os.path.join(staging, f"blob-{host}-{os.getpid()}-{'b' * 32}")
+        live = os.path.join(staging, f"blob-{host}-1-{'c' * 32}")  # pid 1 runs as long as we do
+        for path in (gone, mine, live):
+            with open(path, "wb") as f:
+                f.write(b"x" * 1000)
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": guarded_emulator().url})
+        GCSStorage(client.bucket(self.bucket_name), inline, redirect=plain_url("http://x", self.bucket_name),
+                   staging_dir=staging)
+        self.assertEqual(sorted(os.listdir(staging)), [os.path.basename(live)])
+
     def test_identical_blob_is_not_uploaded_again(self) -> None:
         """A blob already in the bucket with the same MD5 is not uploaded again."""
         data = b"uploaded once"
@@ -620,6 +643,29 @@ class S3StorageTests(ConditionalContract, SynchronousTestCase):
         self.failureResultOf(self.storage.commit_blob(path, announced), StorageError)
         hexdigest = announced.digest.removeprefix("sha256:")
         self.assertEqual(self.result(self.storage.check_blob(hexdigest, 64, announced.md5)), MISSING)
+
+    def test_uploads_a_dead_process_left_are_removed_at_start(self) -> None:
+        """Local copies of uploads a kill -9 cut short (named with a dead process's id) are
+        removed when a backend starts on their directory; a live process's stay."""
+        from nixeryd.storage import filesystem
+
+        staging = os.path.abspath(self.mktemp())
+        os.makedirs(staging)
+        host = filesystem._HOST
+        gone = os.path.join(staging, f"blob-{host}-{2**22 + 7}-{'a' * 32}")  # past any pid_max
+        mine = os.path.join(staging, f"blob-{host}-{os.getpid()}-{'b' * 32}")
+        live = os.path.join(staging, f"blob-{host}-1-{'c' * 32}")  # pid 1 runs as long as we do
+        for path in (gone, mine, live):
+            with open(path, "wb") as f:
+                f.write(b"x" * 1000)
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": guarded_emulator().url})
+        GCSStorage(client.bucket(self.bucket_name), inline, redirect=plain_url("http://x", self.bucket_name),
+                   staging_dir=staging)
+        self.assertEqual(sorted(os.listdir(staging)), [os.path.basename(live)])
 
     def test_identical_blob_is_not_uploaded_again(self) -> None:
         """A blob already in the bucket with the same MD5 is not uploaded again."""

@@ -171,7 +171,7 @@ class FilesystemStorage:
         return result
 
     def _temporary(self, kind: str) -> str:
-        return os.path.join(self._staging, f"{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(16)}")
+        return staging_name(self._staging, kind)
 
     def _locked(self) -> int:
         """Blocking: an open descriptor of the lock file, locked; closing it unlocks."""
@@ -251,20 +251,35 @@ def _prepare(root: str) -> int:
         probe = os.path.join(staging, "probe-" + secrets.token_hex(8))
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)
-        removed = 0
-        with os.scandir(staging) as entries:
-            leftovers = [entry.path for entry in entries if _left_over(entry)]
-        for path in leftovers:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-            removed += 1
+        removed = remove_leftovers(staging)
     except OSError as e:
         where = e.filename or root
         raise ValueError(
             f"storage path {root} is not usable: {e.strerror or e} ({where})"
         ) from None
+    return removed
+
+
+def staging_name(directory: str, kind: str) -> str:
+    """A new file name in a staging directory, saying whose it is (``remove_leftovers``)."""
+    return os.path.join(directory, f"{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(16)}")
+
+
+def remove_leftovers(staging: str) -> int:
+    """Blocking, at start-up: remove what dead processes left in ``staging`` (uploads and
+    writes a kill -9 cut short); the number removed."""
+    removed = 0
+    with os.scandir(staging) as entries:
+        leftovers = [entry.path for entry in entries if _left_over(entry)]
+    for path in leftovers:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed += 1
     return removed
 
 

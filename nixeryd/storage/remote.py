@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,6 +19,7 @@ from nixeryd.archive import BlobInfo
 from nixeryd.cache import TTLCache
 from nixeryd.offload import Offload
 from nixeryd.storage.breaker import CircuitBreaker
+from nixeryd.storage.filesystem import remove_leftovers, staging_name
 from nixeryd.storage.interface import (
     DAMAGED,
     INTACT,
@@ -93,6 +93,8 @@ class RemoteStorage:
         self._deadline = deadline
         self._staging = staging_dir
         os.makedirs(staging_dir, exist_ok=True)
+        # Uploads a kill -9 cut short leave their local copies: a dead process's go now.
+        remove_leftovers(staging_dir)
         # Blobs known to be in the bucket (written or looked up here), touched only on
         # the reactor thread: they are served without another lookup.
         self._known: OrderedDict[str, None] = OrderedDict()
@@ -107,7 +109,7 @@ class RemoteStorage:
     # --- the IStorage methods both bucket backends make the same way ---------------
 
     def staging_path(self) -> str:
-        return os.path.join(self._staging, "blob-" + secrets.token_hex(16))
+        return staging_name(self._staging, "blob")
 
     def discard(self, staged: str) -> None:
         remove_quietly(staged)
