@@ -61,10 +61,45 @@ builds are done by then, and a poll is one small read), then every LAST_POLL."""
 LEASE_TYPE = "application/json"
 
 
+def _this_host() -> str:
+    """This host as lease records name it: its name, and its process id namespace (two
+    containers may share a name and not see each other's processes)."""
+    try:
+        namespace = f"~{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        namespace = ""
+    return socket.gethostname().replace(":", "_") + namespace
+
+
+THIS_HOST = _this_host()
+
+
 def holder_name() -> str:
     """This process, as lease records name it: host, process id, and a random part
     (a restarted process may get the same id)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{THIS_HOST}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def gone_from_here(holder: str, me: str) -> bool:
+    """Whether ``holder`` was a process of this host that is no longer running (killed, or
+    an earlier process whose id this one got): its lease can be taken at once, without
+    waiting out its period."""
+    parts = holder.split(":")
+    if len(parts) < 3 or holder == me:
+        return False
+    host, pid_text = ":".join(parts[:-2]), parts[-2]
+    if host != THIS_HOST or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # our id, but not us: the process before us
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -213,7 +248,8 @@ class BuildLeases:
                 log.info("the build of {cache_key} failed on {holder}; not built again here",
                          cache_key=key, holder=record.holder)
                 raise failure_error(record.failure or {})
-            if record is None or _dead(record, now, unchanged=now - seen[1]):
+            if record is None or _dead(record, now, unchanged=now - seen[1]) or (
+                    record.state == "building" and gone_from_here(record.holder, self.holder)):
                 taken = await self._storage.write_if(
                     lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, generation)
                 if taken is not None:

@@ -115,6 +115,31 @@ class BuildLeaseTests(SynchronousTestCase):
         self.assertEqual(fleet.builds, ["B"])
         self.flushLoggedErrors()
 
+    def test_a_dead_process_of_this_host_loses_its_lease_at_once(self) -> None:
+        """After a kill -9 and a restart, the lease of this host's dead process (or of the
+        process before us with our id) is taken at the first look, not after its period; a
+        live process's, and another host's, are waited for."""
+        import os
+
+        from nixeryd.leases import THIS_HOST
+
+        for holder in (f"{THIS_HOST}:{2**22 + 7}:abcd", f"{THIS_HOST}:{os.getpid()}:0000"):
+            fleet = Fleet()
+            record = LeaseRecord("building", holder, fleet.clock.seconds() + 3600, ttl=60)
+            fleet.storage.write_if(LEASE, record.encode(), "application/json", ABSENT)
+            b = fleet.pull(fleet.instance("B"))
+            fleet.run(0.25)
+            self.assertEqual(self.successResultOf(b), "digest-by-B", holder)
+        for holder in (f"{THIS_HOST}:1:abcd", f"elsewhere:{2**22 + 7}:abcd"):
+            fleet = Fleet()
+            record = LeaseRecord("building", holder, fleet.clock.seconds() + 3600, ttl=60)
+            fleet.storage.write_if(LEASE, record.encode(), "application/json", ABSENT)
+            b = fleet.pull(fleet.instance("B"))
+            fleet.run(10)
+            self.assertNoResult(b)
+            self.assertEqual(fleet.builds, [], holder)
+        self.flushLoggedErrors()
+
     def test_unreadable_lease_is_taken_over(self) -> None:
         """A lease record that cannot be read counts as expired: it never blocks a build."""
         fleet = Fleet()
