@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 from nixeryd.archive import write_layer  # noqa: E402
 
-OFFLINE = dict(os.environ, NIX_CONFIG="substituters =\n")
+OFFLINE = dict(os.environ, NIX_CONFIG="substituters =\nbuild-users-group =\nsandbox = false\n")
 
 
 def build(packages: list[str]) -> list[str]:
     source = json.dumps({"type": "path", "path": str(ROOT / "bench" / "pkgs")})
     out = subprocess.run(
-        ["nix-build", str(ROOT / "nix" / "build.nix"), "--no-out-link", "--argstr", "source", source,
+        ["nix-build", str(ROOT / "nix" / "build.nix"), "-A", "packages", "--no-out-link", "--argstr", "source", source,
          "--argstr", "packages", json.dumps(packages), "--argstr", "system", "x86_64-linux"],
         env=OFFLINE, check=True, capture_output=True, text=True,
     )

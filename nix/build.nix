@@ -1,19 +1,12 @@
 # The packages of one image, resolved by nixeryd's naming rules.
 #
-#   nix-build build.nix --argstr source '<json>' --argstr packages '<json list>' --argstr system x86_64-linux
+#   nix-instantiate --eval --strict --json --read-write-mode build.nix -A info \
+#     --argstr source '<json>' --argstr packages '<json list>' --argstr system x86_64-linux
 #
-# Evaluates to the default output of every package (what `nix-build -A name`
-# gives: no man pages or other extra outputs); nix-build builds them and
-# prints their store paths. Before that, two lines are traced for nixeryd:
-#   nixeryd-roots: {"name": "/nix/store/...", ...}   the output each name stands for
-#   nixeryd-revision: "<40 hex>" or null             the git revision of the package set
-#   nixeryd-main-programs: {"name": "jq" or null}    each package's meta.mainProgram
-#   nixeryd-meta: {"name": {"license", "homepage"}}  SPDX licence ids and homepage, where meta has them
-#   nixeryd-source-loaded                          first: the package set was fetched and loaded
-# When a name is not found, or its attribute throws (how nixpkgs marks removed
-# aliases), one line names every such package:
-#   nixeryd-not-found: ["name", ...]
-# and, for an attribute that throws, Nix's own message follows it.
+# Gives three attributes: `info` (what nixeryd reads, as JSON), `explain` (the error
+# of the first package whose attribute throws, how nixpkgs marks removed aliases) and
+# `packages` (the default outputs, what `nix-build -A name` gives: no man pages or
+# other extra outputs).
 { source, packages, system }:
 
 let
@@ -73,6 +66,7 @@ let
     let parts = partsOf name; in
     check (builtins.foldl' (value: attr: value.${attr}) pkgs.${topLevel (builtins.head parts)} (builtins.tail parts));
 
+  revision = loaded.revision;
   resolved = map (name: resolve name // { inherit name; }) names;
   unresolved = builtins.filter (r: r.status != "ok") resolved;
   throwing = builtins.filter (r: r.status == "throws") resolved;
@@ -95,16 +89,33 @@ let
   };
   metas = builtins.listToAttrs (map (r: { inherit (r) name; value = about r.value; }) resolved);
 in
-# Said once the package set is fetched and loaded: a build that fails before it
-# failed on the package set, not on the packages asked for.
-builtins.seq pkgs (builtins.trace "nixeryd-source-loaded" (
-if unresolved == [ ] then
-  builtins.trace "nixeryd-roots: ${builtins.toJSON roots}"
-    (builtins.trace "nixeryd-revision: ${builtins.toJSON loaded.revision}"
-      (builtins.trace "nixeryd-main-programs: ${builtins.toJSON programs}"
-        (builtins.trace "nixeryd-meta: ${builtins.toJSON metas}"
-          (map (r: r.value) resolved))))
-else if throwing == [ ] then
-  throw notFound
-else
-  builtins.trace notFound (builtins.seq (force (builtins.head throwing).name) (throw notFound))))
+{
+  # What nixeryd reads, as JSON on standard output (`nix-instantiate --eval --strict
+  # --json --read-write-mode -A info`): a channel no builder can write to, unlike
+  # standard error, where builders' logs go. With every name resolved: each name's
+  # default output and derivation (written to the store, to be realised next), the
+  # package set's git revision, each package's main program, licence and homepage.
+  # Otherwise the names not found, and those whose attributes throw.
+  info = builtins.seq pkgs (
+    if unresolved == [ ] then {
+      notFound = [ ];
+      throwing = [ ];
+      inherit roots revision programs;
+      meta = metas;
+      drvs = map (r: r.value.drvPath) resolved;
+    } else {
+      notFound = map (r: r.name) unresolved;
+      throwing = map (r: r.name) throwing;
+      roots = { };
+      inherit revision;
+      programs = { };
+      meta = { };
+      drvs = [ ];
+    });
+
+  # Evaluating it raises the first throwing package's own error: Nix's message for it.
+  explain = if throwing == [ ] then null else force (builtins.head throwing).name;
+
+  # What `nix-build -A packages` builds: every package's default output.
+  packages = if unresolved == [ ] then map (r: r.value) resolved else throw notFound;
+}

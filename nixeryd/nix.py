@@ -23,20 +23,17 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from nixeryd.failures import NOT_FOUND_MARKER, NixBuildFailed, NixTimedOut, build_failure, tail_text
+from nixeryd.failures import NixBuildFailed, NixTimedOut, build_failure, tail_text
 from nixeryd.layers import PathInfo
 
 log = Logger()
 
-ROOTS_MARKER = re.compile(r"^trace: nixeryd-roots: (\{.*\})$")
-REVISION_MARKER = re.compile(r"^trace: nixeryd-revision: (.*)$")
-PROGRAMS_MARKER = re.compile(r"^trace: nixeryd-main-programs: (\{.*\})$")
-META_MARKER = re.compile(r"^trace: nixeryd-meta: (\{.*\})$")
-SOURCE_MARKER = "trace: nixeryd-source-loaded"
 TAIL_LINES = 40
 MAX_LINE = 256 * 1024
-"""Longest stderr line assembled whole: room for the markers of a large image (the roots
-marker names every package); a builder's longer line is cut, never kept whole."""
+"""Longest stderr line assembled whole; a builder's longer line is cut, never kept whole."""
+MAX_STDOUT = 64 * 1024 * 1024
+"""Most bytes of a Nix command's standard output kept (what an image of every package of
+nixpkgs would print is a few MB)."""
 KEPT_LINE = 1024
 """Longest line kept in the tail, logged, or shown in an error."""
 SETSID = "setsid"
@@ -95,31 +92,28 @@ class NixExit:
     signal: int | None
     stdout: bytes
     tail: tuple[str, ...]  # the last stderr lines
-    not_found: tuple[str, ...] | None  # names from the not-found marker, when Nix printed it
-    named: Mapping[str, str] | None = None  # from the roots marker
-    revision: str | None = None  # from the revision marker
-    programs: Mapping[str, str | None] = field(default_factory=dict)  # from the main-programs marker
-    meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # from the meta marker
-    source_loaded: bool = False  # whether the package set was loaded (its marker was printed)
+    overflowed: bool = False  # stdout was longer than MAX_STDOUT, and not kept
 
 
 class NixProcessProtocol(ProcessProtocol):
-    """Collects stdout, streams stderr lines into the log, keeps the tail."""
+    """Collects stdout (at most ``MAX_STDOUT``), streams stderr lines into the log, keeps
+    the tail. Standard error is a log, never data: builders write to it."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.ended: Deferred[NixExit] = Deferred()
         self._stdout: list[bytes] = []
+        self._stdout_size = 0
+        self._overflowed = False
         self._lines = LineAssembler(MAX_LINE)
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._not_found: tuple[str, ...] | None = None
-        self._named: dict[str, str] | None = None
-        self._revision: str | None = None
-        self._programs: dict[str, str | None] = {}
-        self._meta: dict[str, dict[str, str]] = {}
-        self._source_loaded = False
 
     def outReceived(self, data: bytes) -> None:
+        self._stdout_size += len(data)
+        if self._stdout_size > MAX_STDOUT:
+            self._overflowed = True
+            self._stdout = []
+            return
         self._stdout.append(data)
 
     def errReceived(self, data: bytes) -> None:
@@ -132,40 +126,6 @@ class NixProcessProtocol(ProcessProtocol):
             return
         kept = shorten(raw, KEPT_LINE, cut)
         log.info("{line}", line=kept, image=self.label, build_log=True)
-        if line == SOURCE_MARKER:
-            self._source_loaded = True
-            return
-        roots = ROOTS_MARKER.match(line)
-        if roots:
-            named = _json_or_none(roots.group(1))
-            if isinstance(named, dict):
-                self._named = {str(k): str(v) for k, v in named.items()}
-            return
-        meta = META_MARKER.match(line)
-        if meta:
-            found_meta = _json_or_none(meta.group(1))
-            if isinstance(found_meta, dict):
-                self._meta = {str(k): {f: v[f] for f in ("license", "homepage") if isinstance(v.get(f), str)}
-                              for k, v in found_meta.items() if isinstance(v, dict)}
-            return
-        programs = PROGRAMS_MARKER.match(line)
-        if programs:
-            found = _json_or_none(programs.group(1))
-            if isinstance(found, dict):
-                self._programs = {str(k): v if isinstance(v, str) else None for k, v in found.items()}
-            return
-        revision = REVISION_MARKER.match(line)
-        if revision:
-            value = _json_or_none(revision.group(1))
-            self._revision = value if isinstance(value, str) else None
-            return
-        match = NOT_FOUND_MARKER.search(line)
-        if match:
-            names = _json_or_none(match.group(1))
-            if isinstance(names, list):
-                self._not_found = tuple(str(n) for n in names)
-            if line.startswith("trace: "):
-                return  # Nix's own message for the package follows
         self._tail.append(kept)
 
     def processEnded(self, reason: Failure) -> None:
@@ -180,8 +140,7 @@ class NixProcessProtocol(ProcessProtocol):
         elif not isinstance(reason.value, ProcessDone):
             exit_code = None
         self.ended.callback(
-            NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._not_found,
-                    self._named, self._revision, self._programs, self._meta, self._source_loaded)
+            NixExit(exit_code, sig, b"".join(self._stdout), tuple(self._tail), self._overflowed)
         )
 
 
@@ -238,11 +197,47 @@ def shorten(raw: bytes, limit: int, cut: int = 0) -> str:
     return text + f" [{more} more bytes]" if more else text
 
 
-def _json_or_none(text: str) -> Any:
+@dataclass(frozen=True)
+class Info:
+    """What evaluating build.nix's ``info`` told: see nix/build.nix."""
+
+    not_found: tuple[str, ...]
+    throwing: tuple[str, ...]
+    roots: dict[str, str]  # name -> its default output
+    derivations: tuple[str, ...]
+    revision: str | None
+    programs: dict[str, str | None]
+    meta: dict[str, dict[str, str]]
+
+
+STORE_PATH = re.compile(r"/nix/store/[0-9a-z]{32}-[^/]+")
+
+
+def parse_info(data: bytes, overflowed: bool = False) -> Info:
+    """build.nix's ``info`` as ``nix-instantiate --eval --json`` prints it, every field
+    checked for its type: anything else is a failed build, never a guess."""
+    if overflowed:
+        raise NixBuildFailed(f"Nix's answer was longer than {MAX_STDOUT} bytes")
     try:
-        return json.loads(text)
-    except ValueError:
-        return None
+        doc = json.loads(data)
+        if not (all(isinstance(doc[k], list) for k in ("notFound", "throwing", "drvs"))
+                and all(isinstance(doc[k], dict) for k in ("roots", "programs", "meta"))):
+            raise TypeError("a field of the wrong type")
+        names = [str(n) for n in doc["notFound"]]
+        throwing = [str(n) for n in doc["throwing"]]
+        roots = {str(k): str(v) for k, v in doc["roots"].items()}
+        derivations = tuple(str(d) for d in doc["drvs"])
+        revision = doc["revision"]
+        programs = {str(k): v if isinstance(v, str) else None for k, v in doc["programs"].items()}
+        meta = {str(k): {f: v[f] for f in ("license", "homepage") if isinstance(v.get(f), str)}
+                for k, v in doc["meta"].items() if isinstance(v, dict)}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise NixBuildFailed(f"unreadable answer from Nix: {e}") from None
+    for path in [*roots.values(), *derivations]:
+        if not STORE_PATH.fullmatch(path):
+            raise NixBuildFailed(f"unreadable answer from Nix: {path[:200]!r} is not a store path")
+    return Info(tuple(names), tuple(throwing), roots, derivations,
+                revision if isinstance(revision, str) else None, programs, meta)
 
 
 def parse_closure(data: bytes) -> dict[str, PathInfo]:
@@ -316,23 +311,40 @@ class NixBuilder:
     ) -> NixBuild:
         """Build ``packages`` from ``source`` for ``system``; the closure comes with them."""
         deadline = self._reactor.seconds() + self._deadline
+        arguments = ["--argstr", "source", json.dumps(dict(source), sort_keys=True),
+                     "--argstr", "packages", json.dumps(list(packages)), "--argstr", "system", system]
+        # What Nix tells nixeryd comes on standard output, as JSON: no builder runs while
+        # Nix evaluates, and none can write there.
+        evaluated = await self.run(
+            ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", self._build_nix,
+             "-A", "info", *arguments],
+            label, deadline,
+        )
+        if evaluated.exit_code != 0:
+            # Names are resolved under tryEval: what fails here is the package set itself.
+            raise build_failure(evaluated.tail, source=source, timeout=self._timeout, not_found=None,
+                                source_loaded=False)
+        info = parse_info(evaluated.stdout, evaluated.overflowed)
+        if info.not_found:
+            tail: Sequence[str] = ()
+            if info.throwing:
+                # The first throwing attribute's own message, from evaluating it alone.
+                explained = await self.run(
+                    ["nix-instantiate", "--eval", "--strict", self._build_nix, "-A", "explain", *arguments],
+                    label, deadline)
+                tail = explained.tail
+            raise build_failure(tail, source=source, timeout=self._timeout, not_found=info.not_found,
+                                source_loaded=True)
+        if not info.derivations:
+            raise NixBuildFailed("Nix built nothing for this image")
         built = await self.run(
-            [
-                "nix-build", self._build_nix, "--no-out-link",
-                "--timeout", f"{math.ceil(self._timeout):d}",
-                "--argstr", "source", json.dumps(dict(source), sort_keys=True),
-                "--argstr", "packages", json.dumps(list(packages)),
-                "--argstr", "system", system,
-            ],
-            label,
-            deadline,
+            ["nix-store", "--realise", "--timeout", f"{math.ceil(self._timeout):d}", *info.derivations],
+            label, deadline,
         )
         if built.exit_code != 0:
-            raise build_failure(built.tail, source=source, timeout=self._timeout,
-                                not_found=built.not_found, source_loaded=built.source_loaded)
-        roots = tuple(sorted({line for line in built.stdout.decode().split() if line}))
-        if not roots:
-            raise NixBuildFailed("Nix built nothing for this image")
+            raise build_failure(built.tail, source=source, timeout=self._timeout, not_found=None,
+                                source_loaded=True)
+        roots = tuple(sorted(set(info.roots.values())))
         queried = await self.run(
             ["nix", "path-info", "--extra-experimental-features", "nix-command",
              "--json", "--recursive", *roots],
@@ -348,8 +360,11 @@ class NixBuilder:
             closure = parse_closure(queried.stdout)
         except (ValueError, KeyError, TypeError) as e:
             raise NixBuildFailed(f"unreadable closure from Nix: {e}") from None
-        return NixBuild(roots=roots, closure=closure, named=dict(built.named or {}),
-                        revision=built.revision, main_programs=dict(built.programs), meta=dict(built.meta))
+        missing = set(roots) - set(closure)
+        if missing:
+            raise NixBuildFailed(f"Nix did not build {', '.join(sorted(missing))}")
+        return NixBuild(roots=roots, closure=closure, named=info.roots, revision=info.revision,
+                        main_programs=info.programs, meta=info.meta)
 
     async def run(self, argv: Sequence[str], label: str, deadline: float) -> NixExit:
         """Run one Nix command in its own process group, killed at ``deadline``."""

@@ -244,16 +244,17 @@ class Daemon:
 
 
 class NixCounter:
-    """A ``nix-build`` first on the daemon's PATH that notes each start, then runs the real one."""
+    """A ``nix-instantiate`` first on the daemon's PATH that notes each start, then runs the
+    real one: every build begins with one evaluation of build.nix's ``info``."""
 
     def __init__(self, root: Path) -> None:
         self.bin = root / "bin"
         self.bin.mkdir(parents=True)
-        self.log = root / "nix-build.calls"
+        self.log = root / "nix-instantiate.calls"
         self.log.touch()
-        real = shutil.which("nix-build")
+        real = shutil.which("nix-instantiate")
         assert real is not None
-        shim = self.bin / "nix-build"
+        shim = self.bin / "nix-instantiate"
         shim.write_text(f'#!/bin/sh\necho "$*" >> "{self.log}"\nexec "{real}" "$@"\n')
         shim.chmod(0o755)
 
@@ -262,7 +263,8 @@ class NixCounter:
 
     @property
     def calls(self) -> int:
-        return len(self.log.read_text().splitlines())
+        """Builds started: evaluations of build.nix's ``info``."""
+        return sum(1 for line in self.log.read_text().splitlines() if "-A info " in line)
 
 
 def manifest_digest(daemon: Daemon, name: str) -> str:

@@ -1,6 +1,6 @@
 """Fakes for the edges unit tests cannot run: the Nix child process.
 
-``FakeNix`` stands where ``nixeryd.nix.NixBuilder`` runs nix-build: it answers
+``FakeNix`` stands where ``nixeryd.nix.NixBuilder`` runs Nix: it answers
 from a small tree of directories shaped like store paths, and lets a test hold
 a build pending until it fires it. End-to-end tests run the real Nix.
 """

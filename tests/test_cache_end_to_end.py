@@ -1,5 +1,5 @@
 """Build each image once: concurrent pulls, restarts and instances sharing storage,
-counted in real nix-build processes started by real daemons."""
+counted in real Nix evaluations started by real daemons."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from tests.test_gcs_end_to_end import gcs_environment
 
 def test_concurrent_pulls_of_a_cold_image_build_once(tmp_path: Path, counter: NixCounter,
                                                       private_pkgs: Path) -> None:
-    """32 concurrent pulls of one image not built before start one nix-build and agree."""
+    """32 concurrent pulls of one image not built before start one Nix build and agree."""
     env = counter.env(daemon_environment(tmp_path / "storage", NIXERY_PKGS_PATH=str(private_pkgs)))
     daemon = Daemon(tmp_path / "storage", env).start()
     try:

@@ -1,6 +1,6 @@
 """A fleet on one storage: real instances, one build per image, failures and tags shared,
 a lease holder killed mid-build and taken over. Nix runs are counted through a
-``nix-build`` wrapper first on the daemons' PATH."""
+``nix-instantiate`` wrapper first on the daemons' PATH."""
 from __future__ import annotations
 
 import json
@@ -57,7 +57,7 @@ def test_twelve_cold_pulls_on_two_instances_run_nix_once(
     storage: str, tmp_path: Path, counter: NixCounter, private_pkgs: Path
 ) -> None:
     """Twelve concurrent pulls of one image nobody built, spread over two instances on one
-    storage: one nix-build in all, and every pull gets the same manifest. The image takes
+    storage: one Nix build in all, and every pull gets the same manifest. The image takes
     seconds to build, so the second instance surely asks while the first builds."""
     (private_pkgs / "slow-nonce").write_text(secrets.token_hex(8))
     one, two = start_fleet(tmp_path, storage, counter, private_pkgs)

@@ -20,12 +20,14 @@ from nixeryd.failures import MAX_MESSAGE, NixBuildFailed, NixTimedOut, PackagesN
 from nixeryd.nix import (
     KEPT_LINE,
     MAX_LINE,
+    MAX_STDOUT,
     TAIL_LINES,
     LineAssembler,
     NixBuild,
     NixBuilder,
     NixProcessProtocol,
     parse_closure,
+    parse_info,
 )
 from tests.daemon import git_package_set
 from tests.processes import SLEEPER, exited_within
@@ -122,16 +124,26 @@ class ProtocolTests(SynchronousTestCase):
         self.assertLessEqual(len(text), MAX_MESSAGE + 10)
         self.assertIn("99 yyy", text)  # the end is what is kept
 
-    def test_long_markers_are_read_whole(self) -> None:
-        """A roots marker naming hundreds of packages is longer than a kept line, and read whole."""
-        named = {f"package{i}": f"/nix/store/{i:032d}-package{i}-1.0" for i in range(600)}
-        line = b"trace: nixeryd-roots: " + json.dumps(named).encode() + b"\n"
-        self.assertGreater(len(line), KEPT_LINE * 10)
+    def test_stdout_is_bounded(self) -> None:
+        """Standard output past MAX_STDOUT is not kept, and says so."""
         protocol = NixProcessProtocol("img")
-        for start in range(0, len(line), 1000):
-            protocol.errReceived(line[start:start + 1000])
+        chunk = b"x" * (1024 * 1024)
+        for _ in range(MAX_STDOUT // len(chunk) + 2):
+            protocol.outReceived(chunk)
         protocol.processEnded(Failure(ProcessDone(0)))
-        self.assertEqual(self.successResultOf(protocol.ended).named, named)
+        result = self.successResultOf(protocol.ended)
+        self.assertTrue(result.overflowed)
+        self.assertEqual(result.stdout, b"")
+
+    def test_markers_on_stderr_are_only_log(self) -> None:
+        """What a builder prints, nixeryd's old markers included, is log and nothing else."""
+        protocol = NixProcessProtocol("img")
+        protocol.errReceived(b'trace: nixeryd-meta: {"git":{"license":"MIT"}}\n'
+                             b'error: nixeryd-not-found: ["nosuch"]\n')
+        protocol.processEnded(Failure(ProcessDone(0)))
+        result = self.successResultOf(protocol.ended)
+        self.assertEqual(result.tail, ('trace: nixeryd-meta: {"git":{"license":"MIT"}}',
+                                       'error: nixeryd-not-found: ["nosuch"]'))
 
     def test_line_assembler(self) -> None:
         """Lines split anywhere come out whole; over-long ones cut with a count; flush gives
@@ -143,33 +155,6 @@ class ProtocolTests(SynchronousTestCase):
         self.assertIsNone(lines.flush())
         self.assertEqual(lines.feed(b"tail"), [])
         self.assertEqual(lines.flush(), (b"tail", 0))
-
-    def test_not_found_marker(self) -> None:
-        """The not-found line of build.nix is read into the list of names."""
-        protocol = NixProcessProtocol("img")
-        protocol.errReceived(b'error: nixeryd-not-found: ["a","b.c"]\n(use --show-trace)\n')
-        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
-        self.assertEqual(self.successResultOf(protocol.ended).not_found, ("a", "b.c"))
-
-    def test_roots_and_revision_markers(self) -> None:
-        """build.nix's traced lines become the package -> root map and the revision, and
-        stay out of the tail that error messages are made of."""
-        protocol = NixProcessProtocol("img")
-        protocol.errReceived(
-            b'trace: nixeryd-roots: {"git":"/nix/store/aaa-git-2.4","cacert":"/nix/store/bbb-nss-cacert-3.9"}\n')
-        protocol.errReceived(b'trace: nixeryd-revision: "' + b"a" * 40 + b'"\nbuilding x\n')
-        protocol.processEnded(Failure(ProcessDone(0)))
-        result = self.successResultOf(protocol.ended)
-        self.assertEqual(result.named, {"git": "/nix/store/aaa-git-2.4", "cacert": "/nix/store/bbb-nss-cacert-3.9"})
-        self.assertEqual(result.revision, "a" * 40)
-        self.assertEqual(result.tail, ("building x",))
-
-    def test_null_revision(self) -> None:
-        """A package set with no git revision (a path, a channel) has none."""
-        protocol = NixProcessProtocol("img")
-        protocol.errReceived(b"trace: nixeryd-revision: null\n")
-        protocol.processEnded(Failure(ProcessDone(0)))
-        self.assertIsNone(self.successResultOf(protocol.ended).revision)
 
     def test_clean_exit(self) -> None:
         """A clean exit is exit code 0."""
@@ -187,11 +172,21 @@ class DeadlineTests(SynchronousTestCase):
             killpg=lambda pid, sig: self.signals.append((pid, sig)),
         )
 
+    def evaluated(self, protocol: NixProcessProtocol, name: str = "hello") -> None:
+        """The evaluation of build.nix's info ends, naming one package and its derivation."""
+        protocol.outReceived(json.dumps(info(name)).encode())
+        protocol.processEnded(Failure(ProcessDone(0)))
+
     def test_group_gets_term_then_kill(self) -> None:
         """Past the deadline the process group gets SIGTERM, then SIGKILL after the grace."""
         d = ensureDeferred(self.builder.build(PATH_SOURCE, ["hangs"], SYSTEM))
-        (protocol, args), = self.reactor.spawned
-        self.assertEqual(args[:5], ["setsid", "setpriv", "--pdeathsig", "TERM", "nix-build"])
+        (evaluation, args), = self.reactor.spawned
+        self.assertEqual(args[:5], ["setsid", "setpriv", "--pdeathsig", "TERM", "nix-instantiate"])
+        self.assertEqual(args[args.index("-A") + 1], "info")
+        self.evaluated(evaluation, "hangs")
+        (protocol, args) = self.reactor.spawned[1]
+        self.assertEqual(args[4:6], ["nix-store", "--realise"])
+        self.assertIn(info("hangs")["drvs"][0], args)
         # NIX_TIMEOUT is Nix's own limit per derivation; the deadline is ours, for all of it.
         self.assertEqual(args[args.index("--timeout") + 1], "3")
         self.reactor.advance(9.9)
@@ -208,11 +203,12 @@ class DeadlineTests(SynchronousTestCase):
     def test_one_deadline_for_build_and_closure(self) -> None:
         """The closure query gets what is left of the build's deadline, not a new one."""
         d = ensureDeferred(self.builder.build(PATH_SOURCE, ["hello"], SYSTEM))
-        (protocol, _), = self.reactor.spawned
+        (evaluation, _), = self.reactor.spawned
+        self.evaluated(evaluation)
+        protocol, _ = self.reactor.spawned[1]
         self.reactor.advance(7)
-        protocol.outReceived(b"/nix/store/aaaa-hello\n")
         protocol.processEnded(Failure(ProcessDone(0)))
-        (query, args) = self.reactor.spawned[1]
+        (query, args) = self.reactor.spawned[2]
         self.assertIn("path-info", args)
         self.reactor.advance(3)
         self.assertEqual(self.signals, [(4242, signal.SIGTERM)])
@@ -222,17 +218,36 @@ class DeadlineTests(SynchronousTestCase):
     def test_finished_in_time_is_not_killed(self) -> None:
         """A build that ends in time is never signalled and leaves no timer."""
         d = ensureDeferred(self.builder.build(PATH_SOURCE, ["hello"], SYSTEM))
-        protocol, _ = self.reactor.spawned[0]
-        protocol.outReceived(b"/nix/store/aaaa-hello\n")
+        self.evaluated(self.reactor.spawned[0][0])
+        protocol, _ = self.reactor.spawned[1]
         protocol.processEnded(Failure(ProcessDone(0)))
-        query, _ = self.reactor.spawned[1]
-        query.outReceived(json.dumps(
-            [{"path": "/nix/store/aaaa-hello", "narSize": 10, "references": []}]).encode())
+        query, _ = self.reactor.spawned[2]
+        root = info("hello")["roots"]["hello"]
+        query.outReceived(json.dumps([{"path": root, "narSize": 10, "references": []}]).encode())
         query.processEnded(Failure(ProcessDone(0)))
         build = self.successResultOf(d)
-        self.assertEqual(build.roots, ("/nix/store/aaaa-hello",))
+        self.assertEqual(build.roots, (root,))
         self.assertEqual(self.signals, [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+def info(name: str) -> dict[str, object]:
+    """build.nix's info for one package, as Nix prints it."""
+    return {"notFound": [], "throwing": [], "revision": None, "programs": {name: None}, "meta": {name: {}},
+            "roots": {name: f"/nix/store/{'a' * 32}-{name}"}, "drvs": [f"/nix/store/{'d' * 32}-{name}.drv"]}
+
+
+@pytest.mark.parametrize("change", [
+    {"roots": {"git": "/etc/passwd"}},
+    {"drvs": ["--option", "builders", "ssh://x"]},
+    {"notFound": "git"},
+    {"roots": ["/nix/store/" + "a" * 32 + "-git"]},
+])
+def test_an_answer_of_the_wrong_shape_is_a_failed_build(change: dict[str, object]) -> None:
+    """Nix's answer is checked field by field: a path outside the store, an option where a
+    derivation goes, a list where a map goes, is a failed build."""
+    with pytest.raises(NixBuildFailed):
+        parse_info(json.dumps({**info("git"), **change}).encode())
 
 
 def test_parse_closure_both_shapes() -> None:

@@ -109,3 +109,27 @@ def test_oras_fetches_the_sbom(daemon: Daemon, tmp_path: Path) -> None:
     (saved,) = [Path(f) for f in files]
     assert saved.name == "sbom.spdx.json"
     assert json.loads(saved.read_text())["spdxVersion"] == "SPDX-2.3"
+
+
+def sbom_document(daemon: Daemon, name: str) -> dict[str, Any]:
+    status, headers, body = daemon.request(f"/v2/{name}/manifests/latest", headers={"Accept": OCI})
+    assert status == 200, body
+    _, index = referrers(daemon, name, headers["Docker-Content-Digest"])
+    (entry,) = index["manifests"]
+    (layer,) = json.loads(daemon.request(f"/v2/{name}/manifests/{entry['digest']}")[2])["layers"]
+    document: dict[str, Any] = json.loads(daemon.request(f"/v2/{name}/blobs/{layer['digest']}")[2])
+    return document
+
+
+def test_a_builder_cannot_forge_what_nixeryd_learns(daemon: Daemon) -> None:
+    """A package whose builder prints nixeryd's old markers (a licence and homepage, a root
+    outside the store, names not found) changes nothing: its SBOM says what its meta says
+    (nothing), and its failing twin is a failed build (422), not 404 naming what it chose."""
+    packages = {p["name"]: p for p in sbom_document(daemon, "forger")["packages"]}
+    assert packages["forger"]["licenseDeclared"] == "NOASSERTION"
+    assert "homepage" not in packages["forger"]
+    status, _, body = daemon.request("/v2/forger-fails/manifests/latest")
+    assert status == 422, body
+    error = json.loads(body)["errors"][0]
+    assert "nosuchthing" not in json.dumps(error.get("detail"))
+    assert error["message"].startswith("cannot build forger-fails-1.0")

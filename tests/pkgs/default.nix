@@ -179,6 +179,19 @@ in
     args = [ "-e" "-c" "mkdir -p $out/bin && echo native > $out/bin/native-tool" ];
   };
 
+  # Builders that print nixeryd's old markers, as a hostile package would: one to
+  # claim a licence and homepage, one to turn its failure into names not found.
+  forger = mk "forger-1.0" ''
+    echo 'trace: nixeryd-meta: {"forger":{"license":"MIT","homepage":"https://forged.example"}}' >&2
+    echo 'trace: nixeryd-roots: {"forger":"/etc"}' >&2
+    mkdir -p $out/bin
+    echo forged > $out/bin/forger
+  '';
+  forger-fails = mk "forger-fails-1.0" ''
+    echo 'error: nixeryd-not-found: ["nosuchthing"]' >&2
+    exit 1
+  '';
+
   hangs = mk "hangs-1.0" ''
     # Says which process to watch: the shell becomes the sleep.
     echo "hangs-1.0: sleeping for good as pid $$" >&2
