@@ -20,7 +20,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from nixeryd import manifest, sbom
-from nixeryd.auth import Authenticator
+from nixeryd.auth import AuthBusy, Authenticator
 from nixeryd.errors import (
     RegistryError,
     as_registry_errors,
@@ -133,8 +133,11 @@ class RegistryAPI:
     async def index(self, request: IRequest) -> bytes:
         if self._status is None:
             raise no_endpoint("/")
-        full = self._auth is None or not self._auth.enabled or await self._auth.check(
-            request.getHeader(b"authorization"))
+        try:
+            full = self._auth is None or not self._auth.enabled or await self._auth.check(
+                request.getHeader(b"authorization"))
+        except AuthBusy:
+            full = False
         body = await render_index(self._status, _host(request), secure=request.isSecure(), full=full)
         _set(request, "Content-Type", "text/html; charset=utf-8")
         _set(request, "Content-Length", len(body))
@@ -219,7 +222,12 @@ class RegistryAPI:
         """401 with the spec's challenge unless access control lets the request in."""
         if self._auth is None or not self._auth.enabled:
             return
-        if await self._auth.check(request.getHeader(b"authorization")):
+        try:
+            allowed = await self._auth.check(request.getHeader(b"authorization"))
+        except AuthBusy:
+            raise RegistryError(429, "TOOMANYREQUESTS", "too many logins are being checked; try again shortly",
+                                retry_after=1) from None
+        if allowed:
             return
         for challenge in self._auth.challenges():
             request.responseHeaders.addRawHeader(b"WWW-Authenticate", challenge.encode())

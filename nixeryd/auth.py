@@ -19,6 +19,13 @@ from nixeryd.offload import Offload
 
 REALM = "nixeryd"
 REMEMBER_SECONDS = 300
+MAX_PENDING = 32
+"""Password checks waiting or running at once; more are answered 429 at once, so that a
+flood of wrong passwords cannot queue a valid login behind it."""
+
+
+class AuthBusy(Exception):
+    """Too many password checks are under way: ask again shortly."""
 
 
 def parse_htpasswd(text: str, where: str) -> dict[str, str]:
@@ -73,6 +80,10 @@ class Authenticator:
         self._tokens = frozenset(t.encode() for t in tokens)
         self._offload = offload
         self._granted: TTLCache[bool] = TTLCache(clock, max_entries=10_000)
+        self._pending = 0
+        # An unknown user's password is checked against this, at the cost of the users'
+        # own hashes: how long a refusal takes says nothing of who exists.
+        self._decoy = _decoy_hash(self._users.values())
 
     @property
     def enabled(self) -> bool:
@@ -103,16 +114,36 @@ class Authenticator:
             user, sep, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return succeed(False)
-        hashed = self._users.get(user)
-        if not sep or hashed is None:
+        if not sep:
             return succeed(False)
+        hashed = self._users.get(user)
         remembered = hashlib.sha256(authorization).hexdigest()
-        if self._granted.get(remembered):
+        if hashed is not None and self._granted.get(remembered):
             return succeed(True)
+        if self._pending >= MAX_PENDING:
+            raise AuthBusy()
+        self._pending += 1
 
         def remember(ok: bool) -> bool:
-            if ok:
+            self._pending -= 1
+            if ok and hashed is not None:
                 self._granted.put(remembered, True, REMEMBER_SECONDS)
-            return ok
+            return ok and hashed is not None
 
-        return self._offload(_password_matches, password, hashed).addCallback(remember)
+        def failed(failure: Any) -> Any:
+            self._pending -= 1
+            return failure
+
+        checked = self._offload(_password_matches, password, hashed if hashed is not None else self._decoy)
+        return checked.addCallbacks(remember, failed)
+
+
+def _decoy_hash(hashes: Any) -> str:
+    """A hash no password matches, as costly to check as the users' bcrypt hashes (or an
+    {SHA} one where they have none)."""
+    import bcrypt
+
+    costs = [int(h[4:6]) for h in hashes if h.startswith("$2") and h[4:6].isdigit()]
+    if not costs:
+        return "{SHA}" + base64.b64encode(hashlib.sha1(b"no user").digest()).decode()
+    return bcrypt.hashpw(b"\0decoy", bcrypt.gensalt(rounds=max(4, min(max(costs), 31)))).decode()

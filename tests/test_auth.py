@@ -59,6 +59,69 @@ class AuthTests(APITestCase):
         self.assertEqual(self.call(treq, "/v2/alpha/manifests/latest")[0].code, 401)
         self.assertEqual(self.call(treq, "/healthz")[0].code, 200)
 
+    def test_an_unknown_user_costs_what_a_wrong_password_does(self) -> None:
+        """A refusal takes one bcrypt check at the users' cost whether the user exists or
+        not: timing says nothing of who exists."""
+        from twisted.internet.defer import succeed
+
+        from nixeryd.auth import _password_matches
+
+        checked: list[str] = []
+
+        def counting(fn: Any, password: str, hashed: str) -> Any:
+            checked.append(hashed)
+            return succeed(_password_matches(password, hashed))
+
+        auth = Authenticator(parse_htpasswd(HTPASSWD, "htpasswd"), frozenset(), counting, self.clock)
+        for authorization in (basic("ci", "wrong"), basic("nobody", "wrong")):
+            self.assertFalse(self.successResultOf(auth.check(authorization.encode())))
+        known, unknown = checked
+        self.assertTrue(known.startswith("$2") and unknown.startswith("$2"))
+        self.assertEqual(known[:7].replace("$2y$", "$2b$"), unknown[:7])  # the same cost
+        self.assertFalse(self.successResultOf(auth.check(basic("nobody", "\0decoy").encode())))
+
+    def test_a_flood_of_logins_is_answered_429(self) -> None:
+        """Past 32 password checks under way, another login is 429 with Retry-After at once,
+        rather than queued behind them; when they end, logins go through again."""
+        from twisted.internet.defer import Deferred
+
+        from nixeryd.auth import _password_matches
+
+        pending: list[tuple[Deferred[bool], str, str]] = []
+
+        def held(fn: Any, password: str, hashed: str) -> Deferred[bool]:
+            d: Deferred[bool] = Deferred()
+            pending.append((d, password, hashed))
+            return d
+
+        auth = Authenticator(parse_htpasswd(HTPASSWD, "htpasswd"), frozenset(), held, self.clock)
+        from nixeryd.builder import ImageBuilder
+        from nixeryd.images import Images
+        from nixeryd.pkgsource import PathSource
+
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                               clock=self.clock, popularity={})
+        treq = StubTreq(RegistryAPI(Images(builder, self.storage, source, self.clock), self.storage, (),
+                                    auth=auth).app.resource())
+        waiting = [treq.get("http://r/v2/", headers={"Authorization": [basic("ci", f"wrong{i}")]})
+                   for i in range(32)]
+        treq.flush()
+        response, body = self.call(treq, "/v2/", basic("ci", "s3cret"))
+        self.assertEqual((response.code, json.loads(body)["errors"][0]["code"]), (429, "TOOMANYREQUESTS"))
+        self.assertEqual(response.headers.getRawHeaders("Retry-After"), ["1"])
+        for d, password, hashed in pending:
+            d.callback(_password_matches(password, hashed))
+        treq.flush()
+        self.assertTrue(all(self.successResultOf(w).code == 401 for w in waiting))
+        pending.clear()
+        login = treq.get("http://r/v2/", headers={"Authorization": [basic("ci", "s3cret")]})
+        treq.flush()
+        (d, password, hashed), = pending
+        d.callback(_password_matches(password, hashed))
+        treq.flush()
+        self.assertEqual(self.successResultOf(login).code, 200)
+
     def test_bearer_tokens(self) -> None:
         """A static bearer token from the list lets a request in; any other does not."""
         treq = self.api(tokens="# deploy tokens\nabc123\n")
