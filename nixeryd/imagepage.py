@@ -28,15 +28,27 @@ SOURCE_LABEL = "org.opencontainers.image.source"
 REVISION_LABEL = "org.opencontainers.image.revision"
 
 
-def _store_paths(data: bytes | None, path: str | None) -> list[str]:
-    """Blocking: the store paths a layer archive holds (none for the symlink layer)."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _store_paths(data: bytes | None, path: str | None) -> list[str] | None:
+    """Blocking: the store paths a layer archive holds (none for the symlink layer), gzip
+    or zstd; None for what cannot be read as one."""
+    import zstandard
+
     found: set[str] = set()
-    source = tarfile.open(path, mode="r:*") if path else tarfile.open(fileobj=io.BytesIO(data or b""), mode="r:*")
-    with source as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if len(parts) >= 3 and parts[0] == "nix" and parts[1] == "store" and parts[2]:
-                found.add("/nix/store/" + parts[2])
+    with (open(path, "rb") if path else io.BytesIO(data or b"")) as raw:
+        zstd = raw.read(4) == ZSTD_MAGIC
+        raw.seek(0)
+        stream: Any = zstandard.ZstdDecompressor().stream_reader(raw) if zstd else raw
+        try:
+            with tarfile.open(fileobj=stream, mode="r|" if zstd else "r:*") as tar:
+                for member in tar:
+                    parts = member.name.split("/")
+                    if len(parts) >= 3 and parts[0] == "nix" and parts[1] == "store" and parts[2]:
+                        found.add("/nix/store/" + parts[2])
+        except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError):
+            return None
     return sorted(found)
 
 
@@ -103,21 +115,27 @@ class ImagePages:
     async def _packages(self, manifests: ImageManifests) -> tuple[list[dict[str, Any]], int]:
         if manifests.sbom is None:
             return [], 0
-        (layer,) = json.loads(manifests.sbom.body)["layers"]
-        data = await self._storage.get("layers/" + layer["digest"].removeprefix("sha256:"))
+        try:
+            (layer,) = json.loads(manifests.sbom.body)["layers"]
+            data = await self._storage.get("layers/" + str(layer["digest"]).removeprefix("sha256:"))
+        except (ValueError, KeyError, TypeError):
+            return [], 0
         if data is None:
             return [], 0
-        document = json.loads(data)
-        named = {r["relatedSpdxElement"] for r in document.get("relationships", [])
-                 if r.get("relationshipType") == "DESCRIBES"}
-        packages, total = [], 0
-        for package in document["packages"]:
-            comment = package.get("comment", "")
-            size = int(comment.rsplit("NAR size ", 1)[1].split()[0]) if "NAR size " in comment else 0
-            total += size
-            packages.append({"name": package["name"], "version": package["versionInfo"], "nar_size": size,
-                             "store_path": comment.split(";")[0].removeprefix("store path "),
-                             "named": package.get("SPDXID") in named})
+        try:
+            document = await self._offload(json.loads, data)  # thousands of packages: not on the reactor
+            named = {r["relatedSpdxElement"] for r in document.get("relationships", [])
+                     if r.get("relationshipType") == "DESCRIBES"}
+            packages, total = [], 0
+            for package in document["packages"]:
+                comment = str(package.get("comment", ""))
+                size = int(comment.rsplit("NAR size ", 1)[1].split()[0]) if "NAR size " in comment else 0
+                total += size
+                packages.append({"name": str(package["name"]), "version": str(package["versionInfo"]),
+                                 "nar_size": size, "store_path": comment.split(";")[0].removeprefix("store path "),
+                                 "named": package.get("SPDXID") in named})
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return [], 0  # not the document nixeryd writes: shown as no packages, never a 500
         return sorted(packages, key=lambda p: (not p["named"], p["name"], p["version"])), total
 
 

@@ -16,7 +16,7 @@ from zope.interface import provider
 from nixeryd.api import RegistryAPI
 from nixeryd.builder import ImageBuilder
 from nixeryd.images import Images
-from nixeryd.names import AMD64, ARM64, Arch
+from nixeryd.names import AMD64, ARM64, Arch, parse_name
 from nixeryd.offload import inline
 from nixeryd.pkgsource import GitSource, PathSource
 from nixeryd.storage.memory import MemoryStorage
@@ -640,6 +640,32 @@ class OperatorEndpointTests(APITestCase):
 
 
 class ZstdTests(APITestCase):
+    def test_the_image_page_reads_zstd_layers(self) -> None:
+        """The image page of an image with zstd layers lists each layer's store paths (it
+        answered 500), and a stored SBOM of another shape shows no packages, never a 500."""
+        from nixeryd.imagepage import ImagePages
+
+        source = PathSource("/srv/pkgs")
+        builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
+                               clock=self.clock, popularity={}, compression="zstd")
+        images = Images(builder, self.storage, source, self.clock)
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",),
+                                    pages=ImagePages(images, self.storage, inline)).app.resource())
+        response, body = self.fetch(treq, "/image/alpha", headers={"Accept": ["application/json"]})
+        self.assertEqual(response.code, 200, body)
+        data = json.loads(body)
+        # Read, not refused (None): the fake store lives outside /nix/store, so no paths.
+        self.assertTrue(all(layer["store_paths"] == [] for layer in data["layers"]), data["layers"])
+        served = self.successResultOf(images.manifests(parse_name("alpha", ("cacert",)), "latest"))
+        assert served.sbom is not None
+        sbom_layer = json.loads(served.sbom.body)
+        digest = sbom_layer["layers"][0]["digest"].removeprefix("sha256:")
+        self.successResultOf(self.storage.put("layers/" + digest, b'{"packages": "not a list"}', "application/json"))
+        pages = ImagePages(images, self.storage, inline)
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",), pages=pages).app.resource())
+        response, body = self.fetch(treq, "/image/alpha", headers={"Accept": ["application/json"]})
+        self.assertEqual((response.code, json.loads(body)["packages"]), (200, []))
+
     def test_zstd_layers_for_oci_clients_only(self) -> None:
         """With zstd layers, OCI clients get tar+zstd layers that decompress to the diff_ids,
         and a client taking only Docker schema 2 gets MANIFEST_UNKNOWN."""
