@@ -10,7 +10,10 @@ from typing import Awaitable, Callable, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+log = Logger()
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -59,7 +62,9 @@ class SingleFlight(Generic[T]):
                 d.errback(result)
             else:
                 d.callback(result)
-        # A failure with nobody left waiting ends here; the work logs its own failures.
+        if isinstance(result, Failure) and not waiters:
+            # Everyone who asked went away: the failure would end here unseen.
+            log.failure("work for {cache_key} failed with nobody waiting for it", result, cache_key=key)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,22 @@ class SingleFlightTests(SynchronousTestCase):
         gate.callback("built")
         self.assertEqual(self.successResultOf(staying), "built")
 
+    def test_a_failure_nobody_waits_for_is_logged(self) -> None:
+        """When every caller went away, the work's failure is logged with its traceback
+        rather than lost; one someone waits for goes to them alone."""
+        flight: SingleFlight[str] = SingleFlight()
+        gate: Deferred[str] = Deferred()
+        leaving = flight.run("k", lambda: gate)
+        leaving.cancel()
+        self.failureResultOf(leaving, CancelledError)
+        gate.errback(ValueError("nobody saw this"))
+        self.assertEqual([str(f.value) for f in self.flushLoggedErrors(ValueError)], ["nobody saw this"])
+        other: Deferred[str] = Deferred()
+        waited = flight.run("j", lambda: other)
+        other.errback(ValueError("seen"))
+        self.failureResultOf(waited, ValueError)
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])
+
     def test_a_new_run_after_the_last_finished(self) -> None:
         """Once a run is over, the next caller starts a new one."""
         flight: SingleFlight[int] = SingleFlight()
