@@ -266,14 +266,16 @@ class RegistryAPI:
     async def _referrers(self, request: IRequest, name: str, ref: str) -> bytes:
         """OCI distribution 1.1's referrers API: what is attached to a manifest (its SBOM,
         and its signature when images are signed), filtered by ``?artifactType=``."""
-        self._image_name(name)
         try:
+            image = parse_name(name, self._base_packages)
             digest = parse_digest(ref)
+        except NameInvalid as e:
+            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
         except DigestInvalid as e:
             raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
-        entries = [(stored.body, sbom.SPDX_TYPE) for stored in self._images.referrers(digest.digest)]
+        attached = await storage_call(Deferred.fromCoroutine(self._images.referrers_of(image, digest.digest)))
+        entries = [(stored.body, sbom.SPDX_TYPE) for stored in attached]
         if entries and self._signatures is not None:
-            image = parse_name(name, self._base_packages)
             signed = await storage_call(Deferred.fromCoroutine(
                 self._signatures.signature(image, digest.hex, _host(request))))
             if signed is not None:

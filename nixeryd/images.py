@@ -80,6 +80,8 @@ def _key(doc: object) -> str:
 # which garbage collection keeps images by.
 # How long manifests are served from memory before being checked against storage.
 BODY_TTL = 3600
+MAX_TAGS_LOOKED_AT = 100
+"""Most tags of one name looked at to find what the name stands for."""
 # Blob sizes remembered to check served blobs against.
 MAX_KNOWN_SIZES = 200_000
 
@@ -161,7 +163,6 @@ class Images:
         # The size every blob of a served image must have: a blob found otherwise on
         # disk is damaged, and is not served.
         self._sizes: OrderedDict[str, int] = OrderedDict()
-        self._referrers: OrderedDict[str, StoredManifest] = OrderedDict()
         self._built: OrderedDict[str, float] = OrderedDict()  # manifest digest -> when it was built
         self._users: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # layer -> image names
         self._noted: OrderedDict[tuple[str, str], None] = OrderedDict()  # (name, manifest) in _users
@@ -221,18 +222,7 @@ class Images:
         while len(self._users) > MAX_KNOWN_SIZES:
             self._users.popitem(last=False)
 
-    def referrers(self, digest: str) -> list[StoredManifest]:
-        """The artifacts attached to the image manifest ``digest`` that this instance knows
-        (it learns them when it builds or loads the image)."""
-        found = self._referrers.get(digest)
-        return [found] if found is not None else []
-
     def _note_sizes(self, result: ImageManifests) -> None:
-        if result.sbom is not None:
-            self._referrers[result.oci.digest] = result.sbom
-            self._referrers.move_to_end(result.oci.digest)
-            while len(self._referrers) > MAX_KNOWN_SIZES:
-                self._referrers.popitem(last=False)
         try:
             doc = json.loads(result.oci.body)
             descriptors = [doc["config"], *doc["layers"]] if "config" in doc else []
@@ -336,24 +326,42 @@ class Images:
 
         return await self._flight.run(key, lambda: self._cached_or(key, tag, compose))
 
-    async def resolved(self, image: Image, tag: str) -> set[str]:
-        """The manifest digests ``image`` at ``tag`` stands for, as built already (this never
-        builds): its image manifest in each flavour and, with platforms, its index and each
-        platform's image."""
-        identity = await self._identity(tag)
-        if self._platforms and image.arch != ARM64:
-            keys = [index_cache_key(image, self._platforms, identity),
-                    *[image_cache_key(dataclasses.replace(image, arch=arch), identity) for arch in self._platforms]]
-        else:
-            keys = [image_cache_key(image, identity)]
-        found: set[str] = set()
-        for key in keys:
-            manifests = await self._cached(key, tag, served=False)
-            if manifests is not None:
-                found.add(manifests.oci.digest)
-                if manifests.docker is not None:
-                    found.add(manifests.docker.digest)
+    async def built_as(self, image: Image) -> list[ImageManifests]:
+        """Everything ``image`` stands for as built already, by any instance on this storage
+        (this never builds): at ``latest`` and at every tag it was pulled at, its image in
+        each flavour and, with platforms, its index and each platform's image."""
+        tags = ["latest"]
+        for tag in [*self.known.tags(image.name), *await self.tag_records.tags(image.name)]:
+            if tag not in tags and len(tags) < MAX_TAGS_LOOKED_AT:
+                tags.append(tag)
+        found = []
+        for tag in tags:
+            identity = await self._identity(tag)
+            if self._platforms and image.arch != ARM64:
+                keys = [index_cache_key(image, self._platforms, identity),
+                        *[image_cache_key(dataclasses.replace(image, arch=arch), identity)
+                          for arch in self._platforms]]
+            else:
+                keys = [image_cache_key(image, identity)]
+            for key in keys:
+                manifests = await self._cached(key, tag, served=False)
+                if manifests is not None:
+                    found.append(manifests)
         return found
+
+    async def stands_for(self, image: Image, digest: str) -> bool:
+        """Whether ``image``, as built already, has the manifest ``digest``."""
+        return any(digest in (m.oci.digest, m.docker.digest if m.docker else None)
+                   for m in await self.built_as(image))
+
+    async def referrers_of(self, image: Image, digest: str) -> list[StoredManifest]:
+        """The artifacts attached to ``image``'s manifest ``digest`` (its SBOM), as stored:
+        every instance on the same storage, and this one after a restart, knows them; another
+        name knows none."""
+        for manifests in await self.built_as(image):
+            if manifests.oci.digest == digest and manifests.sbom is not None:
+                return [manifests.sbom]
+        return []
 
     async def _cached(self, key: str, tag: str, *, served: bool = True) -> ImageManifests | None:
         """The manifests built for ``key``, from memory or storage, or None; ``served`` when

@@ -21,8 +21,6 @@ from nixeryd.manifest import StoredManifest
 from nixeryd.names import Image
 
 MAX_CACHED = 10_000
-MAX_TAGS = 100
-"""Most tags of one name looked at for the digest a signature is asked for."""
 
 
 class Signatures:
@@ -53,7 +51,7 @@ class Signatures:
         if cached is not None:
             self._cache.move_to_end((reference, hexdigest))
             return cached
-        if not await self._stands_for(image, "sha256:" + hexdigest):
+        if not await self._images.stands_for(image, "sha256:" + hexdigest):
             return None
         subject = await self._builder.stored_manifest("sha256:" + hexdigest)
         if subject is None:
@@ -66,13 +64,3 @@ class Signatures:
         while len(self._cache) > MAX_CACHED:
             self._cache.popitem(last=False)
         return stored
-
-    async def _stands_for(self, image: Image, digest: str) -> bool:
-        tags = ["latest"]
-        for tag in [*self._images.known.tags(image.name), *await self._images.tag_records.tags(image.name)]:
-            if tag not in tags and len(tags) < MAX_TAGS:
-                tags.append(tag)
-        for tag in tags:
-            if digest in await self._images.resolved(image, tag):
-                return True
-        return False

@@ -133,3 +133,27 @@ def test_a_builder_cannot_forge_what_nixeryd_learns(daemon: Daemon) -> None:
     error = json.loads(body)["errors"][0]
     assert "nosuchthing" not in json.dumps(error.get("detail"))
     assert error["message"].startswith("cannot build forger-fails-1.0")
+
+
+def test_referrers_come_from_storage(tmp_path: Path) -> None:
+    """Another instance on the same storage, and this one after a restart, list the SBOM of
+    an image they never built themselves (they answered an empty index)."""
+    from tests.daemon import daemon_environment
+
+    storage = tmp_path / "storage"
+    one = Daemon(storage, daemon_environment(storage)).start()
+    two = Daemon(storage, daemon_environment(storage)).start()
+    try:
+        _, headers, _ = one.request("/v2/hello/manifests/latest", headers={"Accept": OCI})
+        digest = headers["Docker-Content-Digest"]
+        _, index = referrers(two, "hello", digest)
+        assert [m["artifactType"] for m in index["manifests"]] == ["application/spdx+json"]
+        one.stop()
+        one.start()
+        _, again = referrers(one, "hello", digest)
+        assert again == index
+        _, other = referrers(one, "alpha", digest)  # another name does not stand for it
+        assert other["manifests"] == []
+    finally:
+        one.stop()
+        two.stop()
