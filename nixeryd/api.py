@@ -386,6 +386,12 @@ class RegistryAPI:
             raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
         location = await storage_call(self._storage.locate_blob(digest.hex))
         if location is None:
+            if self._images.expected_size(digest.digest) is not None:
+                # A manifest served here names it: removed or damaged since. The manifests
+                # held in memory are checked against storage again at their next pull.
+                self._images.blob_damaged(digest.digest)
+                raise RegistryError(404, "BLOB_UNKNOWN", "blob is missing or damaged in storage; pull the "
+                                    "image again to have it rebuilt", {"digest": ref})
             raise RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": ref})
         size = len(location.data) if isinstance(location, InMemory) else location.size
         expected = self._images.expected_size(digest.digest)

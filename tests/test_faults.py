@@ -220,3 +220,32 @@ def test_a_blob_damaged_on_disk_is_refused_then_rebuilt(tmp_path: Path) -> None:
     assert status == 200, body
     assert fresh.logged("damaged")
     assert_store_sound(storage)
+
+
+def test_a_fresh_instance_refuses_a_blob_flipped_in_place(tmp_path: Path) -> None:
+    """A layer with one byte changed and its size kept is refused (404) by an instance that
+    never served a manifest naming it, and the next pull builds it anew, intact."""
+    storage = tmp_path / "storage"
+    daemon = Daemon(storage, daemon_environment(storage)).start()
+    try:
+        status, _, body = daemon.request("/v2/beta/manifests/latest")
+        assert status == 200, body
+    finally:
+        daemon.stop()
+    layers = json.loads(body)["layers"]
+    damaged = layers[-1]["digest"]
+    path = storage / "layers" / damaged.split(":")[1]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    fresh = Daemon(storage, daemon_environment(storage)).start()
+    try:
+        status, _, _ = fresh.request(f"/v2/beta/blobs/{damaged}")
+        assert status == 404
+        status, _, again = fresh.request("/v2/beta/manifests/latest")
+        assert status == 200 and json.loads(again)["layers"] == layers
+        status, _, blob = fresh.request(f"/v2/beta/blobs/{damaged}")
+        assert status == 200 and "sha256:" + hashlib.sha256(blob).hexdigest() == damaged
+    finally:
+        fresh.stop()

@@ -736,10 +736,57 @@ class FilesystemOnlyTests(SynchronousTestCase):
     def listing(self, name: str) -> list[str]:
         return sorted(os.listdir(self.root / name))
 
+    def commit(self, storage: FilesystemStorage, data: bytes) -> tuple[str, Path]:
+        staged = storage.staging_path()
+        Path(staged).write_bytes(data)
+        info = blob_info(data)
+        self.successResultOf(storage.commit_blob(staged, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        return hexdigest, self.root / "layers" / hexdigest
+
+    def test_a_blob_rewritten_in_place_is_damaged(self) -> None:
+        """A blob with one byte flipped and the same size (no stat shows it) is damaged: not
+        located, not intact, and committed anew over; a truncated one too."""
+        storage = FilesystemStorage(str(self.root), inline)
+        data = b"layer bytes " * 1000
+        hexdigest, path = self.commit(storage, data)
+        self.assertIsNotNone(self.successResultOf(storage.locate_blob(hexdigest)))
+        with open(path, "r+b") as f:
+            f.seek(100)
+            f.write(b"X")
+        self.assertEqual(path.stat().st_size, len(data))
+        self.assertIsNone(self.successResultOf(storage.locate_blob(hexdigest)))
+        self.assertEqual(self.successResultOf(storage.check_blob(hexdigest, len(data), None)), DAMAGED)
+        self.commit(storage, data)
+        self.assertEqual(path.read_bytes(), data)
+        self.assertEqual(self.successResultOf(storage.check_blob(hexdigest, len(data), None)), INTACT)
+        os.truncate(path, 0)
+        self.assertIsNone(self.successResultOf(storage.locate_blob(hexdigest)))
+
+    def test_a_restored_blob_is_hashed_once_and_trusted(self) -> None:
+        """A blob copied back (a new file, as a restore from a backup makes it) is hashed
+        once, found sound, and trusted from then on; a blob's removal takes its record."""
+        storage = FilesystemStorage(str(self.root), inline)
+        data = b"restored " * 500
+        hexdigest, path = self.commit(storage, data)
+        identity = self.root / "identities" / hexdigest
+        before = identity.read_text()
+        copy = path.with_name("copy")
+        copy.write_bytes(path.read_bytes())
+        os.replace(copy, path)
+        self.assertEqual(self.successResultOf(storage.check_blob(hexdigest, len(data), None)), INTACT)
+        after = identity.read_text()
+        self.assertNotEqual(before, after)
+        self.assertIsNotNone(self.successResultOf(storage.locate_blob(hexdigest)))
+        self.assertEqual(identity.read_text(), after)
+        self.successResultOf(storage.delete("layers/" + hexdigest))
+        self.assertFalse(identity.exists())
+
     def test_layout_created(self) -> None:
         """Starting creates the directories of the layout under the root."""
         FilesystemStorage(str(self.root), inline)
-        self.assertEqual(sorted(os.listdir(self.root)), ["builds", "layers", "leases", "manifests", "staging", "tags"])
+        self.assertEqual(sorted(os.listdir(self.root)),
+                         ["builds", "identities", "layers", "leases", "manifests", "staging", "tags"])
 
     def test_crash_leftovers_removed_at_start(self) -> None:
         """Staging files left by a crash are removed at the next start; served objects stay."""

@@ -52,6 +52,11 @@ from nixeryd.storage.interface import (
 log = Logger()
 
 STAGING = "staging"
+IDENTITIES = "identities"
+"""``identities/<hex>``: what a blob's file was when it was committed (inode, change time,
+size). A file that is not that file any more (rewritten in place, truncated, replaced,
+restored from a backup) is hashed whole once, in a thread, before it is served or reused
+again: as it should be, and it is trusted anew; otherwise it is damaged."""
 _COPY_CHUNK = 1024 * 1024
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
 _STAGED = re.compile(r"[a-z]+-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>[0-9]+)-[0-9a-f]{32}")
@@ -112,17 +117,40 @@ class FilesystemStorage:
         return self._stat("looking up " + key, _exists, path)
 
     def check_blob(self, hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
-        # The file system keeps no checksum: the size is what a stat can tell.
-        path = self._path("layers/" + check_hex(hexdigest))
-        return self._stat("checking blob " + hexdigest, _check_size, path, size)
+        return Deferred.fromCoroutine(self._check_blob(check_hex(hexdigest), size))
+
+    async def _check_blob(self, hexdigest: str, size: int) -> str:
+        st = await self._committed(hexdigest)
+        if st is None:
+            return MISSING
+        if not isinstance(st, os.stat_result) or st.st_size != size:
+            log.warn("stored blob {digest} is not as it was committed ({size} bytes): damaged",
+                     digest=hexdigest, size=size)
+            return DAMAGED
+        return INTACT
+
+    async def _committed(self, hexdigest: str) -> os.stat_result | str | None:
+        """The blob's file as it was committed (its stat), ``DAMAGED``, or None when absent:
+        a stat and a small read on the calling thread; a whole hash, in a thread, only for
+        a file that changed since."""
+        path = self._path("layers/" + hexdigest)
+        found = await self._stat("looking up blob " + hexdigest, _as_committed, self.root, path, hexdigest)
+        if found is not UNSURE:
+            return found
+        return await self._run("checking blob " + hexdigest, _recommit, self.root, path, hexdigest)
 
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         path = self._path("layers/" + check_hex(hexdigest))
         return Deferred.fromCoroutine(self._run("reading blob " + hexdigest, _hash_file, path))
 
     def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
-        path = self._path("layers/" + check_hex(hexdigest))
-        return self._stat("looking up blob " + hexdigest, _local_file, path)
+        return Deferred.fromCoroutine(self._locate_blob(check_hex(hexdigest)))
+
+    async def _locate_blob(self, hexdigest: str) -> BlobLocation | None:
+        st = await self._committed(hexdigest)
+        if not isinstance(st, os.stat_result):
+            return None  # absent, or damaged: never served
+        return LocalFile(path=self._path("layers/" + hexdigest), size=st.st_size)
 
     def list(self, prefix: str) -> Deferred[list[StoredObject]]:
         directory = os.path.join(self.root, check_prefix(prefix))
@@ -140,6 +168,8 @@ class FilesystemStorage:
 
     def delete(self, key: str, generation: Generation | None = None) -> Deferred[None]:
         path = self._path(key)
+        if key.startswith("layers/"):
+            _unlink(os.path.join(self.root, IDENTITIES, key.removeprefix("layers/")))
         if generation is None:
             return Deferred.fromCoroutine(self._run("removing " + key, _unlink, path))
         return Deferred.fromCoroutine(self._run("removing " + key, self._unlink_if, path, generation))
@@ -223,7 +253,10 @@ class FilesystemStorage:
         target = os.path.join(self.root, "layers", hexdigest)
         moving = staged
         try:
-            if _check_size(target, size) == INTACT:
+            found = _as_committed(self.root, target, hexdigest)
+            if found is UNSURE:
+                found = _recommit(self.root, target, hexdigest)
+            if isinstance(found, os.stat_result) and found.st_size == size:
                 return
             actual = os.stat(staged).st_size
             if actual != size:
@@ -237,6 +270,7 @@ class FilesystemStorage:
             _fsync_file(moving)
             os.replace(moving, target)
             _fsync_dir(os.path.dirname(target))
+            _record_identity(self.root, hexdigest, os.stat(target))
         finally:
             remove_quietly(moving)
             remove_quietly(staged)
@@ -245,7 +279,7 @@ class FilesystemStorage:
 def _prepare(root: str) -> int:
     """Create the layout, check it is writable, empty staging; the number of leftovers removed."""
     try:
-        for name in PREFIXES + (STAGING,):
+        for name in PREFIXES + (STAGING, IDENTITIES):
             os.makedirs(os.path.join(root, name), exist_ok=True)
         staging = os.path.join(root, STAGING)
         probe = os.path.join(staging, "probe-" + secrets.token_hex(8))
@@ -387,16 +421,54 @@ def _hash_file(path: str) -> tuple[str, int] | None:
     return digest.hexdigest(), size
 
 
-def _check_size(path: str, size: int) -> str:
+UNSURE = "unsure"
+
+
+def _as_committed(root: str, path: str, hexdigest: str) -> os.stat_result | str | None:
+    """Blocking, but a stat and a small read: the blob's stat when its file is the one
+    committed, None when there is none, ``UNSURE`` when the file changed since (or was
+    committed before identities were kept)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return MISSING
-    if st.st_size != size:
-        log.warn("stored blob {path} has {actual} bytes, its record says {size}: damaged",
-                 path=path, actual=st.st_size, size=size)
+        return None
+    try:
+        with open(os.path.join(root, IDENTITIES, hexdigest), encoding="ascii") as f:
+            recorded = f.read()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return UNSURE
+    return st if recorded == _version(st) else UNSURE
+
+
+def _recommit(root: str, path: str, hexdigest: str) -> os.stat_result | str | None:
+    """Blocking: hash a blob whose file changed since it was committed; its stat, recorded
+    as its identity anew, when its bytes are still its digest; ``DAMAGED`` otherwise."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            while chunk := f.read(_COPY_CHUNK):
+                digest.update(chunk)
+            after = os.fstat(f.fileno())
+    except FileNotFoundError:
+        return None
+    if digest.hexdigest() != hexdigest or _version(before) != _version(after):
+        log.warn("stored blob {digest} does not hash to its name: damaged", digest=hexdigest)
         return DAMAGED
-    return INTACT
+    _record_identity(root, hexdigest, after)
+    return after
+
+
+def _record_identity(root: str, hexdigest: str, st: os.stat_result) -> None:
+    """Blocking: remember what the committed file of a blob is."""
+    final = os.path.join(root, IDENTITIES, hexdigest)
+    temporary = final + "." + secrets.token_hex(8)
+    try:
+        with open(temporary, "w", encoding="ascii") as f:
+            f.write(_version(st))
+        os.replace(temporary, final)
+    finally:
+        remove_quietly(temporary)
 
 
 def _exists(path: str) -> bool:
@@ -405,14 +477,6 @@ def _exists(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _local_file(path: str) -> LocalFile | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return LocalFile(path=path, size=st.st_size)
 
 
 def _copy(source: str, destination: str) -> None:
