@@ -11,7 +11,7 @@ import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -464,3 +464,61 @@ def test_random_links_never_lead_out(tmp_path_factory: Any, links: list[tuple[st
         assert member.isdir() or member.issym(), name
         if member.issym() and name != "usr/bin/env":
             assert member.linkname.startswith(tuple(str(p) + "/" for p in pkgs)), (name, member.linkname)
+
+
+PINNED = Path("/tmp/nixeryd-pinned-layer")
+"""A fixed place: a layer's entries carry their absolute names, so its digest depends on it."""
+
+
+@pytest.fixture
+def pinned_package() -> Iterator[Path]:
+    shutil.rmtree(PINNED, ignore_errors=True)
+    pkg = PINNED / "nix" / "store" / ("0" * 32 + "-pinned-1.0")
+    (pkg / "bin").mkdir(parents=True)
+    (pkg / "bin" / "pinned").write_text("#!/bin/sh\necho pinned\n")
+    (pkg / "share").mkdir()
+    (pkg / "share" / "data").write_bytes(bytes(range(256)) * 40)
+    os.symlink("../bin/pinned", pkg / "share" / "link")
+    os.chmod(pkg / "bin" / "pinned", 0o555)
+    os.chmod(pkg / "share" / "data", 0o444)
+    for directory in (pkg, pkg / "bin", pkg / "share"):
+        os.chmod(directory, 0o555)
+    yield pkg
+    for directory in (pkg, pkg / "bin", pkg / "share"):
+        os.chmod(directory, 0o755)
+    shutil.rmtree(PINNED)
+
+
+def test_known_digests_are_pinned(pinned_package: Path) -> None:
+    """The same tree gives these digests on every machine, today and after any change: tar
+    record padding, headers, ordering and the compressor's output are all in them, so a
+    change to any of them (which would change every image's digest) fails here."""
+    _, gzipped = layer_bytes([str(pinned_package)])
+    assert (gzipped.digest, gzipped.diff_id, gzipped.size) == (
+        "sha256:a3d5ba1c927ccdb010d6ac98aec0c9b87aa29ba24a35a0eb5d46952081ee93a0",
+        "sha256:496c0b4a19c14d707ddb4ce1c0f3b73085cb2e1168225b0713db54078569e815", 706)
+
+
+def test_a_sibling_named_like_the_store_is_outside(tmp_path: Path) -> None:
+    """`/nix/storeX` is not in `/nix/store`: a link there leaves the store, and a path
+    there is never taken for one inside."""
+    from nixeryd.archive import store_target
+
+    store = tmp_path / "nix" / "store"
+    store.mkdir(parents=True)
+    sibling = tmp_path / "nix" / "storeX" / "aaaa-evil" / "bin"
+    sibling.mkdir(parents=True)
+    pkg = store / "bbbb-pkg"
+    pkg.mkdir()
+    (pkg / "bin").symlink_to(str(sibling))
+    (pkg / "lib").mkdir()
+    # Cut at the store's length plus one, this link's target names a real store path.
+    (tmp_path / "nix" / "storeX" / "bbbb-pkg" / "lib").mkdir(parents=True)
+    (pkg / "share").symlink_to(str(tmp_path / "nix" / "storeX" / "bbbb-pkg" / "lib"))
+    assert store_target(str(pkg / "bin"), str(store)) is None
+    assert store_target(str(pkg / "share"), str(store)) is None
+    assert store_target(str(tmp_path / "nix" / "storeX" / "bbbb-pkg" / "lib"), str(store)) is None
+    assert store_target(str(pkg / "lib"), str(store)) == str(pkg / "lib")
+    tree, outside = symlink_layer_reading([str(pkg)], store)
+    assert outside == []
+    assert tree["bin"].issym() and tree["bin"].linkname == str(pkg / "bin")

@@ -122,6 +122,16 @@ class AuthTests(APITestCase):
         treq.flush()
         self.assertEqual(self.successResultOf(login).code, 200)
 
+    def test_a_wrong_password_is_refused_every_time(self) -> None:
+        """A wrong password is refused on its second try too (grants are remembered, never
+        refusals), and a right one after it is let in."""
+        treq = self.api(users=HTPASSWD)
+        for _ in range(3):
+            self.assertEqual(self.call(treq, "/v2/", basic("ci", "wrong"))[0].code, 401)
+        self.assertEqual(self.call(treq, "/v2/", basic("ci", "s3cret"))[0].code, 200)
+        self.assertEqual(self.call(treq, "/v2/", basic("ci", "s3cret"))[0].code, 200)
+        self.assertEqual(self.call(treq, "/v2/", basic("ci", "wrong"))[0].code, 401)
+
     def test_bearer_tokens(self) -> None:
         """A static bearer token from the list lets a request in; any other does not."""
         treq = self.api(tokens="# deploy tokens\nabc123\n")

@@ -21,7 +21,7 @@ from nixeryd.names import (
 @pytest.mark.parametrize(
     "name",
     ["git", "shell/git/htop", "python3packages.numpy", "a-b_c.d", "1password", "x/" * 100 + "y",
-     "a__b", "a--b", "a---b"],
+     "a__b", "a--b", "a---b", "a" * 255, "/".join(["ab"] * 85)],
 )
 def test_valid_names(name: str) -> None:
     """Names within the grammar parse."""
@@ -31,7 +31,8 @@ def test_valid_names(name: str) -> None:
 @pytest.mark.parametrize(
     "name",
     ["", "Git", "git/", "/git", "a//b", "a/../b", "..", "a..b", "-a", "a-", "a b", "a\x00b",
-     "a\nb", "${pkgs}", "a:b", "é", "a" * 256, "git%2fhtop", "a/./b", "a___b", "a_-b", "a._b", "_a"],
+     "a\nb", "${pkgs}", "a:b", "é", "a" * 256, "git%2fhtop", "a/./b", "a___b", "a_-b", "a._b", "_a",
+     "/".join(["ab"] * 86)],
 )
 def test_invalid_names(name: str) -> None:
     """Names outside the grammar are NameInvalid."""
