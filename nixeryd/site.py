@@ -6,6 +6,10 @@ its channel. What reaches ``api.py`` has passed through here.
 - A request line or header block past the limits is answered 431, as Go's server
   (and so CNCF distribution) does, not dropped without a word.
 - Statuses Twisted has no phrase for (429, 431) carry their names.
+- A request's line and headers must arrive within ``HEADER_DEADLINE`` seconds, however
+  slowly they trickle (a byte every 20 s kept the idle timeout from ever firing): past
+  it, ``408`` and the connection closes. At most ``MAX_CONNECTIONS`` are open at once;
+  one more is closed at once, so that held connections cannot take every descriptor.
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import io
 from typing import Any
 
 from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -22,6 +28,8 @@ from zope.interface import implementer
 from nixeryd.metrics import Metrics
 
 IDLE_TIMEOUT = 60
+HEADER_DEADLINE = 30
+MAX_CONNECTIONS = 512
 MAX_HEADER_BYTES = 16384
 """The request line and headers together, as Twisted's own default; each line too."""
 PHRASES = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
@@ -31,6 +39,11 @@ TLS_ON_PLAIN_PORT = (
     b"Connection: close\r\n\r\n400 Bad Request: this port speaks plain HTTP, not TLS\n"
 )
 _TOO_LARGE_BODY = b"431 Request Header Fields Too Large\n"
+_TIMEOUT_BODY = b"408 Request Timeout: the request's headers took too long to arrive\n"
+REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
 HEADERS_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
@@ -69,9 +82,15 @@ class PlainHTTPFactory(WrappingFactory):
     error`` alert."""
 
     protocol = RefuseTLS
+    max_connections = MAX_CONNECTIONS
 
     def acceptableProtocols(self) -> list[bytes]:
         return [b"http/1.1"]
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.max_connections:
+            return None  # closed at once: the connections held are bounded
+        return super().buildProtocol(addr)
 
 
 class _Discard(io.BytesIO):
@@ -102,10 +121,14 @@ class RegistryChannel(http.HTTPChannel):
 
     MAX_LENGTH = MAX_HEADER_BYTES
     totalHeadersSize = MAX_HEADER_BYTES
+    header_deadline = HEADER_DEADLINE
     _header_bytes = 0
     _in_body = False
+    _deadline: Any = None
 
     def lineReceived(self, line: bytes) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(self.header_deadline, self._too_slow)
         self._header_bytes += len(line)
         if self._header_bytes > self.totalHeadersSize:
             self._too_large()
@@ -114,7 +137,24 @@ class RegistryChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._header_bytes = 0
+        self._stop_deadline()
         super().allHeadersReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            self.transport.write(REQUEST_TIMEOUT)
+        self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._too_large()
