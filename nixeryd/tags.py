@@ -34,7 +34,9 @@ def record_key(name: str) -> str:
 class TagRecords:
     def __init__(self, storage: IStorage, clock: IReactorTime) -> None:
         self._storage = storage
-        self._lock = DeferredLock()
+        # One lock a repository: first pulls of different repositories never wait on each
+        # other's record writes (one lock for all made a cold fleet queue on it).
+        self._locks: dict[str, DeferredLock] = {}
         self._confirmed: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._tags: TTLCache[list[str]] = TTLCache(clock, max_entries=10_000)
         self._names: TTLCache[list[str]] = TTLCache(clock, max_entries=1)
@@ -43,10 +45,14 @@ class TagRecords:
         """Remember that ``name`` was served at ``tag``; storage failures are only logged."""
         if (name, tag) in self._confirmed:
             return
+        lock = self._locks.setdefault(name, DeferredLock())
         try:
-            await self._lock.run(self._add, name, tag)
+            await lock.run(self._add, name, tag)
         except StorageError as e:
             log.warn("cannot record tag {tag} of {image}: {error}", tag=tag, image=name, error=str(e))
+        finally:
+            if not lock.locked and not lock.waiting and self._locks.get(name) is lock:
+                del self._locks[name]
 
     async def _add(self, name: str, tag: str) -> None:
         for _ in range(WRITE_ATTEMPTS):
