@@ -508,6 +508,35 @@ class GCSStorageTests(ConditionalContract, SynchronousTestCase):
                    staging_dir=staging)
         self.assertEqual(sorted(os.listdir(staging)), [os.path.basename(live)])
 
+    def test_a_signed_url_is_made_once_per_half_its_life(self) -> None:
+        """Redirects reuse a signed URL for its lifetime (here 150 s) rather than signing one
+        for every pull; after it, a new one is made."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+        from twisted.internet.task import Clock
+
+        signed: list[str] = []
+
+        def sign(name: str) -> str:
+            signed.append(name)
+            return f"https://signed.example/{name}?n={len(signed)}"
+
+        clock = Clock()
+        client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": guarded_emulator().url})
+        signing = GCSStorage(client.bucket(self.bucket_name), inline, redirect=sign, url_lifetime=150,
+                             clock=clock, staging_dir=os.path.abspath(self.mktemp()))
+        path, info = self.stage(b"a blob behind signed URLs")
+        self.result(signing.commit_blob(path, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        first = self.result(signing.locate_blob(hexdigest))
+        for _ in range(5):
+            self.assertEqual(self.result(signing.locate_blob(hexdigest)).url, first.url)
+        self.assertEqual(len(signed), 1)
+        clock.advance(151)
+        self.assertNotEqual(self.result(signing.locate_blob(hexdigest)).url, first.url)
+        self.assertEqual(len(signed), 2)
+
     def test_identical_blob_is_not_uploaded_again(self) -> None:
         """A blob already in the bucket with the same MD5 is not uploaded again."""
         data = b"uploaded once"
@@ -599,7 +628,7 @@ class S3StorageTests(ConditionalContract, SynchronousTestCase):
         self.raw = shared_moto().client()
         return self.connect()
 
-    def connect(self, presigned: bool = True) -> IStorage:
+    def connect(self, presigned: bool = True, staging: str | None = None) -> IStorage:
         import boto3
 
         from nixeryd.storage.s3 import S3Storage, connect
@@ -610,7 +639,7 @@ class S3StorageTests(ConditionalContract, SynchronousTestCase):
         client, url_client = connect(self.bucket_name, region=REGION, connect_timeout=5, deadline=15,
                                      session=session, endpoint_url=shared_moto().url)
         return S3Storage(client, self.bucket_name, inline, url_client=url_client, presigned=presigned,
-                         staging_dir=os.path.abspath(self.mktemp()))
+                         staging_dir=staging or os.path.abspath(self.mktemp()))
 
     def make_peer(self) -> IStorage:
         return self.connect()
@@ -658,13 +687,7 @@ class S3StorageTests(ConditionalContract, SynchronousTestCase):
         for path in (gone, mine, live):
             with open(path, "wb") as f:
                 f.write(b"x" * 1000)
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        client = storage.Client(project="test", credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": guarded_emulator().url})
-        GCSStorage(client.bucket(self.bucket_name), inline, redirect=plain_url("http://x", self.bucket_name),
-                   staging_dir=staging)
+        self.connect(staging=staging)
         self.assertEqual(sorted(os.listdir(staging)), [os.path.basename(live)])
 
     def test_identical_blob_is_not_uploaded_again(self) -> None:

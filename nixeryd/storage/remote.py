@@ -176,11 +176,14 @@ class RemoteStorage:
             size = found.size
             self._remember(key)
         self._known.move_to_end(key)
-        if not self._url_blocks:
-            return Redirect(self._url(key), size)
+        # A URL is made once and reused for half its life: a signature (RSA here, or a
+        # call to IAM, or credentials to refresh) is not made again for every pull.
         url = self._urls.get(key)
         if url is None:
-            url = await self._call("signing a URL for " + key, self._url, key)
+            if self._url_blocks:
+                url = await self._call("signing a URL for " + key, self._url, key)
+            else:
+                url = self._url(key)
             self._urls.put(key, url, self._url_lifetime)
         return Redirect(url, size)
 
