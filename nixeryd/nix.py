@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from nixeryd.failures import NixBuildFailed, NixTimedOut, build_failure, tail_text
 from nixeryd.layers import PathInfo
+from nixeryd.offload import Offload, inline
 
 log = Logger()
 
@@ -280,8 +281,12 @@ class NixBuilder:
         kill_grace: float = 5.0,
         killpg: Callable[[int, int], None] = os.killpg,
         conf_dir: str | None = None,
+        offload: Offload = inline,
     ) -> None:
         self._reactor = reactor
+        # Nix's JSON answers (a closure of thousands of paths is tens of MB of parsing)
+        # are read off the reactor.
+        self._offload = offload
         self._build_nix = os.path.join(nix_dir, "build.nix")
         self._timeout = timeout
         self._deadline = deadline
@@ -324,7 +329,7 @@ class NixBuilder:
             # Names are resolved under tryEval: what fails here is the package set itself.
             raise build_failure(evaluated.tail, source=source, timeout=self._timeout, not_found=None,
                                 source_loaded=False)
-        info = parse_info(evaluated.stdout, evaluated.overflowed)
+        info: Info = await self._offload(parse_info, evaluated.stdout, evaluated.overflowed)
         if info.not_found:
             tail: Sequence[str] = ()
             if info.throwing:
@@ -357,7 +362,7 @@ class NixBuilder:
                 tail_text(queried.tail),
             )
         try:
-            closure = parse_closure(queried.stdout)
+            closure: dict[str, PathInfo] = await self._offload(parse_closure, queried.stdout)
         except (ValueError, KeyError, TypeError) as e:
             raise NixBuildFailed(f"unreadable closure from Nix: {e}") from None
         missing = set(roots) - set(closure)

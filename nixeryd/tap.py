@@ -391,7 +391,7 @@ def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> 
         raise ConfigError(f"NIXERY_NIX_DIR: no build.nix in {nix_dir}")
     nix = NixBuilder(reactor, nix_dir, config.child_environment,
                      timeout=config.nix_timeout, deadline=config.build_deadline,
-                     conf_dir=nix_conf_dir(config.child_environment))
+                     conf_dir=nix_conf_dir(config.child_environment), offload=offload)
     NixService(nix).setServiceParent(top)
     metrics = Metrics()
     if config.storage_backend == "filesystem":

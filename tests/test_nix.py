@@ -231,6 +231,33 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
+class OffloadTests(SynchronousTestCase):
+    def test_nix_answers_are_parsed_off_the_reactor(self) -> None:
+        """build.nix's info and the closure's JSON are parsed through the offload (a thread
+        pool in the daemon), not on the reactor thread."""
+        from nixeryd.offload import inline as run_inline
+
+        reactor = ProcessReactor()
+        parsed: list[str] = []
+
+        def counting(fn: Any, *args: Any) -> Deferred[Any]:
+            parsed.append(fn.__name__)
+            return run_inline(fn, *args)
+
+        builder = NixBuilder(reactor, NIX_DIR, {}, offload=counting, killpg=lambda pid, sig: None)
+        d = ensureDeferred(builder.build(PATH_SOURCE, ["hello"], SYSTEM))
+        evaluation, _ = reactor.spawned[0]
+        evaluation.outReceived(json.dumps(info("hello")).encode())
+        evaluation.processEnded(Failure(ProcessDone(0)))
+        reactor.spawned[1][0].processEnded(Failure(ProcessDone(0)))
+        query, _ = reactor.spawned[2]
+        root = info("hello")["roots"]["hello"]  # type: ignore[index]
+        query.outReceived(json.dumps([{"path": root, "narSize": 10, "references": []}]).encode())
+        query.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(d)
+        self.assertEqual(parsed, ["parse_info", "parse_closure"])
+
+
 def info(name: str) -> dict[str, object]:
     """build.nix's info for one package, as Nix prints it."""
     return {"notFound": [], "throwing": [], "revision": None, "programs": {name: None}, "meta": {name: {}},
