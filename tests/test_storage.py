@@ -508,6 +508,19 @@ class GCSStorageTests(ConditionalContract, SynchronousTestCase):
                    staging_dir=staging)
         self.assertEqual(sorted(os.listdir(staging)), [os.path.basename(live)])
 
+    def test_large_uploads_go_in_bounded_chunks(self) -> None:
+        """A 20 MiB layer goes up in 8 MiB pieces (three requests), so an upload holds at most
+        one piece in memory (the client's default was one 100 MB piece); it arrives whole."""
+        data = os.urandom(20 * 1024 * 1024)
+        path, info = self.stage(data)
+        seen = len(shared_emulator().output)
+        self.result(self.storage.commit_blob(path, info))
+        pieces = [line for line in shared_emulator().output[seen:]
+                  if '"PUT /upload/' in line and "upload_id=" in line]
+        self.assertEqual(len(pieces), 3, pieces)
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.assertEqual(self.bucket.blob("layers/" + hexdigest).download_as_bytes(), data)
+
     def test_a_signed_url_is_made_once_per_half_its_life(self) -> None:
         """Redirects reuse a signed URL for its lifetime (here 150 s) rather than signing one
         for every pull; after it, a new one is made."""

@@ -36,6 +36,9 @@ from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage,
 
 log = Logger()
 
+UPLOAD_CHUNK = 8 * 1024 * 1024
+"""Bytes of a resumable upload sent (and held in memory) at a time; a multiple of 256 KiB."""
+
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 
 
@@ -262,7 +265,9 @@ class GCSStorage(RemoteStorage):
                 log.info("blob {digest} is already in the bucket; upload skipped",
                          digest=info.digest, backend=self.backend)
                 return
-            blob = self._bucket.blob(key)
+            # Resumable uploads send UPLOAD_CHUNK at a time: the client's default (100 MB)
+            # held a whole large layer in memory per upload thread.
+            blob = self._bucket.blob(key, chunk_size=UPLOAD_CHUNK)
             blob.md5_hash = md5
             try:
                 blob.upload_from_filename(
