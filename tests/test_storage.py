@@ -508,6 +508,30 @@ class GCSStorageTests(ConditionalContract, SynchronousTestCase):
                    staging_dir=staging)
         self.assertEqual(sorted(os.listdir(staging)), [os.path.basename(live)])
 
+    def test_a_blob_removed_behind_its_back_is_not_redirected_to_for_long(self) -> None:
+        """A blob known to be in the bucket is redirected to without a lookup for a minute;
+        removed by another process (verify --repair, gc), it is looked up again after that
+        and found missing, rather than redirected to for good."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": guarded_emulator().url})
+        serving = GCSStorage(client.bucket(self.bucket_name), inline,
+                             redirect=plain_url(guarded_emulator().url, self.bucket_name), clock=clock,
+                             staging_dir=os.path.abspath(self.mktemp()))
+        path, info = self.stage(b"removed by another process")
+        self.result(serving.commit_blob(path, info))
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.assertIsNotNone(self.result(serving.locate_blob(hexdigest)))
+        self.bucket.blob("layers/" + hexdigest).delete()
+        clock.advance(30)
+        self.assertIsNotNone(self.result(serving.locate_blob(hexdigest)))  # within the minute
+        clock.advance(31)
+        self.assertIsNone(self.result(serving.locate_blob(hexdigest)))
+
     def test_large_uploads_go_in_bounded_chunks(self) -> None:
         """A 20 MiB layer goes up in 8 MiB pieces (three requests), so an upload holds at most
         one piece in memory (the client's default was one 100 MB piece); it arrives whole."""

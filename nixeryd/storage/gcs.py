@@ -219,7 +219,7 @@ class GCSStorage(RemoteStorage):
                 log.info("{key} was written again since it was listed; kept", key=key, backend=self.backend)
 
         d = self._call("removing " + key, remove)
-        return d.addCallback(lambda _: self._known.pop(key, None) and None)
+        return d.addCallback(lambda _: self._forget(key))
 
     # --- helpers -----------------------------------------------------------------
 

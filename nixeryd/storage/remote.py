@@ -34,6 +34,9 @@ from nixeryd.storage.interface import (
 
 log = Logger()
 
+KNOWN_FOR = 60.0
+"""Seconds a blob found in the bucket is served without looking it up again."""
+
 BLOB_TYPE = "application/octet-stream"
 MIN_TRANSFER_RATE = 10 * 1024 * 1024
 """Bytes a second a transfer is allowed at the least, beyond the deadline every call has."""
@@ -95,9 +98,11 @@ class RemoteStorage:
         os.makedirs(staging_dir, exist_ok=True)
         # Uploads a kill -9 cut short leave their local copies: a dead process's go now.
         remove_leftovers(staging_dir)
-        # Blobs known to be in the bucket (written or looked up here), touched only on
-        # the reactor thread: they are served without another lookup.
-        self._known: OrderedDict[str, None] = OrderedDict()
+        # Blobs known to be in the bucket (written or looked up here), and when: served
+        # without another lookup for KNOWN_FOR seconds, then looked up again, so that a
+        # blob removed (verify --repair, gc, a hand) stops being redirected to within a
+        # minute. Touched only on the reactor thread.
+        self._known: OrderedDict[str, float] = OrderedDict()
         self._known_max = known_blobs
         # A redirect that blocks (a signature from IAM signBlob, a presigned URL whose
         # credentials may need refreshing) is made in a thread and reused, so that warm
@@ -168,9 +173,12 @@ class RemoteStorage:
 
     async def _locate(self, key: str) -> BlobLocation | None:
         size = None
-        if key not in self._known:
+        known_at = self._known.get(key)
+        if known_at is None or self._clock.seconds() - known_at > KNOWN_FOR:
             found = await self._call("looking up " + key, self._lookup, key)
             if found is None:
+                self._known.pop(key, None)
+                self._urls.pop(key)
                 return None
             # The lookup's metadata says the size: the API checks it against the manifest.
             size = found.size
@@ -187,8 +195,14 @@ class RemoteStorage:
             self._urls.put(key, url, self._url_lifetime)
         return Redirect(url, size)
 
+    def _forget(self, key: str) -> None:
+        """A removed object is known no more, and its URL goes with it."""
+        self._known.pop(key, None)
+        self._urls.pop(key)
+
     def _remember(self, key: str) -> None:
-        self._known[key] = None
+        self._known[key] = self._clock.seconds()
+        self._known.move_to_end(key)
         while len(self._known) > self._known_max:
             self._known.popitem(last=False)
 

@@ -220,7 +220,7 @@ class S3Storage(RemoteStorage):
                 raise
 
         d = self._call("removing " + key, remove)
-        return d.addCallback(lambda _: self._known.pop(key, None) and None)
+        return d.addCallback(lambda _: self._forget(key))
 
     # --- helpers -----------------------------------------------------------------
 
