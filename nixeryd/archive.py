@@ -358,34 +358,50 @@ def _merge_into(tree: _Tree, source: str, real_source: str, store: str, active: 
     resolves inside the store (openjdk's ``bin -> lib/openjdk/bin`` merges with
     other packages' ``bin``); a link out of the store (``etc -> /etc``), a dangling
     one, or one back into a directory being merged stays a link, never followed.
+
+    Directories are merged from a stack, not by recursion: a package thousands of
+    directories deep is merged like any other. (Within one source, siblings merge into
+    distinct names, so the order they are taken in changes nothing.)
     """
-    with os.scandir(real_source) as it:
-        children = sorted(it, key=lambda e: os.fsencode(e.name))
-    for child in children:
-        path = os.path.join(source, child.name)
-        existing = tree.children.get(child.name)
-        real: str | None = None
-        if child.is_dir(follow_symlinks=False):
-            real = os.path.join(real_source, child.name)
-        elif child.is_symlink():
-            real = store_target(os.path.join(real_source, child.name), store)
-            if real is not None and not _is_dir(real):
-                real = None
-        if real is not None and real not in active:
-            if existing is None:
-                existing = tree.children[child.name] = _Tree()
-            if isinstance(existing, _Tree):
-                _merge_into(existing, path, real, store, active | {real})
-        elif existing is None:
-            tree.children[child.name] = path
+    pending = [(tree, source, real_source, active)]
+    while pending:
+        tree, source, real_source, active = pending.pop()
+        with os.scandir(real_source) as it:
+            children = sorted(it, key=lambda e: os.fsencode(e.name))
+        for child in children:
+            path = os.path.join(source, child.name)
+            existing = tree.children.get(child.name)
+            real: str | None = None
+            if child.is_dir(follow_symlinks=False):
+                real = os.path.join(real_source, child.name)
+            elif child.is_symlink():
+                real = store_target(os.path.join(real_source, child.name), store)
+                if real is not None and not _is_dir(real):
+                    real = None
+            if real is not None and real not in active:
+                if existing is None:
+                    existing = tree.children[child.name] = _Tree()
+                if isinstance(existing, _Tree):
+                    pending.append((existing, path, real, active | {real}))
+            elif existing is None:
+                tree.children[child.name] = path
 
 
 def _tree_entries(tree: _Tree, prefix: str) -> Iterable[_Entry]:
-    for name, child in tree.children.items():
-        full = prefix + name
+    """Every entry of ``tree``, each directory before what it holds, from a stack (no
+    recursion, whatever the depth)."""
+    stack = [(iter(tree.children.items()), prefix)]
+    while stack:
+        children, at = stack[-1]
+        step = next(children, None)
+        if step is None:
+            stack.pop()
+            continue
+        name, child = step
+        full = at + name
         if isinstance(child, _Tree):
             yield _Dir(full, child.mode, child.owner)
-            yield from _tree_entries(child, full + "/")
+            stack.append((iter(child.children.items()), full + "/"))
         elif isinstance(child, bytes):
             yield _Data(full, 0o644, child)
         else:

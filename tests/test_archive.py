@@ -522,3 +522,27 @@ def test_a_sibling_named_like_the_store_is_outside(tmp_path: Path) -> None:
     tree, outside = symlink_layer_reading([str(pkg)], store)
     assert outside == []
     assert tree["bin"].issym() and tree["bin"].linkname == str(pkg / "bin")
+
+
+def test_a_package_thousands_of_directories_deep(store: Path) -> None:
+    """A package 1,500 directories deep (past Python's recursion limit) is packed and
+    merged into the symlink layer like any other (it was a 500 with RecursionError)."""
+    pkg = store / "dddd-deep"
+    deepest = pkg / "share"
+    deepest.mkdir(parents=True)
+    for _ in range(1500):  # os.makedirs itself recurses once a directory
+        deepest = deepest / "d"
+        deepest.mkdir()
+    (deepest / "bottom").write_text("reached")
+    _, info = layer_bytes([str(pkg)])
+    assert info.size > 0
+    out = io.BytesIO()
+    write_symlink_layer([str(pkg)], out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:gz") as tar:
+        names = tar.getnames()
+    bottom = [n for n in names if n.endswith("/bottom")]
+    assert len(bottom) == 1 and bottom[0].count("/d") == 1500
+    (deepest / "bottom").unlink()  # removed from the bottom up: shutil.rmtree recurses too
+    while deepest != pkg:
+        deepest.rmdir()
+        deepest = deepest.parent
