@@ -471,6 +471,7 @@ def range_answer(header: bytes | None, size: int) -> str:
         return WHOLE
     total = 0
     satisfiable = 0
+    spans: list[tuple[int, int]] = []
     for part in parts:
         first, dash, last = part.strip().partition(b"-")
         if len(first) > MAX_DIGITS or len(last) > MAX_DIGITS:
@@ -482,14 +483,20 @@ def range_answer(header: bytes | None, size: int) -> str:
             if int(last or b"0") >= size:
                 return WHOLE  # a suffix covering the blob is the blob
             length = int(last or b"0")
+            start = size - length
         else:
             start = int(first)
             end = min(int(last), size - 1) if last else size - 1
             length = max(end - start + 1, 0)
         total += length
         satisfiable += length > 0
+        if length > 0:
+            spans.append((start, start + length))
     if total > size:
         return WHOLE
+    spans.sort()
+    if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
+        return WHOLE  # overlapping ranges: the blob, as README says
     return PARTS if satisfiable else NONE
 
 

@@ -7,8 +7,10 @@ import hashlib
 import io
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
+import tempfile
 import tracemalloc
 from pathlib import Path
 from typing import Any, Iterator
@@ -524,10 +526,22 @@ def test_a_sibling_named_like_the_store_is_outside(tmp_path: Path) -> None:
     assert tree["bin"].issym() and tree["bin"].linkname == str(pkg / "bin")
 
 
-def test_a_package_thousands_of_directories_deep(store: Path) -> None:
+@pytest.fixture
+def deep_store() -> Iterator[Path]:
+    """A store outside pytest's own temporary directories, removed from the bottom up
+    whatever the test does: shutil.rmtree (and so pytest's clean-up) recurses, and fails
+    on a tree this deep."""
+    root = Path(tempfile.mkdtemp(prefix="nixeryd-deep-"))
+    store = root / "nix" / "store"
+    store.mkdir(parents=True)
+    yield store
+    subprocess.run(["find", str(root), "-depth", "-delete"], check=False)
+
+
+def test_a_package_thousands_of_directories_deep(deep_store: Path) -> None:
     """A package 1,500 directories deep (past Python's recursion limit) is packed and
     merged into the symlink layer like any other (it was a 500 with RecursionError)."""
-    pkg = store / "dddd-deep"
+    pkg = deep_store / "dddd-deep"
     deepest = pkg / "share"
     deepest.mkdir(parents=True)
     for _ in range(1500):  # os.makedirs itself recurses once a directory
@@ -542,7 +556,3 @@ def test_a_package_thousands_of_directories_deep(store: Path) -> None:
         names = tar.getnames()
     bottom = [n for n in names if n.endswith("/bottom")]
     assert len(bottom) == 1 and bottom[0].count("/d") == 1500
-    (deepest / "bottom").unlink()  # removed from the bottom up: shutil.rmtree recurses too
-    while deepest != pkg:
-        deepest.rmdir()
-        deepest = deepest.parent

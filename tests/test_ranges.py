@@ -16,6 +16,10 @@ from nixeryd.api import NONE, PARTS, WHOLE, range_answer
     (b"bytes=0-99", PARTS),
     (b"bytes=0-49,50-99", PARTS),
     (b"bytes=0-99,0-99", WHOLE),  # more than the blob
+    (b"bytes=0-10,5-15", WHOLE),  # overlapping
+    (b"bytes=90-95,-8", WHOLE),  # a suffix overlapping a range
+    (b"bytes=0-10,11-20", PARTS),  # adjacent, not overlapping
+    (b"bytes=-5,0-4", PARTS),
     (b"items=0-1", WHOLE),
     (b"bytes=a-b", WHOLE),
     (b"bytes=0-" + b"9" * 5000, WHOLE),  # past what int() reads: never a 500
