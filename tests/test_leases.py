@@ -85,6 +85,23 @@ class BuildLeaseTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(b), "digest-by-A")
         self.assertEqual(fleet.builds, ["A"])
 
+    def test_renewal_comes_every_third_of_a_period(self) -> None:
+        """The holder renews its lease a third of a period after taking it, long before it
+        would expire: a lease renewed only as often as it expires would look dead to a
+        waiter at each period's end."""
+        fleet = Fleet()
+        release: Deferred[None] = Deferred()
+        fleet.pull(fleet.instance("A", ttl=30.0), until=release)
+        taken = fleet.lease()
+        assert taken is not None
+        fleet.run(9.5)
+        self.assertEqual(fleet.lease(), taken)
+        fleet.run(1.0)
+        renewed = fleet.lease()
+        assert renewed is not None
+        self.assertGreater(renewed.expires, taken.expires)
+        release.callback(None)
+
     def test_holder_renews_while_building(self) -> None:
         """A build running for many lease periods keeps its lease: nobody takes it over."""
         fleet = Fleet()
