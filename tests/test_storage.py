@@ -61,6 +61,22 @@ def key(prefix: str, name: str) -> str:
     return prefix + "/" + hashlib.sha256(name.encode()).hexdigest()
 
 
+def leftover_uploads(staging: str) -> str:
+    """Staging files as uploads leave them when cut short: one of a dead process, one of
+    an earlier process with this one's id, one of a live process (pid 1, which runs as
+    long as we do); the name of the live one, which must stay."""
+    from nixeryd.storage import filesystem
+
+    os.makedirs(staging)
+    host = filesystem._HOST
+    names = [f"blob-{host}-{2**22 + 7}-{'a' * 32}",  # past any pid_max
+             f"blob-{host}-{os.getpid()}-{'b' * 32}", f"blob-{host}-1-{'c' * 32}"]
+    for name in names:
+        with open(os.path.join(staging, name), "wb") as f:
+            f.write(b"x" * 1000)
+    return names[-1]
+
+
 class StorageContract:
     """What every ``IStorage`` backend must do; mixed into one TestCase per backend."""
 
@@ -488,17 +504,8 @@ class GCSStorageTests(ConditionalContract, SynchronousTestCase):
     def test_uploads_a_dead_process_left_are_removed_at_start(self) -> None:
         """Local copies of uploads a kill -9 cut short (named with a dead process's id) are
         removed when a backend starts on their directory; a live process's stay."""
-        from nixeryd.storage import filesystem
-
         staging = os.path.abspath(self.mktemp())
-        os.makedirs(staging)
-        host = filesystem._HOST
-        gone = os.path.join(staging, f"blob-{host}-{2**22 + 7}-{'a' * 32}")  # past any pid_max
-        mine = os.path.join(staging, f"blob-{host}-{os.getpid()}-{'b' * 32}")
-        live = os.path.join(staging, f"blob-{host}-1-{'c' * 32}")  # pid 1 runs as long as we do
-        for path in (gone, mine, live):
-            with open(path, "wb") as f:
-                f.write(b"x" * 1000)
+        live = leftover_uploads(staging)
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
@@ -506,7 +513,7 @@ class GCSStorageTests(ConditionalContract, SynchronousTestCase):
                                 client_options={"api_endpoint": guarded_emulator().url})
         GCSStorage(client.bucket(self.bucket_name), inline, redirect=plain_url("http://x", self.bucket_name),
                    staging_dir=staging)
-        self.assertEqual(sorted(os.listdir(staging)), [os.path.basename(live)])
+        self.assertEqual(sorted(os.listdir(staging)), [live])
 
     def test_a_blob_removed_behind_its_back_is_not_redirected_to_for_long(self) -> None:
         """A blob known to be in the bucket is redirected to without a lookup for a minute;
@@ -713,19 +720,10 @@ class S3StorageTests(ConditionalContract, SynchronousTestCase):
     def test_uploads_a_dead_process_left_are_removed_at_start(self) -> None:
         """Local copies of uploads a kill -9 cut short (named with a dead process's id) are
         removed when a backend starts on their directory; a live process's stay."""
-        from nixeryd.storage import filesystem
-
         staging = os.path.abspath(self.mktemp())
-        os.makedirs(staging)
-        host = filesystem._HOST
-        gone = os.path.join(staging, f"blob-{host}-{2**22 + 7}-{'a' * 32}")  # past any pid_max
-        mine = os.path.join(staging, f"blob-{host}-{os.getpid()}-{'b' * 32}")
-        live = os.path.join(staging, f"blob-{host}-1-{'c' * 32}")  # pid 1 runs as long as we do
-        for path in (gone, mine, live):
-            with open(path, "wb") as f:
-                f.write(b"x" * 1000)
+        live = leftover_uploads(staging)
         self.connect(staging=staging)
-        self.assertEqual(sorted(os.listdir(staging)), [os.path.basename(live)])
+        self.assertEqual(sorted(os.listdir(staging)), [live])
 
     def test_identical_blob_is_not_uploaded_again(self) -> None:
         """A blob already in the bucket with the same MD5 is not uploaded again."""
