@@ -556,3 +556,23 @@ def test_a_package_thousands_of_directories_deep(deep_store: Path) -> None:
         names = tar.getnames()
     bottom = [n for n in names if n.endswith("/bottom")]
     assert len(bottom) == 1 and bottom[0].count("/d") == 1500
+
+
+@pytest.mark.parametrize(("change", "word"), [(b"more bytes", "grew"), (None, "shrank")])
+def test_a_file_changing_while_packed_fails_the_layer(store: Path, change: bytes | None, word: str) -> None:
+    """A file that grows or shrinks between being listed and being copied fails the layer,
+    rather than giving a tar whose header and bytes disagree."""
+    from nixeryd.archive import _layer_entries, _write_entries
+
+    pkg = make_package(store, "eeee-changing")
+    target = next(p for p in pkg.rglob("*") if p.is_file() and not p.is_symlink())
+    original = target.read_bytes()
+    assert original
+    entries = _layer_entries([str(pkg)])
+    if change is None:
+        target.write_bytes(original[:-1])
+    else:
+        with open(target, "ab") as f:
+            f.write(change)
+    with pytest.raises(ValueError, match=word):
+        _write_entries(entries, io.BytesIO(), None, "gzip")
