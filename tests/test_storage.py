@@ -539,6 +539,35 @@ class GCSStorageTests(ConditionalContract, SynchronousTestCase):
         clock.advance(31)
         self.assertIsNone(self.result(serving.locate_blob(hexdigest)))
 
+    def test_a_large_transfer_gets_time_for_its_bytes(self) -> None:
+        """A call moving 100 MiB gets the deadline plus time for its bytes at 10 MiB/s (here
+        1 + 10 s), where a small one gets the deadline alone (1 s)."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        held: list[Deferred[Any]] = []
+
+        def never(fn: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            held.append(d)
+            return d
+
+        client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": guarded_emulator().url})
+        slow = GCSStorage(client.bucket(self.bucket_name), never, redirect=plain_url("http://x", self.bucket_name),
+                          deadline=1.0, connect_timeout=1.0, clock=clock, staging_dir=os.path.abspath(self.mktemp()))
+        large = BlobInfo(digest="sha256:" + "a" * 64, diff_id="sha256:" + "b" * 64, size=100 * 1024 * 1024,
+                         md5="0" * 32)
+        upload = slow.commit_blob("/nonexistent", large)
+        small = slow.has("layers/" + "c" * 64)
+        clock.advance(1.5)
+        self.failureResultOf(small, StorageError)
+        self.assertNoResult(upload)
+        clock.advance(10)
+        self.failureResultOf(upload, StorageError)
+
     def test_large_uploads_go_in_bounded_chunks(self) -> None:
         """A 20 MiB layer goes up in 8 MiB pieces (three requests), so an upload holds at most
         one piece in memory (the client's default was one 100 MB piece); it arrives whole."""
