@@ -134,8 +134,7 @@ class RegistryAPI:
         if self._status is None:
             raise no_endpoint("/")
         try:
-            full = self._auth is None or not self._auth.enabled or await self._auth.check(
-                request.getHeader(b"authorization"))
+            full = await self._allowed(request)
         except AuthBusy:
             full = False
         body = await render_index(self._status, _host(request), secure=request.isSecure(), full=full)
@@ -218,16 +217,21 @@ class RegistryAPI:
         await self._authorize(request)
         return self._json(request, {})
 
+    async def _allowed(self, request: IRequest) -> bool:
+        """Whether access control lets the request in (always, when it is off); raises
+        ``AuthBusy`` when too many password checks are under way."""
+        if self._auth is None:
+            return True
+        return bool(await self._auth.check(request.getHeader(b"authorization")))
+
     async def _authorize(self, request: IRequest) -> None:
         """401 with the spec's challenge unless access control lets the request in."""
-        if self._auth is None or not self._auth.enabled:
-            return
         try:
-            allowed = await self._auth.check(request.getHeader(b"authorization"))
+            allowed = await self._allowed(request)
         except AuthBusy:
             raise RegistryError(429, "TOOMANYREQUESTS", "too many logins are being checked; try again shortly",
                                 retry_after=1) from None
-        if allowed:
+        if allowed or self._auth is None:
             return
         for challenge in self._auth.challenges():
             request.responseHeaders.addRawHeader(b"WWW-Authenticate", challenge.encode())

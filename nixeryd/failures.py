@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from nixeryd.pkgsource import public_url
 
 NOT_FOUND_MARKER = re.compile(r"nixeryd-not-found: (\[.*\])")
-# How nix-build reports a derivation stopped by `--timeout`.
+# How Nix reports a derivation stopped by `--timeout`.
 DERIVATION_TIMED_OUT = re.compile(
     r"(?:building of '(/nix/store/[^'!]+\.drv)(?:![^']*)?'(?: from \.drv file)? )?timed out after \d+ seconds")
 # How Nix 2.x reports a derivation that failed, and one no builder here can build.
@@ -132,9 +132,10 @@ def error_line(tail: Sequence[str]) -> str:
     """The line of Nix's output that says what went wrong: git's own complaint where
     git failed (Nix only says that git exited), else Nix's last ``error:`` line, else
     the last line."""
-    for prefix in ("fatal: ", "error: "):
+    git_failed = any("program 'git'" in line for line in tail)
+    for prefix in ("fatal: ", "error: ") if git_failed else ("error: ",):
         found = [line for line in tail if line.startswith(prefix)]
-        if found and not (prefix == "fatal: " and not any("program 'git'" in line for line in tail)):
+        if found:
             return found[-1].removeprefix(prefix).strip()
     meaningful = [line for line in tail if line.strip() and not line.startswith(SHOW_TRACE_HINT)]
     return meaningful[-1].strip() if meaningful else "Nix gave no reason"

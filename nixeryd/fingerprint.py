@@ -15,7 +15,7 @@ import os
 import stat
 from typing import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from nixeryd.cache import SingleFlight
@@ -75,14 +75,10 @@ class PathFingerprint:
         """The fingerprint as of a walk begun at most ``interval`` seconds ago."""
         now = self._clock.seconds()
         if self._last is not None and now - self._last[0] < self._interval:
-            return Deferred.fromCoroutine(_value(self._last[1]))
+            return succeed(self._last[1])
         return self._flight.run(self._root, lambda: self._measure(now))
 
     async def _measure(self, started: float) -> str:
         found: str = await self._offload(self._walk, self._root)
         self._last = (started, found)
         return found
-
-
-async def _value(value: str) -> str:
-    return value

@@ -86,7 +86,7 @@ def _source_problem(failures: Sequence[BuildFailure]) -> str:
         if failure.kind == "source":
             return (f'<div class="fix"><p class="reason">{e(failure.summary)}</p>'
                     f"<p>{e(SOURCE_FIX)}</p></div>")
-        if failure.kind not in ("not_found",):
+        if failure.kind != "not_found":
             return ""
     return ""
 
