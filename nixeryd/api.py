@@ -255,9 +255,9 @@ class RegistryAPI:
             return self._json(request, {"repositories": names})
         if rest.endswith(TAGS_SUFFIX):
             name = rest[: -len(TAGS_SUFFIX)]
-            self._image_name(name)
-            stored_tags = await storage_call(Deferred.fromCoroutine(self._images.tag_records.tags(name)))
-            tags = sorted({"latest", *stored_tags, *self._images.known.tags(name)})
+            spelling = self._image_name(name)
+            stored_tags = await storage_call(Deferred.fromCoroutine(self._images.tag_records.tags(spelling)))
+            tags = sorted({"latest", *stored_tags, *self._images.known.tags(spelling)})
             page = self._page(request, tags, f"/v2/{name}/tags/list")
             return self._json(request, {"name": name, "tags": page})
         name, kind, ref = _split(rest)
@@ -320,9 +320,10 @@ class RegistryAPI:
                     _set(request, "Link", link)
         return items
 
-    def _image_name(self, name: str) -> None:
+    def _image_name(self, name: str) -> str:
+        """The canonical spelling of a valid ``name``, which its tags are recorded under."""
         try:
-            parse_name(name, ())
+            return parse_name(name, ()).spelling
         except NameInvalid as e:
             raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
 

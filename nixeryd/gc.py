@@ -7,9 +7,11 @@ behind, and gc keeps what it says was served within the window and that interval
 nothing served within the window is collected, whatever the window. Everything a kept image's manifests
 and indexes reach is kept, and so is every blob written within the window,
 whatever refers to it, so that builds in progress lose nothing. Safe while
-instances serve: one that needs a removed blob again packs it anew. Build
-leases are left alone, except those expired for a day (their holder died and
-nobody asked for the image since).
+instances serve: one that needs a removed blob again packs it anew. A
+failure record is removed once its time is over; a build lease once it has been expired
+for a day (its holder died and nobody asked for the image since). Tags not served
+within the window are dropped from their repository's record, and a record left with
+none is removed.
 """
 from __future__ import annotations
 
@@ -20,13 +22,12 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from nixeryd import tags
 from nixeryd.leases import LeaseRecord
-from nixeryd.storage.interface import IStorage, StoredObject
+from nixeryd.storage.interface import TOUCH_INTERVAL, IStorage, StoredObject
 
 log = Logger()
 
-TOUCH_INTERVAL = 3600.0
-"""Most seconds an image's record lags behind its last serving (see ``Images._touch``)."""
 STALE_LEASE = 86400.0
 """Seconds after its expiry that a build lease is garbage."""
 
@@ -42,6 +43,8 @@ class Report:
     removed_bytes: int = 0
     removed_records: int = 0
     removed_leases: int = 0
+    removed_tags: int = 0
+    removed_tag_records: int = 0
     removed: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, int]:
@@ -53,6 +56,8 @@ class Report:
             "removed_bytes": self.removed_bytes,
             "removed_layer_records": self.removed_records,
             "removed_leases": self.removed_leases,
+            "removed_tags": self.removed_tags,
+            "removed_tag_records": self.removed_tag_records,
         }
 
 
@@ -106,16 +111,17 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
             report.removed_records += 1
             await _remove(storage, record, report, dry_run, "layer record")
     for lease in await storage.list("leases"):
-        if lease.modified >= now - STALE_LEASE:
-            continue
         found = await storage.read(lease.key)
         if found is None:
             continue
         lease_record = LeaseRecord.decode(found[0])
-        if lease_record is None or lease_record.expires < now - STALE_LEASE:
+        over = lease_record is not None and lease_record.state == "failed" and lease_record.expires < now
+        if over or (lease.modified < now - STALE_LEASE
+                    and (lease_record is None or lease_record.expires < now - STALE_LEASE)):
             report.removed_leases += 1
             # Only the version read: a lease taken since is kept.
             await _remove(storage, dataclasses.replace(lease, generation=found[1]), report, dry_run, "lease")
+    report.removed_tags, report.removed_tag_records = await tags.sweep(storage, served_horizon, dry_run)
     log.info(
         "{verb} {blobs} blobs ({size} bytes) and {images} image records; kept {kept} images",
         verb="would remove" if dry_run else "removed",

@@ -70,7 +70,7 @@ class ImagePages:
                 "digest": digest,
                 "size": descriptor["size"],
                 "store_paths": await self._paths(digest),
-                "shared_with": sorted(set(self._images.layer_users(digest)) - {image.name}),
+                "shared_with": sorted(set(self._images.layer_users(digest)) - {image.spelling}),
             })
         packages, closure_size = await self._packages(manifests)
         labels = await self._labels(manifest)

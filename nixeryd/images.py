@@ -25,13 +25,12 @@ from nixeryd.builder import ImageBuilder
 from nixeryd.cache import SingleFlight, TTLCache, gather
 from nixeryd.failures import NixError, PlatformUnavailable
 from nixeryd.fingerprint import PathFingerprint
-from nixeryd.gc import TOUCH_INTERVAL
 from nixeryd.leases import BuildLeases
 from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.metrics import Metrics
 from nixeryd.names import ARM64, Arch, Image
 from nixeryd.pkgsource import PackageSource
-from nixeryd.storage.interface import IStorage, StorageError
+from nixeryd.storage.interface import TOUCH_INTERVAL, IStorage, StorageError
 from nixeryd.tags import TagRecords
 
 log = Logger()
@@ -255,12 +254,12 @@ class Images:
             d = self._image(image, tag)
 
         async def remember(result: ImageManifests) -> ImageManifests:
-            self.known.add(image.name, tag)
-            self._note_users(image.name, result)
+            self.known.add(image.spelling, tag)
+            self._note_users(image.spelling, result)
             # Recorded before the answer (a storage write the first time a tag is seen,
             # nothing after): once a client has the manifest, every instance lists the tag.
             # A failure to record it is logged, never the pull's.
-            await self.tag_records.add(image.name, tag)
+            await self.tag_records.add(image.spelling, tag)
             return result
 
         return d.addCallback(lambda result: Deferred.fromCoroutine(remember(result)))
@@ -331,7 +330,7 @@ class Images:
         (this never builds): at ``latest`` and at every tag it was pulled at, its image in
         each flavour and, with platforms, its index and each platform's image."""
         tags = ["latest"]
-        for tag in [*self.known.tags(image.name), *await self.tag_records.tags(image.name)]:
+        for tag in [*self.known.tags(image.spelling), *await self.tag_records.tags(image.spelling)]:
             if tag not in tags and len(tags) < MAX_TAGS_LOOKED_AT:
                 tags.append(tag)
         found = []

@@ -16,7 +16,9 @@ with backoff, for no longer than a build may take.
 
 When the build fails the holder replaces its lease with the failure (its kind,
 message and Nix's output) for the failure TTL: every instance answers with it
-rather than running the same broken build again. When it succeeds the holder
+rather than running the same broken build again. Names not in the package set are
+the exception: anyone can make them up, so they are remembered by each instance
+alone and their lease is removed, leaving nothing in storage. When it succeeds the holder
 writes the manifest record first and only then removes the lease, so a waiter
 that finds no lease finds the record.
 """
@@ -296,7 +298,9 @@ class BuildLeases:
             result = await build()
         except Exception as e:
             await stop_renewing()
-            if isinstance(e, NixError) and self._failure_ttl > 0:
+            # Names not in the package set are anyone's to make up: remembered by this
+            # instance alone (``Images``), never written to storage for them.
+            if isinstance(e, NixError) and not isinstance(e, PackagesNotFound) and self._failure_ttl > 0:
                 record = self._record("failed", self._failure_ttl, failure_record(e))
                 await self._quietly(self._storage.write_if(lease_key, record.encode(), LEASE_TYPE,
                                                            held.generation))

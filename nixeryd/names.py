@@ -33,6 +33,12 @@ class Image:
     nonroot: bool = False  # runs as user and group nonroot, 65532:65532
     run: bool = False  # Entrypoint is the first package's meta.mainProgram
     first: str | None = None  # the first package named after the meta-packages
+    canonical: str = ""  # one spelling of every name asking for this image (``canonical_name``)
+
+    @property
+    def spelling(self) -> str:
+        """The name tags are recorded under: the canonical one, when parsed."""
+        return self.canonical or self.name
 
 
 class NameInvalid(ValueError):
@@ -102,9 +108,24 @@ def parse_name(name: str, base_packages: Sequence[str] = DEFAULT_BASE_PACKAGES) 
     packages = set(rest) | set(base_packages)
     if "shell" in meta:
         packages |= set(SHELL_PACKAGES)
+    first = rest[0] if rest else None
     return Image(name=name, packages=tuple(sorted(packages)), arch=ARM64 if "arm64" in meta else AMD64,
                  shell="shell" in meta, base=tuple(sorted(set(base_packages))),
-                 nonroot="nonroot" in meta, run="run" in meta, first=rest[0] if rest else None)
+                 nonroot="nonroot" in meta, run="run" in meta, first=first,
+                 canonical=canonical_name(meta, rest))
+
+
+def canonical_name(meta: set[str] | frozenset[str], packages: Sequence[str]) -> str:
+    """One spelling for every name that asks for the same image: meta-packages in their
+    fixed order, then (after ``run/``) the package whose program runs, then the other
+    packages sorted, each once. ``htop/git``, ``git/htop`` and ``git/git/htop`` are one
+    repository in the tags and the catalogue, so that respelling a name writes nothing."""
+    ordered = [m for m in META_PACKAGES if m in meta]
+    rest = list(packages)
+    if "run" in meta and rest:
+        ordered.append(rest[0])
+        rest = [p for p in rest if p != rest[0]]
+    return "/".join(ordered + sorted(set(rest)))
 
 
 def parse_digest(value: str) -> Digest:

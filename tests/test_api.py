@@ -28,6 +28,7 @@ DEPENDENCIES = {
     "libshared": [],
     "alpha": ["libshared"],
     "beta": ["libshared"],
+    **{f"p{i}": [] for i in range(1, 8)},
 }
 
 
@@ -276,14 +277,29 @@ class NegotiationTests(APITestCase):
         _, body = self.get("/v2/beta/tags/list?n=1000")
         self.assertEqual(json.loads(body)["tags"], ["latest", "v1", "v2"])
 
+    def test_respellings_of_a_name_are_one_repository(self) -> None:
+        """`beta/alpha`, `alpha/beta/alpha` and `alpha/beta` ask for one image: the catalogue
+        lists it once, in its canonical spelling, and each spelling lists every tag any of
+        them was pulled at; the storage holds one tag record."""
+        for name, tag in (("beta/alpha", "v1"), ("alpha/beta/alpha", "v2"), ("alpha/beta", "v3"),
+                          ("nonroot/beta/alpha/beta", "v1")):
+            self.assertEqual(self.get(f"/v2/{name}/manifests/{tag}")[0].code, 200)
+        _, body = self.get("/v2/_catalog")
+        self.assertEqual(json.loads(body)["repositories"], ["alpha/beta", "nonroot/alpha/beta"])
+        for name in ("beta/alpha", "alpha/alpha/beta"):
+            _, body = self.get(f"/v2/{name}/tags/list")
+            self.assertEqual(json.loads(body), {"name": name, "tags": ["latest", "v1", "v2", "v3"]})
+        self.assertEqual(len(self.successResultOf(self.storage.list("tags"))), 2)
+
     def test_the_catalog_answers_a_page_at_a_time(self) -> None:
         """Without `n`, the catalogue answers 100 names and a Link to the next page."""
         import itertools
 
-        spellings = ["/".join(p) for k in (1, 2, 3, 4) for p in itertools.permutations(["alpha", "beta", "libshared",
-                                                                                    "cacert", "iana-etc"], k)]
-        for name in spellings[:105]:  # distinct repositories, a few images
+        names = ["/".join(c) for k in (1, 2, 3) for c in itertools.combinations([f"p{i}" for i in range(1, 8)], k)]
+        names += ["p1/p2/p3/p4/p5", "p1/p2/p3/p4/p6"] + [f"nonroot/{name}" for name in names[:40]]
+        for name in names:  # 105 images, one a second (the pace new tags are recorded at)
             self.assertEqual(self.get(f"/v2/{name}/manifests/latest")[0].code, 200)
+            self.clock.advance(1)
         response, body = self.get("/v2/_catalog")
         names = json.loads(body)["repositories"]
         self.assertEqual(len(names), 100)

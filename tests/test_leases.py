@@ -167,14 +167,24 @@ class BuildLeaseTests(SynchronousTestCase):
         """A's failure is written in its lease's place: B, asking after, gets the same error
         without building; once the failure TTL is over, the next pull builds again."""
         fleet = Fleet()
-        a = fleet.pull(fleet.instance("A"), error=PackagesNotFound("no such package", "tail", ["nope"], "why"))
-        failure = self.failureResultOf(a, PackagesNotFound)
+        a = fleet.pull(fleet.instance("A"), error=NixBuildFailed("cannot build broken-1.0", "tail", "why",
+                                                                 "/nix/store/x-broken-1.0.drv"))
+        failure = self.failureResultOf(a, NixBuildFailed)
         b = fleet.pull(fleet.instance("B"))
-        shared = self.failureResultOf(b, PackagesNotFound).value
-        self.assertEqual((shared.message, shared.packages, shared.reason, shared.log_tail),
-                         (failure.value.message, ("nope",), "why", "tail"))
+        shared = self.failureResultOf(b, NixBuildFailed).value
+        self.assertEqual((shared.message, shared.derivation, shared.summary, shared.log_tail),
+                         (failure.value.message, "/nix/store/x-broken-1.0.drv", "why", "tail"))
         self.assertEqual(fleet.builds, ["A"])
         fleet.clock.advance(61)
+        self.assertEqual(self.successResultOf(fleet.pull(fleet.instance("B"))), "digest-by-B")
+
+    def test_names_not_in_the_set_leave_nothing_in_storage(self) -> None:
+        """Anyone can make names up: their failure is not written for the fleet, and the
+        lease is gone once the build failed."""
+        fleet = Fleet()
+        a = fleet.pull(fleet.instance("A"), error=PackagesNotFound("no such package", "tail", ["nope"], "why"))
+        self.failureResultOf(a, PackagesNotFound)
+        self.assertIsNone(fleet.lease())
         self.assertEqual(self.successResultOf(fleet.pull(fleet.instance("B"))), "digest-by-B")
 
     def test_waiters_get_the_failure_when_it_happens(self) -> None:

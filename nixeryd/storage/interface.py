@@ -6,7 +6,7 @@ instances:
 - ``layers/<sha256hex>``: every blob (layers, configs, manifests);
 - ``manifests/<cachekey>``: the manifest record of a cacheable image;
 - ``builds/<layerkey>``: JSON describing an already built layer;
-- ``tags/<sha256 of a name>``: the tags a repository was pulled at;
+- ``tags/<sha256 of a canonical name>``: the tags a repository was served at, and when;
 - ``leases/<cachekey>``: which instance is building an image, or how its build
   failed (see ``nixeryd.leases``), written only with preconditions;
 - ``staging/<name>``: blobs being written, never served.
@@ -68,6 +68,10 @@ BlobLocation = Union[LocalFile, InMemory, Redirect]
 Generation = Union[int, str]
 """Which version of an object: GCS's generation number, S3's ETag, a file's identity.
 Opaque to callers, who only hand back what ``read`` or ``list`` gave them."""
+
+TOUCH_INTERVAL = 3600.0
+"""Most seconds a record's served time (of an image, of a tag) lags behind its last serving:
+instances refresh it no more often, and garbage collection allows for it."""
 
 ABSENT: Generation = 0
 """The generation ``write_if`` takes to mean "only if there is no object yet"."""
