@@ -83,7 +83,7 @@ def child(backend: str, url: str, bucket: str, path: str, uploads: int, library_
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=upload, args=args) for args in zip(staged, infos)]
+    threads = [threading.Thread(target=upload, args=args) for args in zip(staged, infos, strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
