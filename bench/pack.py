@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nixeryd.archive import write_layer  # noqa: E402
+from nixeryd.image.archive import write_layer  # noqa: E402
 
 OFFLINE = dict(os.environ, NIX_CONFIG="substituters =\nbuild-users-group =\nsandbox = false\n")
 
@@ -72,7 +72,7 @@ def nixeryd_pack(paths: list[str], workdir: str, threads: int, compression: str 
 
 def peak_rss_packing(paths: list[str], workdir: str) -> float:
     code = (
-        "import sys; from nixeryd.archive import write_layer\n"
+        "import sys; from nixeryd.image.archive import write_layer\n"
         f"write_layer({paths!r}, open({os.path.join(workdir, 'big.tar.gz')!r}, 'wb'))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))

@@ -38,8 +38,8 @@ def _kib(field: str) -> int:
 
 def child(backend: str, url: str, bucket: str, path: str, uploads: int, library_defaults: bool) -> None:
     """In the child: upload ``path`` ``uploads`` times at once; print the peak growth in MiB."""
-    from nixeryd.archive import BlobInfo
-    from nixeryd.offload import inline
+    from nixeryd.core.blobs import BlobInfo
+    from nixeryd.core.offload import inline
 
     data = Path(path).read_bytes()
     info = BlobInfo("sha256:" + hashlib.sha256(data).hexdigest(), "", len(data), hashlib.md5(data).hexdigest())

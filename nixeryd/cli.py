@@ -147,8 +147,8 @@ def _parts(config: Any, reactor: Any, popularity: Any = None) -> Any:
 
 
 async def _build(reactor: Any, config: Any, image_ref: str, popularity: Any) -> None:
-    from nixeryd.errors import as_registry_errors
-    from nixeryd.names import NameInvalid, TagInvalid, parse_name, parse_reference
+    from nixeryd.http.errors import as_registry_errors
+    from nixeryd.image.names import NameInvalid, TagInvalid, parse_name, parse_reference
 
     name, tag = image_ref, "latest"
     if ":" in image_ref:
@@ -161,7 +161,7 @@ async def _build(reactor: Any, config: Any, image_ref: str, popularity: Any) -> 
     if not hasattr(reference, "value"):
         raise CommandError(f"{image_ref}: build takes a tag, not a digest")
     parts = _parts(config, reactor, popularity)
-    from nixeryd.errors import RegistryError
+    from nixeryd.http.errors import RegistryError
 
     try:
         manifests = await as_registry_errors(image.name, parts.images.manifests(image, tag))
@@ -172,7 +172,7 @@ async def _build(reactor: Any, config: Any, image_ref: str, popularity: Any) -> 
 
 
 async def _gc(reactor: Any, config: Any, keep_days: float, dry_run: bool) -> None:
-    from nixeryd.gc import collect
+    from nixeryd.registry.gc import collect
 
     if keep_days < 0.1:
         # Instances serve manifests from memory for up to an hour between checks.
@@ -184,7 +184,7 @@ async def _gc(reactor: Any, config: Any, keep_days: float, dry_run: bool) -> Non
 
 
 async def _verify(reactor: Any, config: Any, repair: bool) -> None:
-    from nixeryd.verify import verify
+    from nixeryd.registry.verify import verify
 
     parts = _parts(config, reactor)
     bar = ProgressBar(sys.stderr)
@@ -222,7 +222,7 @@ class ProgressBar:
 
 
 async def _popularity(reactor: Any, config: Any, output: str) -> None:
-    from nixeryd.popularity import compute_popularity
+    from nixeryd.build.popularity import compute_popularity
     from nixeryd.tap import default_nix_dir, nix_conf_dir
 
     table = await compute_popularity(

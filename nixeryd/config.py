@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
-from nixeryd.names import AMD64, ARM64, DEFAULT_BASE_PACKAGES, Arch
-from nixeryd.pkgsource import CHANNEL_URL, ChannelSource, GitSource, PackageSource, PathSource
+from nixeryd.build.pkgsource import CHANNEL_URL, ChannelSource, GitSource, PackageSource, PathSource
+from nixeryd.image.names import AMD64, ARM64, DEFAULT_BASE_PACKAGES, Arch
 
 BACKENDS = ("filesystem", "gcs", "s3")
 PLATFORMS = {"linux/amd64": AMD64, "linux/arm64": ARM64, "linux/arm64/v8": ARM64}

@@ -18,26 +18,27 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from nixeryd import __version__, cosign
-from nixeryd.api import RegistryAPI
-from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
-from nixeryd.builder import ImageBuilder
-from nixeryd.buildlog import BuildLogs
+from nixeryd import __version__
+from nixeryd.build.builder import ImageBuilder
+from nixeryd.build.fingerprint import PathFingerprint
+from nixeryd.build.nix import NixBuilder
+from nixeryd.build.pkgsource import PathSource
+from nixeryd.build.popularity import load_popularity
 from nixeryd.config import Config, ConfigError
-from nixeryd.fingerprint import PathFingerprint
-from nixeryd.imagepage import ImagePages
-from nixeryd.images import Images
-from nixeryd.leases import BuildLeases
-from nixeryd.metrics import Metrics
-from nixeryd.nix import NixBuilder
-from nixeryd.offload import thread_pool
-from nixeryd.pkgsource import PathSource
-from nixeryd.popularity import load_popularity
-from nixeryd.signatures import Signatures
-from nixeryd.site import PlainHTTPFactory, make_site
+from nixeryd.core.offload import thread_pool
+from nixeryd.http.auth import Authenticator, parse_htpasswd, parse_tokens
+from nixeryd.http.connection import PlainHTTPFactory, make_site
+from nixeryd.http.imagepage import ImagePages
+from nixeryd.http.index import Status
+from nixeryd.http.registry import RegistryAPI
+from nixeryd.image import cosign
+from nixeryd.ops.buildlog import BuildLogs
+from nixeryd.ops.metrics import Metrics
+from nixeryd.registry.images import Images
+from nixeryd.registry.leases import BuildLeases
+from nixeryd.registry.signatures import Signatures
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import IStorage
-from nixeryd.web import Status
 
 log = Logger()
 

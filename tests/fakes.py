@@ -1,6 +1,6 @@
 """Fakes for the edges unit tests cannot run: the Nix child process.
 
-``FakeNix`` stands where ``nixeryd.nix.NixBuilder`` runs Nix: it answers
+``FakeNix`` stands where ``nixeryd.build.nix.NixBuilder`` runs Nix: it answers
 from a small tree of directories shaped like store paths, and lets a test hold
 a build pending until it fires it. End-to-end tests run the real Nix.
 """
@@ -13,9 +13,9 @@ from typing import Mapping, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 
-from nixeryd.failures import NixBuildFailed, PackagesNotFound
-from nixeryd.layers import PathInfo
-from nixeryd.nix import NixBuild
+from nixeryd.build.failures import NixBuildFailed, PackagesNotFound
+from nixeryd.build.nix import NixBuild
+from nixeryd.image.layers import PathInfo
 
 
 def make_store(root: Path, packages: Mapping[str, Sequence[str]]) -> dict[str, str]:

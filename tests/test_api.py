@@ -13,14 +13,14 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
-from nixeryd.api import RegistryAPI
-from nixeryd.builder import ImageBuilder
-from nixeryd.images import Images
-from nixeryd.names import AMD64, ARM64, Arch, parse_name
-from nixeryd.offload import inline
-from nixeryd.pkgsource import GitSource, PathSource
-from nixeryd.storage.memory import MemoryStorage
+from nixeryd.build.builder import ImageBuilder
+from nixeryd.build.pkgsource import GitSource, PathSource
+from nixeryd.core.offload import inline
+from nixeryd.http.registry import RegistryAPI
+from nixeryd.image.names import AMD64, ARM64, Arch, parse_name
+from nixeryd.registry.images import Images
 from tests.fakes import FakeNix, make_store
+from tests.memory import MemoryStorage
 
 DEPENDENCIES = {
     "cacert": [],
@@ -588,9 +588,9 @@ class CacheTests(APITestCase):
 
 class OperatorEndpointTests(APITestCase):
     def make_api(self) -> StubTreq:
-        from nixeryd.buildlog import BuildLogs
-        from nixeryd.metrics import Metrics
-        from nixeryd.web import Status
+        from nixeryd.http.index import Status
+        from nixeryd.ops.buildlog import BuildLogs
+        from nixeryd.ops.metrics import Metrics
 
         self.metrics = Metrics()
         self.logs = BuildLogs()
@@ -659,7 +659,7 @@ class ZstdTests(APITestCase):
     def test_the_image_page_reads_zstd_layers(self) -> None:
         """The image page of an image with zstd layers lists each layer's store paths (it
         answered 500), and a stored SBOM of another shape shows no packages, never a 500."""
-        from nixeryd.imagepage import ImagePages
+        from nixeryd.http.imagepage import ImagePages
 
         source = PathSource("/srv/pkgs")
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,

@@ -1,4 +1,4 @@
-"""Tests for nixeryd.archive: deterministic, hashed-while-written layer archives."""
+"""Tests for nixeryd.image.archive: deterministic, hashed-while-written layer archives."""
 from __future__ import annotations
 
 import gc
@@ -19,7 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nixeryd.archive import BlobInfo, blob_info, write_layer, write_symlink_layer
+from nixeryd.core.blobs import BlobInfo, blob_info
+from nixeryd.image.archive import write_layer, write_symlink_layer
 
 
 def make_package(store: Path, name: str) -> Path:
@@ -504,7 +505,7 @@ def test_known_digests_are_pinned(pinned_package: Path) -> None:
 def test_a_sibling_named_like_the_store_is_outside(tmp_path: Path) -> None:
     """`/nix/storeX` is not in `/nix/store`: a link there leaves the store, and a path
     there is never taken for one inside."""
-    from nixeryd.archive import store_target
+    from nixeryd.image.archive import store_target
 
     store = tmp_path / "nix" / "store"
     store.mkdir(parents=True)
@@ -562,7 +563,7 @@ def test_a_package_thousands_of_directories_deep(deep_store: Path) -> None:
 def test_a_file_changing_while_packed_fails_the_layer(store: Path, change: bytes | None, word: str) -> None:
     """A file that grows or shrinks between being listed and being copied fails the layer,
     rather than giving a tar whose header and bytes disagree."""
-    from nixeryd.archive import _layer_entries, _write_entries
+    from nixeryd.image.archive import _layer_entries, _write_entries
 
     pkg = make_package(store, "eeee-changing")
     target = next(p for p in pkg.rglob("*") if p.is_file() and not p.is_symlink())

@@ -10,9 +10,9 @@ from typing import Any
 import bcrypt
 from treq.testing import StubTreq
 
-from nixeryd.api import RegistryAPI
-from nixeryd.auth import Authenticator, parse_htpasswd, parse_tokens
-from nixeryd.offload import inline
+from nixeryd.core.offload import inline
+from nixeryd.http.auth import Authenticator, parse_htpasswd, parse_tokens
+from nixeryd.http.registry import RegistryAPI
 from tests.daemon import TWISTD, Daemon, daemon_environment
 from tests.test_api import APITestCase
 
@@ -27,9 +27,9 @@ HTPASSWD = "ci:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode().r
 
 class AuthTests(APITestCase):
     def api(self, users: str = "", tokens: str = "") -> StubTreq:
-        from nixeryd.builder import ImageBuilder
-        from nixeryd.images import Images
-        from nixeryd.pkgsource import PathSource
+        from nixeryd.build.builder import ImageBuilder
+        from nixeryd.build.pkgsource import PathSource
+        from nixeryd.registry.images import Images
 
         source = PathSource("/srv/pkgs")
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
@@ -64,7 +64,7 @@ class AuthTests(APITestCase):
         not: timing says nothing of who exists."""
         from twisted.internet.defer import succeed
 
-        from nixeryd.auth import _password_matches
+        from nixeryd.http.auth import _password_matches
 
         checked: list[str] = []
 
@@ -85,7 +85,7 @@ class AuthTests(APITestCase):
         rather than queued behind them; when they end, logins go through again."""
         from twisted.internet.defer import Deferred
 
-        from nixeryd.auth import _password_matches
+        from nixeryd.http.auth import _password_matches
 
         pending: list[tuple[Deferred[bool], str, str]] = []
 
@@ -95,9 +95,9 @@ class AuthTests(APITestCase):
             return d
 
         auth = Authenticator(parse_htpasswd(HTPASSWD, "htpasswd"), frozenset(), held, self.clock)
-        from nixeryd.builder import ImageBuilder
-        from nixeryd.images import Images
-        from nixeryd.pkgsource import PathSource
+        from nixeryd.build.builder import ImageBuilder
+        from nixeryd.build.pkgsource import PathSource
+        from nixeryd.registry.images import Images
 
         source = PathSource("/srv/pkgs")
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,

@@ -5,7 +5,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.cache import SingleFlight, TTLCache
+from nixeryd.core.cache import SingleFlight, TTLCache
 
 
 class SingleFlightTests(SynchronousTestCase):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from nixeryd.build.pkgsource import ChannelSource, GitSource, PathSource
 from nixeryd.config import Config, ConfigError
-from nixeryd.pkgsource import ChannelSource, GitSource, PathSource
 
 
 def test_defaults() -> None:

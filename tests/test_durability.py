@@ -13,8 +13,8 @@ from tests.daemon import ROOT
 
 SCRIPT = """
 import sys
-from nixeryd.archive import blob_info
-from nixeryd.offload import inline
+from nixeryd.core.blobs import blob_info
+from nixeryd.core.offload import inline
 from nixeryd.storage.filesystem import FilesystemStorage
 
 storage = FilesystemStorage(sys.argv[1], inline)

@@ -7,8 +7,7 @@ import json
 import pytest
 from twisted.internet.defer import Deferred, fail
 
-from nixeryd.errors import RegistryError, as_registry_errors, reason_phrase
-from nixeryd.failures import (
+from nixeryd.build.failures import (
     NixBuildFailed,
     NixError,
     NixTimedOut,
@@ -16,8 +15,10 @@ from nixeryd.failures import (
     PlatformUnavailable,
     SourceUnavailable,
     build_failure,
+    failure_error,
+    failure_record,
 )
-from nixeryd.leases import failure_error, failure_record
+from nixeryd.http.errors import RegistryError, as_registry_errors, reason_phrase
 
 PATH_SOURCE = {"type": "path", "path": "/srv/pkgs"}
 CHANNEL = {"type": "channel", "channel": "nixos-unstable"}

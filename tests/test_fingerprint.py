@@ -8,8 +8,8 @@ from pathlib import Path
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from nixeryd.fingerprint import MISSING, PathFingerprint, fingerprint
-from nixeryd.offload import inline
+from nixeryd.build.fingerprint import MISSING, PathFingerprint, fingerprint
+from nixeryd.core.offload import inline
 from tests.daemon import PKGS
 
 

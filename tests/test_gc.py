@@ -9,15 +9,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.builder import ImageBuilder
-from nixeryd.gc import collect
-from nixeryd.images import Images
-from nixeryd.manifest import ImageManifests
-from nixeryd.names import parse_name
-from nixeryd.offload import inline
-from nixeryd.pkgsource import GitSource
-from nixeryd.storage.memory import MemoryStorage
+from nixeryd.build.builder import ImageBuilder
+from nixeryd.build.pkgsource import GitSource
+from nixeryd.core.offload import inline
+from nixeryd.image.manifest import ImageManifests
+from nixeryd.image.names import parse_name
+from nixeryd.registry.gc import collect
+from nixeryd.registry.images import Images
 from tests.fakes import FakeNix, make_store
+from tests.memory import MemoryStorage
 from tests.test_api import DEPENDENCIES
 
 DAY = 86400.0
@@ -107,8 +107,8 @@ class CollectTests(SynchronousTestCase):
     def test_only_leases_expired_for_a_day_go(self) -> None:
         """A live lease, one expired an hour ago and a failure record are kept; a lease
         whose holder died more than a day ago (and an unreadable one as old) goes."""
-        from nixeryd.leases import LeaseRecord
         from nixeryd.storage.interface import ABSENT
+        from nixeryd.storage.records import LeaseRecord
 
         now = self.clock.seconds()
         records = {

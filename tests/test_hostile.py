@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from nixeryd.api import RegistryAPI
-from nixeryd.builder import ImageBuilder
-from nixeryd.images import Images
-from nixeryd.names import (
+from nixeryd.build.builder import ImageBuilder
+from nixeryd.build.pkgsource import PathSource
+from nixeryd.core.offload import inline
+from nixeryd.http.registry import RegistryAPI
+from nixeryd.image.names import (
     DigestInvalid,
     NameInvalid,
     ReferenceInvalid,
@@ -26,13 +27,12 @@ from nixeryd.names import (
     parse_name,
     parse_reference,
 )
-from nixeryd.offload import inline
-from nixeryd.pkgsource import PathSource
+from nixeryd.registry.images import Images
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import check_key
-from nixeryd.storage.memory import MemoryStorage
 from tests.cooperator import clocked_cooperator
 from tests.fakes import FakeNix, make_store
+from tests.memory import MemoryStorage
 from tests.test_api import DEPENDENCIES
 
 SPEC_CODES = {

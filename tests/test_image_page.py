@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from nixeryd.look import layer_colour
+from nixeryd.http.look import layer_colour
 from tests.daemon import Daemon, daemon_fixture
 
 daemon = daemon_fixture()

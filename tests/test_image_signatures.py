@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nixeryd import cosign
+from nixeryd.image import cosign
+from nixeryd.image.manifest import OCI_MANIFEST
 from tests.daemon import TWISTD, Daemon, daemon_environment
 
 
@@ -83,13 +84,13 @@ def verify_as_containers_image_does(daemon: Daemon, name: str, public: Path) -> 
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     status, headers, _ = daemon.request(f"/v2/{name}/manifests/latest", "HEAD",
-                                        {"Accept": cosign.OCI_MANIFEST})
+                                        {"Accept": OCI_MANIFEST})
     assert status == 200
     digest = headers["Docker-Content-Digest"]
     status, headers, body = daemon.request(f"/v2/{name}/manifests/{digest.replace(':', '-')}.sig",
-                                           headers={"Accept": cosign.OCI_MANIFEST})
+                                           headers={"Accept": OCI_MANIFEST})
     assert status == 200, body
-    assert headers["Content-Type"] == cosign.OCI_MANIFEST
+    assert headers["Content-Type"] == OCI_MANIFEST
     key = load_pem_public_key(public.read_bytes())
     assert isinstance(key, ec.EllipticCurvePublicKey)
     (layer,) = [layer for layer in json.loads(body)["layers"] if layer["mediaType"] == cosign.SIMPLE_SIGNING]
@@ -110,7 +111,7 @@ def test_a_signed_image_verifies(signing: tuple[Daemon, Path, Path]) -> None:
     each time it is asked for."""
     daemon, public, _ = signing
     assert verify_as_containers_image_does(daemon, "shell/hello", public) == "registry.test/shell/hello"
-    status, headers, _ = daemon.request("/v2/shell/hello/manifests/latest", "HEAD", {"Accept": cosign.OCI_MANIFEST})
+    status, headers, _ = daemon.request("/v2/shell/hello/manifests/latest", "HEAD", {"Accept": OCI_MANIFEST})
     tag = headers["Docker-Content-Digest"].replace(":", "-") + ".sig"
     first, second = (daemon.request(f"/v2/shell/hello/manifests/{tag}")[2] for _ in range(2))
     assert first == second
@@ -147,7 +148,7 @@ def test_a_request_never_chooses_what_is_signed(signing: tuple[Daemon, Path, Pat
     signature, and asking writes nothing; the Host header picks among the configured
     identities and adds none."""
     daemon, public, _ = signing
-    _, headers, _ = daemon.request("/v2/hello/manifests/latest", "HEAD", {"Accept": cosign.OCI_MANIFEST})
+    _, headers, _ = daemon.request("/v2/hello/manifests/latest", "HEAD", {"Accept": OCI_MANIFEST})
     tag = headers["Docker-Content-Digest"].replace(":", "-") + ".sig"
     blobs = set(os.listdir(daemon.storage / "layers"))
     for name, host in [("library/ubuntu", "docker.io"), ("alpha", "docker.io"), ("library/ubuntu", "registry.test")]:

@@ -1,4 +1,4 @@
-"""Tests for nixeryd.layers: popularity, dominators and layer grouping."""
+"""Tests for nixeryd.image.layers: popularity, dominators and layer grouping."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import pytest
 
-from nixeryd.layers import (
+from nixeryd.image.layers import (
     Layer,
     PathInfo,
     group_layers,
@@ -17,7 +17,7 @@ from nixeryd.layers import (
     parse_popularity,
     popularity_of,
 )
-from nixeryd.layers import (
+from nixeryd.image.layers import (
     closure_of as closure_paths,
 )
 

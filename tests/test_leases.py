@@ -15,10 +15,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.failures import NixBuildFailed, NixTimedOut, PackagesNotFound
-from nixeryd.leases import BuildLeases, LeaseRecord, WaitedTooLong
+from nixeryd.build.failures import NixBuildFailed, NixTimedOut, PackagesNotFound
+from nixeryd.registry.leases import BuildLeases, WaitedTooLong
 from nixeryd.storage.interface import ABSENT
-from nixeryd.storage.memory import MemoryStorage
+from nixeryd.storage.records import LeaseRecord
+from tests.memory import MemoryStorage
 
 KEY = hashlib.sha256(b"an image").hexdigest()
 LEASE = "leases/" + KEY
@@ -138,7 +139,7 @@ class BuildLeaseTests(SynchronousTestCase):
         live process's, and another host's, are waited for."""
         import os
 
-        from nixeryd.leases import THIS_HOST
+        from nixeryd.registry.leases import THIS_HOST
 
         for holder in (f"{THIS_HOST}:{2**22 + 7}:abcd", f"{THIS_HOST}:{os.getpid()}:0000"):
             fleet = Fleet()

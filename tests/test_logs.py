@@ -8,7 +8,7 @@ from pathlib import Path
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from nixeryd.logs import JSONLines
+from nixeryd.ops.logs import JSONLines
 from tests.daemon import Daemon, daemon_environment
 
 
@@ -36,7 +36,7 @@ def test_one_json_object_per_line_with_stable_keys() -> None:
 def test_daemon_logs_json_with_build_log_lines(tmp_path: Path) -> None:
     """Under --logger every line the daemon prints is JSON, and Nix's output arrives as build_log lines."""
     env = daemon_environment(tmp_path / "s")
-    daemon = Daemon(tmp_path / "s", env, twistd_args=["--logger", "nixeryd.logs.json_lines"]).start()
+    daemon = Daemon(tmp_path / "s", env, twistd_args=["--logger", "nixeryd.ops.logs.json_lines"]).start()
     try:
         status, _, _ = daemon.request("/v2/broken/manifests/latest")
     finally:

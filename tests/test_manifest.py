@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from nixeryd import manifest
-from nixeryd.manifest import Descriptor, Flavour
-from nixeryd.names import AMD64, ARM64
+from nixeryd.image import manifest
+from nixeryd.image.manifest import Descriptor, Flavour
+from nixeryd.image.names import AMD64, ARM64
 
 DIFF_IDS = ["sha256:" + "b" * 64, "sha256:" + "a" * 64, "sha256:" + "c" * 64]
 CONFIG = Descriptor("sha256:" + "1" * 64, 321)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nixeryd.names import NameInvalid, parse_name
+from nixeryd.image.names import NameInvalid, parse_name
 from tests.daemon import Daemon, daemon_fixture
 
 daemon = daemon_fixture()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from nixeryd.names import (
+from nixeryd.image.names import (
     AMD64,
     ARM64,
     SHELL_PACKAGES,

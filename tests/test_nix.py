@@ -16,8 +16,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
-from nixeryd.failures import MAX_MESSAGE, NixBuildFailed, NixTimedOut, PackagesNotFound, tail_text
-from nixeryd.nix import (
+from nixeryd.build.failures import MAX_MESSAGE, NixBuildFailed, NixTimedOut, PackagesNotFound, tail_text
+from nixeryd.build.nix import (
     KEPT_LINE,
     MAX_LINE,
     MAX_STDOUT,
@@ -235,7 +235,7 @@ class OffloadTests(SynchronousTestCase):
     def test_nix_answers_are_parsed_off_the_reactor(self) -> None:
         """build.nix's info and the closure's JSON are parsed through the offload (a thread
         pool in the daemon), not on the reactor thread."""
-        from nixeryd.offload import inline as run_inline
+        from nixeryd.core.offload import inline as run_inline
 
         reactor = ProcessReactor()
         parsed: list[str] = []

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from nixeryd.nix import DOWNLOAD_SETTINGS, nix_environment
+from nixeryd.build.nix import DOWNLOAD_SETTINGS, nix_environment
 from nixeryd.tap import nix_conf_dir
 from tests.daemon import PKGS, ROOT, Daemon, daemon_environment
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from nixeryd import __version__
-from nixeryd.metrics import ROUTES, route_of
+from nixeryd.ops.metrics import ROUTES, route_of
 from tests.daemon import PKGS, TWISTD, Daemon, daemon_environment
 
 

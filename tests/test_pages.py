@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from nixeryd.look import layer_colour
+from nixeryd.http.look import layer_colour
 from tests.daemon import PKGS, Daemon, daemon_environment
 from tests.test_auth import HTPASSWD, basic
 

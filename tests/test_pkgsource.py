@@ -1,7 +1,7 @@
 """Package sources: what Nix is handed, what is pinned, what keys a cache."""
 from __future__ import annotations
 
-from nixeryd.pkgsource import ChannelSource, GitSource, PathSource
+from nixeryd.build.pkgsource import ChannelSource, GitSource, PathSource
 
 REV = "a" * 40
 

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from nixeryd.popularity import load_popularity
+from nixeryd.build.popularity import load_popularity
 from tests.daemon import TWISTD, daemon_environment
 
 TABLE = {"glibc-2.37": 5000, "openssl-3.0": 1200}

@@ -159,8 +159,8 @@ def test_gc_and_verify_work_on_the_bucket(tmp_path: Path) -> None:
     # and the image no one pulled go, through the S3 backend's listings and conditional deletes.
     from twisted.internet.defer import Deferred
 
-    from nixeryd.gc import collect
-    from nixeryd.offload import inline
+    from nixeryd.core.offload import inline
+    from nixeryd.registry.gc import collect
     from nixeryd.storage.s3 import S3Storage
 
     storage = S3Storage(client, bucket, inline, staging_dir=str(tmp_path / "staging"))

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nixeryd import sbom
-from nixeryd.layers import PathInfo
+from nixeryd.image import sbom
+from nixeryd.image.layers import PathInfo
 from tests.daemon import Daemon, daemon_fixture
 from tests.test_image_signatures import key_pair
 

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from nixeryd.sendfile import SendfileProducer
+from nixeryd.http.sendfile import SendfileProducer
 
 
 class Transport:

@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from nixeryd.site import HEADER_DEADLINE, PlainHTTPFactory, make_site
+from nixeryd.http.connection import HEADER_DEADLINE, PlainHTTPFactory, make_site
 
 
 class Hello(Resource):

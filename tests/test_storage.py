@@ -21,8 +21,8 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from nixeryd.archive import BlobInfo, blob_info
-from nixeryd.offload import inline
+from nixeryd.core.blobs import BlobInfo, blob_info
+from nixeryd.core.offload import inline
 from nixeryd.storage import (
     BlobLocation,
     InMemory,
@@ -34,8 +34,8 @@ from nixeryd.storage import (
 from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.gcs import GCSStorage, plain_url
 from nixeryd.storage.interface import ABSENT, DAMAGED, INTACT, MISSING
-from nixeryd.storage.memory import MemoryStorage
 from tests.emulator import guarded_emulator, shared_emulator
+from tests.memory import MemoryStorage
 from tests.moto import CREDENTIALS, REGION, Moto, shared_moto
 
 HEX = "0123456789abcdef" * 4

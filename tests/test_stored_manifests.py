@@ -9,11 +9,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.builder import ImageBuilder
-from nixeryd.offload import inline
-from nixeryd.pkgsource import GitSource
-from nixeryd.storage.memory import MemoryStorage
+from nixeryd.build.builder import ImageBuilder
+from nixeryd.build.pkgsource import GitSource
+from nixeryd.core.offload import inline
 from tests.fakes import FakeNix, make_store
+from tests.memory import MemoryStorage
 from tests.test_api import DEPENDENCIES
 
 

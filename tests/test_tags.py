@@ -10,12 +10,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.gc import collect
-from nixeryd.offload import inline
+from nixeryd.core.offload import inline
+from nixeryd.registry.gc import collect
+from nixeryd.registry.tags import MAX_TAGS, NEW_TAGS_PER_MINUTE, READ_CACHE_SECONDS, TagRecords
 from nixeryd.storage.filesystem import FilesystemStorage
-from nixeryd.storage.interface import TOUCH_INTERVAL, Generation
-from nixeryd.storage.memory import MemoryStorage
-from nixeryd.tags import MAX_TAGS, NEW_TAGS_PER_MINUTE, READ_CACHE_SECONDS, TagRecord, TagRecords, record_key
+from nixeryd.storage.interface import Generation
+from nixeryd.storage.records import TOUCH_INTERVAL, TagRecord, tag_key
+from tests.memory import MemoryStorage
 
 
 class SlowForAlpha(MemoryStorage):
@@ -111,12 +112,12 @@ class BoundedWritesTests(SynchronousTestCase):
         self.successResultOf(Deferred.fromCoroutine((records or self.records).add(name, tag)))
 
     def stored(self, name: str) -> dict[str, float]:
-        record = TagRecord.decode(self.successResultOf(self.storage.get(record_key(name))))
+        record = TagRecord.decode(self.successResultOf(self.storage.get(tag_key(name))))
         assert record is not None
         return record.served
 
     def generation(self, name: str) -> object:
-        found = self.successResultOf(self.storage.read(record_key(name)))
+        found = self.successResultOf(self.storage.read(tag_key(name)))
         return found[1] if found else None
 
     def test_new_tags_are_recorded_at_a_bounded_pace(self) -> None:
@@ -180,7 +181,7 @@ class BoundedWritesTests(SynchronousTestCase):
         records = TagRecords(self.storage, self.clock, new_tags_per_minute=10_000)
         self.add("alpha", "old", records)
         self.add("beta", "old", records)
-        self.storage.put(record_key("gamma"), json.dumps({"name": "gamma", "tags": ["v1"]}).encode(),
+        self.storage.put(tag_key("gamma"), json.dumps({"name": "gamma", "tags": ["v1"]}).encode(),
                          "application/json")
         self.clock.advance(5 * day)
         self.add("alpha", "new", records)
@@ -189,6 +190,6 @@ class BoundedWritesTests(SynchronousTestCase):
         self.assertEqual((report.removed_tags, report.removed_tag_records), (3, 2))
         self.assertEqual(list(self.stored("alpha")), ["new"])
         for gone in ("beta", "gamma"):
-            self.assertIsNone(self.successResultOf(self.storage.get(record_key(gone))))
+            self.assertIsNone(self.successResultOf(self.storage.get(tag_key(gone))))
         fresh = TagRecords(self.storage, self.clock)
         self.assertEqual(self.successResultOf(Deferred.fromCoroutine(fresh.names())), ["alpha"])

@@ -1,7 +1,7 @@
 """Where blobs and cache records live: one interface, several backends.
 
 The backends are imported from their own modules (``nixeryd.storage.filesystem``,
-``nixeryd.storage.memory``) so that a backend's dependencies load only when it
+``tests.memory``) so that a backend's dependencies load only when it
 is used.
 """
 from __future__ import annotations

@@ -27,14 +27,13 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from nixeryd.archive import BlobInfo
-from nixeryd.offload import Offload
+from nixeryd.core.blobs import BlobInfo
+from nixeryd.core.offload import Offload
 from nixeryd.storage.interface import (
     ABSENT,
     DAMAGED,
     INTACT,
     MISSING,
-    PREFIXES,
     BlobLocation,
     Generation,
     IStorage,
@@ -48,6 +47,7 @@ from nixeryd.storage.interface import (
     remove_quietly,
     storage_error,
 )
+from nixeryd.storage.records import LEASES, PREFIXES, blob_key, hex_of_key, is_blob_key
 
 log = Logger()
 
@@ -133,14 +133,14 @@ class FilesystemStorage:
         """The blob's file as it was committed (its stat), ``DAMAGED``, or None when absent:
         a stat and a small read on the calling thread; a whole hash, in a thread, only for
         a file that changed since."""
-        path = self._path("layers/" + hexdigest)
+        path = self._path(blob_key(hexdigest))
         found = await self._stat("looking up blob " + hexdigest, _as_committed, self.root, path, hexdigest)
         if found is not UNSURE:
             return found
         return await self._run("checking blob " + hexdigest, _recommit, self.root, path, hexdigest)
 
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
-        path = self._path("layers/" + check_hex(hexdigest))
+        path = self._path(blob_key(check_hex(hexdigest)))
         return Deferred.fromCoroutine(self._run("reading blob " + hexdigest, _hash_file, path))
 
     def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
@@ -150,7 +150,7 @@ class FilesystemStorage:
         st = await self._committed(hexdigest)
         if not isinstance(st, os.stat_result):
             return None  # absent, or damaged: never served
-        return LocalFile(path=self._path("layers/" + hexdigest), size=st.st_size)
+        return LocalFile(path=self._path(blob_key(hexdigest)), size=st.st_size)
 
     def list(self, prefix: str) -> Deferred[list[StoredObject]]:
         directory = os.path.join(self.root, check_prefix(prefix))
@@ -168,8 +168,8 @@ class FilesystemStorage:
 
     def delete(self, key: str, generation: Generation | None = None) -> Deferred[None]:
         path = self._path(key)
-        if key.startswith("layers/"):
-            _unlink(os.path.join(self.root, IDENTITIES, key.removeprefix("layers/")))
+        if is_blob_key(key):
+            _unlink(os.path.join(self.root, IDENTITIES, hex_of_key(key)))
         if generation is None:
             return Deferred.fromCoroutine(self._run("removing " + key, _unlink, path))
         return Deferred.fromCoroutine(self._run("removing " + key, self._unlink_if, path, generation))
@@ -205,7 +205,7 @@ class FilesystemStorage:
 
     def _locked(self) -> int:
         """Blocking: an open descriptor of the lock file, locked; closing it unlocks."""
-        fd = os.open(os.path.join(self.root, "leases", LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.root, LEASES, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
@@ -250,7 +250,7 @@ class FilesystemStorage:
 
     def _commit(self, staged: str, hexdigest: str, size: int) -> None:
         """Blocking: move a staged blob to ``layers/<hexdigest>``; the staged file is gone after."""
-        target = os.path.join(self.root, "layers", hexdigest)
+        target = self._path(blob_key(hexdigest))
         moving = staged
         try:
             found = _as_committed(self.root, target, hexdigest)

@@ -19,8 +19,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from nixeryd.archive import BlobInfo
-from nixeryd.offload import Offload
+from nixeryd.core.blobs import BlobInfo
+from nixeryd.core.offload import Offload
 from nixeryd.storage.interface import (
     INTACT,
     MISSING,
@@ -32,6 +32,7 @@ from nixeryd.storage.interface import (
     check_key,
     check_prefix,
 )
+from nixeryd.storage.records import blob_key, is_blob_key
 from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage, md5_base64
 
 log = Logger()
@@ -102,7 +103,7 @@ class GCSStorage(RemoteStorage):
             from google.api_core.exceptions import PreconditionFailed
 
             blob = self._bucket.blob(key)
-            if key.startswith("layers/"):
+            if is_blob_key(key):
                 # Named by their content: written once; 412 means it is there already.
                 blob.md5_hash = md5_base64(hashlib.md5(data).hexdigest())
                 try:
@@ -115,7 +116,7 @@ class GCSStorage(RemoteStorage):
                                     timeout=self._timeout)
 
         d = self._call("writing " + key, upload, size=len(data))
-        if key.startswith("layers/"):
+        if is_blob_key(key):
             d.addCallback(lambda _: self._remember(key))  # served next: no lookup needed
         return d
 
@@ -136,7 +137,7 @@ class GCSStorage(RemoteStorage):
         return self._call("reading " + key, download)
 
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
-        key = "layers/" + check_hex(hexdigest)
+        key = blob_key(check_hex(hexdigest))
 
         def download() -> tuple[str, int] | None:
             from google.api_core.exceptions import NotFound

@@ -1,15 +1,8 @@
 """What every storage backend offers, and where a blob can be served from.
 
-The object layout is shared by all backends, so that one bucket can serve many
-instances:
-
-- ``layers/<sha256hex>``: every blob (layers, configs, manifests);
-- ``manifests/<cachekey>``: the manifest record of a cacheable image;
-- ``builds/<layerkey>``: JSON describing an already built layer;
-- ``tags/<sha256 of a canonical name>``: the tags a repository was served at, and when;
-- ``leases/<cachekey>``: which instance is building an image, or how its build
-  failed (see ``nixeryd.leases``), written only with preconditions;
-- ``staging/<name>``: blobs being written, never served.
+The object layout, shared by all backends so that one bucket can serve many
+instances, and every record's shape are in ``nixeryd.storage.records``; blobs being
+written are under ``staging/``, never served.
 
 Keys are checked by the storage itself (``check_key``): only those prefixes
 followed by exactly 64 lowercase hex characters are accepted, so no key
@@ -30,12 +23,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from nixeryd.archive import BlobInfo
+from nixeryd.core.blobs import BlobInfo
+from nixeryd.storage.records import PREFIXES
 
 log = Logger()
 
-PREFIXES = ("layers", "manifests", "builds", "tags", "leases")
-_KEY = re.compile(r"(?:layers|manifests|builds|tags|leases)/[0-9a-f]{64}")
+_KEY = re.compile("(?:" + "|".join(PREFIXES) + r")/[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -68,10 +61,6 @@ BlobLocation = Union[LocalFile, InMemory, Redirect]
 Generation = Union[int, str]
 """Which version of an object: GCS's generation number, S3's ETag, a file's identity.
 Opaque to callers, who only hand back what ``read`` or ``list`` gave them."""
-
-TOUCH_INTERVAL = 3600.0
-"""Most seconds a record's served time (of an image, of a tag) lags behind its last serving:
-instances refresh it no more often, and garbage collection allows for it."""
 
 ABSENT: Generation = 0
 """The generation ``write_if`` takes to mean "only if there is no object yet"."""

@@ -15,9 +15,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from nixeryd.archive import BlobInfo
-from nixeryd.cache import TTLCache
-from nixeryd.offload import Offload
+from nixeryd.core.blobs import BlobInfo
+from nixeryd.core.cache import TTLCache
+from nixeryd.core.offload import Offload
 from nixeryd.storage.breaker import CircuitBreaker
 from nixeryd.storage.filesystem import remove_leftovers, staging_name
 from nixeryd.storage.interface import (
@@ -31,6 +31,7 @@ from nixeryd.storage.interface import (
     check_key,
     remove_quietly,
 )
+from nixeryd.storage.records import blob_key
 
 log = Logger()
 
@@ -120,7 +121,7 @@ class RemoteStorage:
         remove_quietly(staged)
 
     def commit_blob(self, staged: str, info: BlobInfo) -> Deferred[None]:
-        key = "layers/" + blob_hex(info)
+        key = blob_key(blob_hex(info))
         d = self._call("committing blob " + info.digest, self._commit, staged, key, info, size=info.size)
         return d.addCallback(lambda _: self._remember(key))
 
@@ -129,7 +130,7 @@ class RemoteStorage:
         return self._call("looking up " + key, lambda: self._lookup(key) is not None)
 
     def check_blob(self, hexdigest: str, size: int, md5: str | None) -> Deferred[str]:
-        key = "layers/" + check_hex(hexdigest)
+        key = blob_key(check_hex(hexdigest))
 
         def note(state: str) -> str:
             # On the reactor thread, which alone touches what is known. An intact blob is
@@ -142,7 +143,7 @@ class RemoteStorage:
         return self._call("checking " + key, self._check, key, size, md5).addCallback(note)
 
     def locate_blob(self, hexdigest: str) -> Deferred[BlobLocation | None]:
-        key = "layers/" + check_hex(hexdigest)
+        key = blob_key(check_hex(hexdigest))
         return Deferred.fromCoroutine(self._locate(key))
 
     # --- what each backend makes its own way (blocking, run through _call) --------

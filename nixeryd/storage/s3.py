@@ -23,8 +23,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from nixeryd.archive import BlobInfo
-from nixeryd.offload import Offload
+from nixeryd.core.blobs import BlobInfo
+from nixeryd.core.offload import Offload
 from nixeryd.storage.interface import (
     ABSENT,
     INTACT,
@@ -37,6 +37,7 @@ from nixeryd.storage.interface import (
     check_key,
     check_prefix,
 )
+from nixeryd.storage.records import blob_key, is_blob_key
 from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage, md5_base64
 
 log = Logger()
@@ -119,7 +120,7 @@ class S3Storage(RemoteStorage):
 
         def upload() -> None:
             md5 = hashlib.md5(data).hexdigest()
-            if key.startswith("layers/"):
+            if is_blob_key(key):
                 # Named by their content: written once; 412 means it is there already.
                 try:
                     answer = self._put(key, data, content_type, md5, IfNoneMatch="*")
@@ -132,7 +133,7 @@ class S3Storage(RemoteStorage):
             self._check_arrived(key, answer, md5)
 
         d = self._call("writing " + key, upload, size=len(data))
-        if key.startswith("layers/"):
+        if is_blob_key(key):
             d.addCallback(lambda _: self._remember(key))
         return d
 
@@ -146,7 +147,7 @@ class S3Storage(RemoteStorage):
         return self._call("reading " + key, download)
 
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
-        key = "layers/" + check_hex(hexdigest)
+        key = blob_key(check_hex(hexdigest))
 
         def download() -> tuple[str, int] | None:
             answer = self._get_object(key)

@@ -15,12 +15,12 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from nixeryd.layers import PathInfo, package_name
+from nixeryd.image.layers import PathInfo, package_name
+from nixeryd.image.manifest import OCI_MANIFEST
 
 SPDX_TYPE = "application/spdx+json"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY = b"{}"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 CREATED = "1970-01-01T00:00:01Z"
 SBOM_FILE = "sbom.spdx.json"

@@ -19,8 +19,10 @@ from typing import Any, Callable
 from twisted.internet.defer import DeferredSemaphore
 from twisted.logger import Logger
 
-from nixeryd.cache import gather
+from nixeryd.core.cache import gather
+from nixeryd.storage import records
 from nixeryd.storage.interface import IStorage
+from nixeryd.storage.records import ImageRecord
 
 log = Logger()
 
@@ -49,12 +51,6 @@ def _quiet(what: str, done: int, total: int) -> None:
     pass
 
 
-def _hex(digest: Any) -> str | None:
-    if isinstance(digest, str) and digest.startswith("sha256:") and len(digest) == 71:
-        return digest[7:]
-    return None
-
-
 async def verify(storage: IStorage, *, repair: bool = False, progress: Progress = _quiet) -> VerifyReport:
     report = VerifyReport()
 
@@ -66,14 +62,14 @@ async def verify(storage: IStorage, *, repair: bool = False, progress: Progress 
             report.removed.append(key)
             log.warn("removed {key}", key=key)
 
-    blobs = await storage.list("layers")
+    blobs = await storage.list(records.BLOBS)
     sizes: dict[str, int] = {}  # hex -> size, for the blobs that are sound
     slots = DeferredSemaphore(CONCURRENT_READS)
     done = 0
 
     async def check(key: str) -> None:
         nonlocal done
-        hexdigest = key.removeprefix("layers/")
+        hexdigest = records.hex_of_key(key)
         found = await storage.hash_blob(hexdigest)
         done += 1
         progress("blobs", done, len(blobs))
@@ -89,16 +85,16 @@ async def verify(storage: IStorage, *, repair: bool = False, progress: Progress 
     await gather([slots.run(check, blob.key) for blob in blobs])
     report.blobs = len(blobs)
 
-    records = await storage.list("builds") + await storage.list("manifests")
-    for index, record in enumerate(records, 1):
-        progress("records", index, len(records))
+    stored = await storage.list(records.LAYERS) + await storage.list(records.IMAGES)
+    for index, record in enumerate(stored, 1):
+        progress("records", index, len(stored))
         data = await storage.get(record.key)
         if data is None:
             continue
         why = _record_problem(record.key, data, sizes)
         if why is not None:
             await damaged(record.key, why)
-    report.records = len(records)
+    report.records = len(stored)
     return report
 
 
@@ -110,18 +106,19 @@ def _record_problem(key: str, data: bytes, sizes: dict[str, int]) -> str | None:
             raise ValueError("not a JSON object")
     except ValueError as e:
         return f"unreadable record ({e})"
-    if key.startswith("builds/"):
-        hexdigest = _hex(doc.get("digest"))
+    if key.startswith(records.LAYERS + "/"):
+        hexdigest, size = records.layer_record_blob(data)
         if hexdigest is None:
             return "the record names no blob"
         if hexdigest not in sizes:
             return f"its blob sha256:{hexdigest} is missing or damaged"
-        if doc.get("size") != sizes[hexdigest]:
-            return f"its blob has {sizes[hexdigest]} bytes, the record says {doc.get('size')}"
+        if size != sizes[hexdigest]:
+            return f"its blob has {sizes[hexdigest]} bytes, the record says {size}"
         return None
-    names = [doc.get("oci")] + ([doc["docker"]] if doc.get("docker") is not None else [])
-    for digest in names:
-        hexdigest = _hex(digest)
+    image = ImageRecord.decode(data)
+    if image is None:
+        return "unreadable record (not an image record)"
+    for digest, hexdigest in zip([image.oci, image.docker], image.manifests(), strict=False):
         if hexdigest is None:
             return f"the record names no manifest ({digest!r})"
         if hexdigest not in sizes:

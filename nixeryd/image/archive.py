@@ -24,16 +24,7 @@ from typing import Any, BinaryIO, Iterable, Mapping, Sequence, Union
 
 from zlib_ng import zlib_ng
 
-
-@dataclass(frozen=True)
-class BlobInfo:
-    """What is known of a written blob."""
-
-    digest: str  # "sha256:<hex>" of the bytes as stored (compressed for layers)
-    diff_id: str  # "sha256:<hex>" of the uncompressed tar; equals digest for non-layer blobs
-    size: int  # bytes as stored
-    md5: str  # hex MD5 of the bytes as stored
-
+from nixeryd.core.blobs import BlobInfo
 
 CHUNK = 1024 * 1024
 MTIME = 1
@@ -42,12 +33,6 @@ SYMLINK_LAYER_DIR_MODE = 0o755
 TMP_MODE = 0o1777
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
-
-
-def blob_info(data: bytes) -> BlobInfo:
-    """Digest, size and MD5 of a small in-memory blob (config, manifest)."""
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    return BlobInfo(digest=digest, diff_id=digest, size=len(data), md5=hashlib.md5(data).hexdigest())
 
 
 # --- entries -------------------------------------------------------------------

@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-from nixeryd import cosign
-from nixeryd.builder import ImageBuilder
-from nixeryd.images import Images
-from nixeryd.manifest import StoredManifest
-from nixeryd.names import Image
+from nixeryd.build.builder import ImageBuilder
+from nixeryd.image import cosign
+from nixeryd.image.manifest import OCI_MANIFEST, StoredManifest
+from nixeryd.image.names import Image
+from nixeryd.registry.images import Images
 
 MAX_CACHED = 10_000
 
@@ -59,7 +59,7 @@ class Signatures:
         artifact = cosign.signature_artifact(self._key, reference, subject.digest)
         await self._builder.put_blob(artifact.payload)
         await self._builder.put_blob(artifact.config)
-        stored = await self._builder.store_manifest(artifact.manifest, cosign.OCI_MANIFEST)
+        stored = await self._builder.store_manifest(artifact.manifest, OCI_MANIFEST)
         self._cache[(reference, hexdigest)] = stored
         while len(self._cache) > MAX_CACHED:
             self._cache.popitem(last=False)

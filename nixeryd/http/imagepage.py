@@ -16,12 +16,13 @@ from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
-from nixeryd.images import Images
-from nixeryd.look import e, layer_colour, layout, pull_commands
-from nixeryd.manifest import ImageManifests
-from nixeryd.names import Image
-from nixeryd.offload import Offload
+from nixeryd.core.offload import Offload
+from nixeryd.http.look import e, layer_colour, layout, pull_commands
+from nixeryd.image.manifest import ImageManifests
+from nixeryd.image.names import Image
+from nixeryd.registry.images import Images
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile
+from nixeryd.storage.records import blob_key
 
 MAX_LISTINGS = 2000
 SOURCE_LABEL = "org.opencontainers.image.source"
@@ -91,7 +92,7 @@ class ImagePages:
 
     async def _labels(self, manifest: dict[str, Any]) -> dict[str, str]:
         config = manifest.get("config") or {}
-        data = await self._storage.get("layers/" + str(config.get("digest", "")).removeprefix("sha256:"))
+        data = await self._storage.get(blob_key(str(config.get("digest", ""))))
         try:
             labels = json.loads(data or b"{}").get("config", {}).get("Labels") or {}
         except ValueError:
@@ -117,7 +118,7 @@ class ImagePages:
             return [], 0
         try:
             (layer,) = json.loads(manifests.sbom.body)["layers"]
-            data = await self._storage.get("layers/" + str(layer["digest"]).removeprefix("sha256:"))
+            data = await self._storage.get(blob_key(str(layer["digest"])))
         except (ValueError, KeyError, TypeError):
             return [], 0
         if data is None:

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
 from twisted.internet.defer import Deferred
@@ -20,18 +19,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from nixeryd import manifest
-from nixeryd.builder import ImageBuilder
-from nixeryd.cache import SingleFlight, TTLCache, gather
-from nixeryd.failures import NixError, PlatformUnavailable
-from nixeryd.fingerprint import PathFingerprint
-from nixeryd.leases import BuildLeases
-from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
-from nixeryd.metrics import Metrics
-from nixeryd.names import ARM64, Arch, Image
-from nixeryd.pkgsource import PackageSource
-from nixeryd.storage.interface import TOUCH_INTERVAL, IStorage, StorageError
-from nixeryd.tags import TagRecords
+from nixeryd.build.builder import ImageBuilder
+from nixeryd.build.failures import NixError, PlatformUnavailable
+from nixeryd.build.fingerprint import PathFingerprint
+from nixeryd.build.pkgsource import PackageSource
+from nixeryd.core.cache import SingleFlight, TTLCache, gather
+from nixeryd.image import manifest
+from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
+from nixeryd.image.names import ARM64, Arch, Image
+from nixeryd.ops.metrics import Metrics
+from nixeryd.registry.leases import BuildLeases
+from nixeryd.registry.tags import TagRecords
+from nixeryd.storage import records
+from nixeryd.storage.interface import IStorage, StorageError
+from nixeryd.storage.records import TOUCH_INTERVAL, ImageRecord
 
 log = Logger()
 
@@ -85,13 +86,6 @@ MAX_TAGS_LOOKED_AT = 100
 MAX_KNOWN_SIZES = 200_000
 
 
-@dataclass(frozen=True)
-class _Digests:
-    oci: str
-    docker: str | None
-    built: float
-    sbom: str | None = None
-
 class KnownImages:
     """Names recently served, newest last, each with the tags it was asked at."""
 
@@ -141,7 +135,7 @@ class Images:
         self._clock = clock
         self._ttl = cache_ttl
         self._platforms = tuple(platforms)
-        self._cache: TTLCache[_Digests] = TTLCache(clock)
+        self._cache: TTLCache[ImageRecord] = TTLCache(clock)
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
         self.tag_records = TagRecords(storage, clock)
@@ -188,7 +182,7 @@ class Images:
         """When the image (or index) with manifest ``digest`` was built, where known."""
         return self._built.get(digest)
 
-    def _note_built(self, digests: _Digests) -> None:
+    def _note_built(self, digests: ImageRecord) -> None:
         self._built[digests.oci] = digests.built
         self._built.move_to_end(digests.oci)
         while len(self._built) > MAX_KNOWN_SIZES:
@@ -408,11 +402,12 @@ class Images:
                 # when a builder for what is missing may be there.
                 return made
             docker = made.docker.digest if made.docker is not None else None
-            digests = _Digests(made.oci.digest, docker, self._clock.seconds(),
-                               made.sbom.digest if made.sbom is not None else None)
+            now = self._clock.seconds()
+            digests = ImageRecord(made.oci.digest, docker, now, now,
+                                  made.sbom.digest if made.sbom is not None else None)
             # Written before the lease goes: whoever finds no lease finds the record.
             self._note_built(digests)
-            await self._write_record(key, digests, served=digests.built)
+            await self._write_record(key, digests)
             self._touched.put(key, digests.built, None)
             self._cache.put(key, digests, self._ttl_for(tag))
             return made
@@ -430,42 +425,36 @@ class Images:
             raise
         self._bodies.put(key, result, self._failure_ttl if result.missing else BODY_TTL)
         if result.missing:
-            self._cache.put(key, _Digests(result.oci.digest, result.docker.digest if result.docker else None,
-                                          self._clock.seconds()), self._failure_ttl)
+            now = self._clock.seconds()
+            self._cache.put(key, ImageRecord(result.oci.digest, result.docker.digest if result.docker else None,
+                                             now, now), self._failure_ttl)
         self._note_sizes(result)
         return result
 
-    async def _write_record(self, key: str, digests: _Digests, served: float) -> None:
-        record = {"built": digests.built, "served": served, "oci": digests.oci, "docker": digests.docker,
-                  "sbom": digests.sbom}
-        await self._storage.put("manifests/" + key, json.dumps(record).encode(), "application/json")
+    async def _write_record(self, key: str, record: ImageRecord) -> None:
+        await self._storage.put(records.image_key(key), record.encode(), records.JSON)
 
-    async def _touch(self, key: str, digests: _Digests) -> None:
+    async def _touch(self, key: str, digests: ImageRecord) -> None:
         """Refresh the record's served time, at most every TOUCH_INTERVAL."""
         now = self._clock.seconds()
         if now - (self._touched.get(key) or digests.built) < TOUCH_INTERVAL:
             return
         self._touched.put(key, now, None)
         try:
-            await self._write_record(key, digests, served=now)
+            await self._write_record(key, dataclasses.replace(digests, served=now))
         except StorageError as e:
             log.warn("cannot refresh the record of {cache_key}: {error}", cache_key=key, error=str(e))
 
-    async def _stored_digests(self, key: str, tag: str) -> _Digests | None:
-        data = await self._storage.get("manifests/" + key)
+    async def _stored_digests(self, key: str, tag: str) -> ImageRecord | None:
+        data = await self._storage.get(records.image_key(key))
         if data is None:
             return None
-        try:
-            record = json.loads(data)
-            built = float(record["built"])
-            docker = record["docker"]
-            sbom = record.get("sbom")
-            digests = _Digests(str(record["oci"]), None if docker is None else str(docker), built,
-                               None if sbom is None else str(sbom))
-            self._touched.put(key, float(record.get("served", built)), None)
-        except (ValueError, KeyError, TypeError):
+        digests = ImageRecord.decode(data)
+        if digests is None:
             log.warn("ignoring an unreadable cache record", cache_key=key)
             return None
+        built = digests.built
+        self._touched.put(key, digests.served, None)
         ttl = self._ttl_for(tag)
         if ttl is not None:
             ttl = built + ttl - self._clock.seconds()
@@ -474,7 +463,7 @@ class Images:
         self._cache.put(key, digests, ttl)
         return digests
 
-    async def _load(self, digests: _Digests) -> ImageManifests | None:
+    async def _load(self, digests: ImageRecord) -> ImageManifests | None:
         oci = await self._builder.stored_manifest(digests.oci)
         docker = None if digests.docker is None else await self._builder.stored_manifest(digests.docker)
         if oci is None or (digests.docker is not None and docker is None):

@@ -1,6 +1,6 @@
 """Logs for journald: one JSON object per line on standard output.
 
-Use it with ``twistd --logger nixeryd.logs.json_lines``. Each line holds the
+Use it with ``twistd --logger nixeryd.ops.logs.json_lines``. Each line holds the
 time, level, namespace and formatted message, plus the stable keys that
 nixeryd's events carry (image, tag, cache_key, layer, digest, backend,
 exit_code) and, for lines of Nix's own output, ``build_log: true``.

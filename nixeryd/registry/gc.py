@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.logger import Logger
 
-from nixeryd import tags
-from nixeryd.leases import LeaseRecord
-from nixeryd.storage.interface import TOUCH_INTERVAL, IStorage, StoredObject
+from nixeryd.core.blobs import hex_of
+from nixeryd.registry import tags
+from nixeryd.storage import records
+from nixeryd.storage.interface import IStorage, StoredObject
+from nixeryd.storage.records import TOUCH_INTERVAL, ImageRecord, LeaseRecord
 
 log = Logger()
 
@@ -61,37 +62,26 @@ class Report:
         }
 
 
-def _hex(digest: Any) -> str | None:
-    if isinstance(digest, str) and digest.startswith("sha256:") and len(digest) == 71:
-        return digest[7:]
-    return None
-
-
 async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run: bool = False) -> Report:
     """Remove what nothing kept needs; with ``dry_run`` only report it."""
     report = Report()
     horizon = now - keep_seconds
     served_horizon = horizon - TOUCH_INTERVAL
     roots: list[str] = []
-    for record in await storage.list("manifests"):
-        data = await storage.get(record.key)
-        try:
-            doc = json.loads(data or b"")
-            last = max(float(doc.get("built", 0)), float(doc.get("served", 0)))
-            digests = [d for d in (_hex(doc.get("oci")), _hex(doc.get("docker")), _hex(doc.get("sbom"))) if d]
-        except (ValueError, TypeError, AttributeError):
-            last, digests = record.modified, []
+    for record in await storage.list(records.IMAGES):
+        image = ImageRecord.decode(await storage.get(record.key))
+        last = image.last_used if image is not None else record.modified
         if last >= served_horizon or record.modified >= served_horizon:
             report.kept_images += 1
-            roots.extend(digests)
+            roots.extend(image.roots() if image is not None else [])
         else:
             report.removed_images += 1
             await _remove(storage, record, report, dry_run, "image record")
 
     needed = await _reachable(storage, roots)
     survivors: set[str] = set()
-    for blob in await storage.list("layers"):
-        hexdigest = blob.key.removeprefix("layers/")
+    for blob in await storage.list(records.BLOBS):
+        hexdigest = records.hex_of_key(blob.key)
         if hexdigest in needed or blob.modified >= horizon:
             report.kept_blobs += 1
             survivors.add(hexdigest)
@@ -100,17 +90,14 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
         report.removed_bytes += blob.size
         await _remove(storage, blob, report, dry_run, "blob")
 
-    for record in await storage.list("builds"):
+    for record in await storage.list(records.LAYERS):
         if record.modified >= horizon:
             continue
-        try:
-            target = _hex(json.loads(await storage.get(record.key) or b"").get("digest"))
-        except (ValueError, AttributeError):
-            target = None
+        target, _ = records.layer_record_blob(await storage.get(record.key))
         if target not in survivors:
             report.removed_records += 1
             await _remove(storage, record, report, dry_run, "layer record")
-    for lease in await storage.list("leases"):
+    for lease in await storage.list(records.LEASES):
         found = await storage.read(lease.key)
         if found is None:
             continue
@@ -140,7 +127,7 @@ async def _reachable(storage: IStorage, roots: list[str]) -> set[str]:
         if hexdigest in seen:
             continue
         seen.add(hexdigest)
-        body = await storage.get("layers/" + hexdigest)
+        body = await storage.get(records.blob_key(hexdigest))
         try:
             doc = json.loads(body or b"")
         except (ValueError, UnicodeDecodeError):
@@ -149,11 +136,11 @@ async def _reachable(storage: IStorage, roots: list[str]) -> set[str]:
             continue
         # Configs and layers are only marked; index entries are manifests to read in turn.
         for child in [doc.get("config"), *(doc.get("layers") or [])]:
-            found = _hex(child.get("digest")) if isinstance(child, dict) else None
+            found = hex_of(child.get("digest")) if isinstance(child, dict) else None
             if found is not None:
                 seen.add(found)
         for child in doc.get("manifests") or []:
-            found = _hex(child.get("digest")) if isinstance(child, dict) else None
+            found = hex_of(child.get("digest")) if isinstance(child, dict) else None
             if found is not None:
                 todo.append(found)
     return seen

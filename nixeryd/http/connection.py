@@ -25,7 +25,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from nixeryd.metrics import Metrics
+from nixeryd.ops.metrics import Metrics
 
 IDLE_TIMEOUT = 60
 HEADER_DEADLINE = 30

@@ -2,7 +2,7 @@
 
 Knows neither HTTP nor any storage SDK: it speaks to ``IStorage``, a Nix
 builder, and an ``Offload`` for the blocking archive work. Caching of whole
-images lives in ``nixeryd.images``.
+images lives in ``nixeryd.registry.images``.
 """
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from nixeryd import archive, manifest, sbom, users
-from nixeryd.activity import Activity, BuildFailure
-from nixeryd.archive import BlobInfo
-from nixeryd.cache import SingleFlight, TTLCache, gather
-from nixeryd.failures import PackagesNotFound, outcome
-from nixeryd.layers import Layer, PathInfo, closure_of, group_layers, package_name
-from nixeryd.manifest import Flavour, ImageManifests, StoredManifest
-from nixeryd.metrics import Metrics
-from nixeryd.names import DigestInvalid, Image, parse_digest
-from nixeryd.offload import Offload
-from nixeryd.pkgsource import PackageSource
+from nixeryd.image import archive
+from nixeryd.image import manifest
+from nixeryd.image import sbom
+from nixeryd.image import accounts
+from nixeryd.ops.activity import Activity, BuildFailure
+from nixeryd.core.blobs import BlobInfo, blob_info
+from nixeryd.core.cache import SingleFlight, TTLCache, gather
+from nixeryd.build.failures import PackagesNotFound, outcome
+from nixeryd.image.layers import Layer, PathInfo, closure_of, group_layers, package_name
+from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
+from nixeryd.ops.metrics import Metrics
+from nixeryd.image.names import DigestInvalid, Image, parse_digest
+from nixeryd.core.offload import Offload
+from nixeryd.build.pkgsource import PackageSource
+from nixeryd.storage import records
 from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, LocalFile, staging_failure
 
 log = Logger()
@@ -42,7 +46,7 @@ SSL_CERT_FILE = "/etc/ssl/certs/ca-bundle.crt"
 
 
 class NixBuildResult(Protocol):
-    """What a Nix build gives (``nixeryd.nix.NixBuild``), read-only."""
+    """What a Nix build gives (``nixeryd.build.nix.NixBuild``), read-only."""
 
     @property
     def roots(self) -> tuple[str, ...]: ...
@@ -64,7 +68,7 @@ class NixBuildResult(Protocol):
 
 
 class Nix(Protocol):
-    """What the builder needs of Nix (``nixeryd.nix.NixBuilder``)."""
+    """What the builder needs of Nix (``nixeryd.build.nix.NixBuilder``)."""
 
     def build(
         self, source: Mapping[str, str], packages: Sequence[str], system: str, *, label: str = ""
@@ -84,8 +88,8 @@ def symlink_layer_key(roots: Sequence[str], env_target: str | None, nonroot: boo
     """The identity of a symlink layer: the roots it merges, /usr/bin/env, and the
     account files (with nonroot's home, when it has one)."""
     text = "symlinks\n" + "\n".join(sorted(roots)) + "\nenv:" + (env_target or "")
-    accounts = b"".join(k.encode() + b"\0" + v for k, v in sorted(users.account_files(nonroot).items()))
-    text += "\naccounts:" + hashlib.sha256(accounts).hexdigest() + f"\nhomes:{sorted(users.homes(nonroot).items())}"
+    files = b"".join(k.encode() + b"\0" + v for k, v in sorted(accounts.account_files(nonroot).items()))
+    text += "\naccounts:" + hashlib.sha256(files).hexdigest() + f"\nhomes:{sorted(accounts.homes(nonroot).items())}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -109,30 +113,6 @@ def _entrypoint(image: Image, built: NixBuildResult) -> list[str]:
             "name the image without run/ and give the command to the client",
         )
     return [f"{built.named[image.first]}/bin/{program}"]
-
-
-def blob_key(digest: str) -> str:
-    return "layers/" + digest.removeprefix("sha256:")
-
-
-def _info_json(info: BlobInfo) -> bytes:
-    return json.dumps(
-        {"digest": info.digest, "diff_id": info.diff_id, "size": info.size, "md5": info.md5},
-        sort_keys=True,
-    ).encode()
-
-
-def _info_from_json(data: bytes) -> BlobInfo | None:
-    try:
-        doc = json.loads(data)
-        return BlobInfo(
-            digest=str(doc["digest"]),
-            diff_id=str(doc["diff_id"]),
-            size=int(doc["size"]),
-            md5=str(doc["md5"]),
-        )
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 class ImageBuilder:
@@ -191,7 +171,7 @@ class ImageBuilder:
         if isinstance(location, InMemory):
             body: bytes | None = location.data
         else:
-            body = await self._storage.get(blob_key(digest))
+            body = await self._storage.get(records.blob_key(digest))
         if body is None or len(body) > manifest.MAX_MANIFEST_SIZE:
             return None
         # A manifest is a few KB, hashed in microseconds; a big one is hashed in a thread.
@@ -299,7 +279,7 @@ class ImageBuilder:
             env=["PATH=" + manifest.DEFAULT_PATH, "SSL_CERT_FILE=" + SSL_CERT_FILE],
             cmd=["bash"] if image.shell and entrypoint is None else None,
             labels=self._source.labels(tag, built.revision),
-            user=users.NONROOT_USER if image.nonroot else None,
+            user=accounts.NONROOT_USER if image.nonroot else None,
             entrypoint=entrypoint,
         )
         config_info = await self.put_blob(config)
@@ -323,7 +303,7 @@ class ImageBuilder:
             sbom.document, image.name, subject.digest, built.roots, built.closure, meta)
         await self.put_blob(document)
         await self.put_blob(sbom.EMPTY)
-        return await self.store_manifest(sbom.artifact_manifest(document, subject.body), sbom.OCI_MANIFEST)
+        return await self.store_manifest(sbom.artifact_manifest(document, subject.body), manifest.OCI_MANIFEST)
 
     async def store_manifest(self, body: bytes, media_type: str) -> StoredManifest:
         """Store a manifest or index as a blob, so that it is served by digest."""
@@ -331,8 +311,8 @@ class ImageBuilder:
         return StoredManifest(digest=info.digest, media_type=media_type, body=body)
 
     async def put_blob(self, data: bytes) -> BlobInfo:
-        info: BlobInfo = await self._offload(archive.blob_info, data)
-        await self._storage.put(blob_key(info.digest), data, "application/octet-stream")
+        info: BlobInfo = await self._offload(blob_info, data)
+        await self._storage.put(records.blob_key(info.digest), data, "application/octet-stream")
         return info
 
     def _record_key(self, key: str) -> str:
@@ -352,7 +332,7 @@ class ImageBuilder:
 
     def _symlink_layer(self, roots: Sequence[str], target: str | None, nonroot: bool) -> Deferred[BlobInfo]:
         key = self._record_key(symlink_layer_key(roots, target, nonroot))
-        files, homes, compression = users.account_files(nonroot), users.homes(nonroot), self.compression
+        files, homes, compression = accounts.account_files(nonroot), accounts.homes(nonroot), self.compression
         return self._layers.run(
             key,
             lambda: self._packed(
@@ -366,8 +346,7 @@ class ImageBuilder:
         """A layer's blob: reused when a build record and its blob exist, else packed now."""
         known = self._built.get(key)
         if known is None:
-            record = await self._storage.get("builds/" + key)
-            known = None if record is None else _info_from_json(record)
+            known = records.decode_layer(await self._storage.get(records.layer_key(key)))
         if known is not None:
             state = await self._storage.check_blob(
                 known.digest.removeprefix("sha256:"), known.size, known.md5)
@@ -392,7 +371,7 @@ class ImageBuilder:
             self._storage.discard(staged)
             raise
         # The record is written only once its blob is in place.
-        await self._storage.put("builds/" + key, _info_json(info), "application/json")
+        await self._storage.put(records.layer_key(key), records.encode_layer(info), records.JSON)
         self._built.put(key, info, None)
         self._metrics.packed_bytes.inc(info.size)
         log.info("packed layer {layer}: {size} bytes, {digest}",

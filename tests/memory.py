@@ -17,8 +17,8 @@ from typing import Callable
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from nixeryd.archive import BlobInfo
-from nixeryd.offload import Offload, inline
+from nixeryd.core.blobs import BlobInfo
+from nixeryd.core.offload import Offload, inline
 from nixeryd.storage.interface import (
     ABSENT,
     DAMAGED,

@@ -19,22 +19,22 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
-from nixeryd import manifest, sbom
-from nixeryd.auth import AuthBusy, Authenticator
-from nixeryd.errors import (
+from nixeryd.http.auth import AuthBusy, Authenticator
+from nixeryd.http.errors import (
     RegistryError,
     as_registry_errors,
     no_endpoint,
     storage_call,
     unsupported,
 )
-from nixeryd.imagepage import ImagePages
-from nixeryd.imagepage import render as render_page
-from nixeryd.images import Images
-from nixeryd.look import error_page, wants_html
-from nixeryd.manifest import ImageManifests, StoredManifest
-from nixeryd.metrics import Metrics
-from nixeryd.names import (
+from nixeryd.http.imagepage import ImagePages
+from nixeryd.http.imagepage import render as render_page
+from nixeryd.http.index import Status, render_index
+from nixeryd.http.look import error_page, wants_html
+from nixeryd.http.sendfile import SendfileProducer, can_sendfile
+from nixeryd.image import manifest, sbom
+from nixeryd.image.manifest import ImageManifests, StoredManifest
+from nixeryd.image.names import (
     Digest,
     DigestInvalid,
     NameInvalid,
@@ -43,10 +43,10 @@ from nixeryd.names import (
     parse_name,
     parse_reference,
 )
-from nixeryd.sendfile import SendfileProducer, can_sendfile
-from nixeryd.signatures import Signatures
+from nixeryd.ops.metrics import Metrics
+from nixeryd.registry.images import Images
+from nixeryd.registry.signatures import Signatures
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile, Redirect
-from nixeryd.web import Status, render_index
 
 log = Logger()
 

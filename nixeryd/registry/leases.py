@@ -24,11 +24,9 @@ that finds no lease finds the record.
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet import task
@@ -36,15 +34,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from nixeryd.failures import (
-    NixBuildFailed,
-    NixError,
-    NixTimedOut,
-    PackagesNotFound,
-    PlatformUnavailable,
-    SourceUnavailable,
-)
+from nixeryd.build.failures import NixError, PackagesNotFound, failure_error, failure_record
+from nixeryd.storage import records
 from nixeryd.storage.interface import ABSENT, Generation, IStorage, StorageError
+from nixeryd.storage.records import JSON, LeaseRecord
 
 log = Logger()
 
@@ -60,7 +53,6 @@ LAST_POLL = 5.0
 BRISK_WAIT = 60.0
 """Waiters poll at least every BRISK_POLL seconds for the first BRISK_WAIT seconds (most
 builds are done by then, and a poll is one small read), then every LAST_POLL."""
-LEASE_TYPE = "application/json"
 
 
 def _this_host() -> str:
@@ -102,79 +94,6 @@ def gone_from_here(holder: str, me: str) -> bool:
     except PermissionError:
         return False
     return False
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """What ``leases/<key>`` holds."""
-
-    state: str  # "building" or "failed"
-    holder: str
-    expires: float  # seconds since the epoch, by the holder's clock
-    failure: dict[str, Any] | None = None
-    ttl: float = 0.0  # the period it was written for; renewed every third of it
-
-    def encode(self) -> bytes:
-        doc: dict[str, Any] = {"state": self.state, "holder": self.holder, "expires": self.expires,
-                               "ttl": self.ttl}
-        if self.failure is not None:
-            doc["failure"] = self.failure
-        return json.dumps(doc, sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> LeaseRecord | None:
-        try:
-            doc = json.loads(data)
-            state = str(doc["state"])
-            if state not in ("building", "failed"):
-                return None
-            failure = doc.get("failure")
-            return cls(state, str(doc["holder"]), float(doc["expires"]),
-                       failure if isinstance(failure, dict) else None, float(doc.get("ttl") or 0.0))
-        except (ValueError, KeyError, TypeError):
-            return None
-
-
-def failure_record(error: NixError) -> dict[str, Any]:
-    """A Nix failure as other instances can raise it again."""
-    kind = "failed"
-    doc: dict[str, Any] = {"message": error.message, "log_tail": error.log_tail[-4096:], "summary": error.summary}
-    if isinstance(error, PackagesNotFound):
-        kind = "not-found"
-        doc.update(packages=list(error.packages), reason=error.reason)
-    elif isinstance(error, NixTimedOut):
-        kind = "timed-out"
-        doc.update(limit=error.limit, seconds=error.seconds)
-    elif isinstance(error, SourceUnavailable):
-        kind = "source"
-    elif isinstance(error, PlatformUnavailable):
-        kind = "platform"
-        doc.update(wanted=error.wanted, here=error.here)
-    elif isinstance(error, NixBuildFailed):
-        doc.update(derivation=error.derivation)
-    doc["kind"] = kind
-    return doc
-
-
-def failure_error(doc: dict[str, Any]) -> NixError:
-    """The error ``failure_record`` describes."""
-    message = str(doc.get("message") or "the build failed on another instance")
-    tail = str(doc.get("log_tail") or "")
-    summary = str(doc["summary"]) if doc.get("summary") else None
-    kind = doc.get("kind")
-    if kind == "not-found":
-        packages = [str(p) for p in doc.get("packages") or []]
-        return PackagesNotFound(message, tail, packages, str(doc.get("reason") or ""))
-    if kind == "timed-out":
-        seconds = doc.get("seconds")
-        return NixTimedOut(message, tail, summary, str(doc.get("limit") or "NIXERY_BUILD_DEADLINE"),
-                           float(seconds) if isinstance(seconds, (int, float)) else 0.0)
-    if kind == "source":
-        return SourceUnavailable(message, tail, summary)
-    if kind == "platform":
-        return PlatformUnavailable(message, tail, str(doc.get("wanted") or "?"), str(doc.get("here") or "?"))
-    derivation = doc.get("derivation")
-    return NixBuildFailed(message, tail, summary, str(derivation) if derivation else None)
 
 
 def _dead(record: LeaseRecord, now: float, unchanged: float) -> bool:
@@ -222,7 +141,7 @@ class BuildLeases:
         """``build()`` here when this instance wins the lease on ``key``; otherwise
         what ``finished()`` gives once another instance has built it (None: not yet).
         A failure recorded by another instance is raised as its NixError."""
-        lease_key = "leases/" + key
+        lease_key = records.lease_key(key)
         started = self._clock.seconds()
         delay = FIRST_POLL
         first = True
@@ -236,7 +155,7 @@ class BuildLeases:
                     if done is not None:
                         return done
                 generation = await self._storage.write_if(
-                    lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, ABSENT)
+                    lease_key, self._record("building", self.ttl).encode(), JSON, ABSENT)
                 if generation is not None:
                     return await self._hold(lease_key, generation, build)
                 first = False
@@ -253,7 +172,7 @@ class BuildLeases:
             if record is None or _dead(record, now, unchanged=now - seen[1]) or (
                     record.state == "building" and gone_from_here(record.holder, self.holder)):
                 taken = await self._storage.write_if(
-                    lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, generation)
+                    lease_key, self._record("building", self.ttl).encode(), JSON, generation)
                 if taken is not None:
                     if record is not None and record.state == "building":
                         log.warn("the lease of {holder} on {cache_key} expired; taking the build over",
@@ -302,7 +221,7 @@ class BuildLeases:
             # instance alone (``Images``), never written to storage for them.
             if isinstance(e, NixError) and not isinstance(e, PackagesNotFound) and self._failure_ttl > 0:
                 record = self._record("failed", self._failure_ttl, failure_record(e))
-                await self._quietly(self._storage.write_if(lease_key, record.encode(), LEASE_TYPE,
+                await self._quietly(self._storage.write_if(lease_key, record.encode(), JSON,
                                                            held.generation))
             else:
                 await self._quietly(self._storage.delete(lease_key, held.generation))
@@ -316,7 +235,7 @@ class BuildLeases:
             return
         try:
             renewed = await self._storage.write_if(
-                lease_key, self._record("building", self.ttl).encode(), LEASE_TYPE, held.generation)
+                lease_key, self._record("building", self.ttl).encode(), JSON, held.generation)
         except StorageError as e:
             log.warn("cannot renew the lease {key}: {error}", key=lease_key, error=str(e))
             return

@@ -17,24 +17,15 @@ update a request. Garbage collection drops tags not served within its window
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from collections import OrderedDict
 
 from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from nixeryd.cache import TTLCache
-from nixeryd.storage.interface import (
-    ABSENT,
-    TOUCH_INTERVAL,
-    Generation,
-    IStorage,
-    StorageError,
-    StoredObject,
-)
+from nixeryd.core.cache import TTLCache
+from nixeryd.storage.interface import ABSENT, Generation, IStorage, StorageError, StoredObject
+from nixeryd.storage.records import JSON, TAGS, TOUCH_INTERVAL, TagRecord, tag_key
 
 log = Logger()
 
@@ -45,46 +36,6 @@ NEW_TAGS_PER_MINUTE = 60
 """Most tags an instance records in a minute that it had not recorded before."""
 MAX_CONFIRMED = 100_000
 WRITE_ATTEMPTS = 20
-
-
-def record_key(name: str) -> str:
-    return "tags/" + hashlib.sha256(name.encode()).hexdigest()
-
-
-@dataclasses.dataclass(frozen=True)
-class TagRecord:
-    """What ``tags/<key>`` holds. A record written before tags had served times (a list)
-    reads as served when the record was last written (``modified``)."""
-
-    name: str
-    served: dict[str, float]
-
-    def encode(self) -> bytes:
-        return json.dumps({"name": self.name, "served": self.served}, sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, data: bytes | None, modified: float = 0.0) -> TagRecord | None:
-        try:
-            doc = json.loads(data or b"")
-            name = doc["name"]
-            if not isinstance(name, str):
-                return None
-            if isinstance(doc.get("served"), dict):
-                served = {str(t): float(s) for t, s in doc["served"].items()}
-            elif isinstance(doc.get("tags"), list) and all(isinstance(t, str) for t in doc["tags"]):
-                served = {t: modified for t in doc["tags"]}
-            else:
-                return None
-            return cls(name, served)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-    def with_tag(self, tag: str, now: float) -> TagRecord:
-        served = dict(self.served)
-        served[tag] = now
-        if len(served) > MAX_TAGS:
-            served = dict(sorted(served.items(), key=lambda item: (item[1], item[0]))[-MAX_TAGS:])
-        return TagRecord(self.name, served)
 
 
 class _Budget:
@@ -143,7 +94,7 @@ class TagRecords:
     async def _add(self, name: str, tag: str) -> None:
         for _ in range(WRITE_ATTEMPTS):
             now = self._clock.seconds()
-            found = await self._storage.read(record_key(name))
+            found = await self._storage.read(tag_key(name))
             record = TagRecord.decode(found[0]) if found is not None else None
             if record is None or record.name != name:
                 record = TagRecord(name, {})  # absent, unreadable, or another name's: replaced
@@ -156,8 +107,8 @@ class TagRecords:
                              "minute ({refused} refused so far)", tag=tag, image=name,
                              rate=NEW_TAGS_PER_MINUTE, refused=self._budget.refused)
                 return
-            record = record.with_tag(tag, now)
-            written = await self._storage.write_if(record_key(name), record.encode(), "application/json",
+            record = record.with_tag(tag, now, MAX_TAGS)
+            written = await self._storage.write_if(tag_key(name), record.encode(), JSON,
                                                    ABSENT if found is None else found[1])
             if written is not None:
                 self._tags.put(name, sorted(record.served), READ_CACHE_SECONDS)
@@ -175,7 +126,7 @@ class TagRecords:
     async def tags(self, name: str) -> list[str]:
         cached = self._tags.get(name)
         if cached is None:
-            record = TagRecord.decode(await self._storage.get(record_key(name)))
+            record = TagRecord.decode(await self._storage.get(tag_key(name)))
             cached = sorted(record.served) if record is not None and record.name == name else []
             self._tags.put(name, cached, READ_CACHE_SECONDS)
         return sorted(cached)
@@ -185,13 +136,13 @@ class TagRecords:
         instance has not read before."""
         cached = self._names.get("all")
         if cached is None:
-            listed = await self._storage.list("tags")
+            listed = await self._storage.list(TAGS)
             known = {}
             for entry in listed:
                 name = self._listed.get(entry.key)
                 if name is None:
                     record = TagRecord.decode(await self._storage.get(entry.key))
-                    if record is None or record_key(record.name) != entry.key:
+                    if record is None or tag_key(record.name) != entry.key:
                         continue
                     name = record.name
                 known[entry.key] = name
@@ -206,7 +157,7 @@ async def sweep(storage: IStorage, served_horizon: float, dry_run: bool) -> tupl
     how many tags and records went. A record written since it was read is left for the
     next collection."""
     dropped_tags = removed_records = 0
-    for entry in await storage.list("tags"):
+    for entry in await storage.list(TAGS):
         found = await storage.read(entry.key)
         if found is None:
             continue
@@ -232,4 +183,4 @@ async def _drop(storage: IStorage, entry: StoredObject, generation: Generation, 
     if keep is None:
         await storage.delete(entry.key, generation)
     else:
-        await storage.write_if(entry.key, keep.encode(), "application/json", generation)
+        await storage.write_if(entry.key, keep.encode(), JSON, generation)

@@ -9,9 +9,9 @@ builder's log. Pure.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from nixeryd.pkgsource import public_url
+from nixeryd.build.pkgsource import public_url
 
 NOT_FOUND_MARKER = re.compile(r"nixeryd-not-found: (\[.*\])")
 # How Nix reports a derivation stopped by `--timeout`.
@@ -224,3 +224,45 @@ def build_failure(tail: Sequence[str], *, source: Mapping[str, str], timeout: fl
             return NixBuildFailed(message, log, summary, drv)
     summary = "Nix failed to build the image: " + error_line(tail)
     return NixBuildFailed(summary + "\n" + log, log, summary)
+
+
+def failure_record(error: NixError) -> dict[str, Any]:
+    """A Nix failure as other instances can raise it again."""
+    kind = "failed"
+    doc: dict[str, Any] = {"message": error.message, "log_tail": error.log_tail[-4096:], "summary": error.summary}
+    if isinstance(error, PackagesNotFound):
+        kind = "not-found"
+        doc.update(packages=list(error.packages), reason=error.reason)
+    elif isinstance(error, NixTimedOut):
+        kind = "timed-out"
+        doc.update(limit=error.limit, seconds=error.seconds)
+    elif isinstance(error, SourceUnavailable):
+        kind = "source"
+    elif isinstance(error, PlatformUnavailable):
+        kind = "platform"
+        doc.update(wanted=error.wanted, here=error.here)
+    elif isinstance(error, NixBuildFailed):
+        doc.update(derivation=error.derivation)
+    doc["kind"] = kind
+    return doc
+
+
+def failure_error(doc: dict[str, Any]) -> NixError:
+    """The error ``failure_record`` describes."""
+    message = str(doc.get("message") or "the build failed on another instance")
+    tail = str(doc.get("log_tail") or "")
+    summary = str(doc["summary"]) if doc.get("summary") else None
+    kind = doc.get("kind")
+    if kind == "not-found":
+        packages = [str(p) for p in doc.get("packages") or []]
+        return PackagesNotFound(message, tail, packages, str(doc.get("reason") or ""))
+    if kind == "timed-out":
+        seconds = doc.get("seconds")
+        return NixTimedOut(message, tail, summary, str(doc.get("limit") or "NIXERY_BUILD_DEADLINE"),
+                           float(seconds) if isinstance(seconds, (int, float)) else 0.0)
+    if kind == "source":
+        return SourceUnavailable(message, tail, summary)
+    if kind == "platform":
+        return PlatformUnavailable(message, tail, str(doc.get("wanted") or "?"), str(doc.get("here") or "?"))
+    derivation = doc.get("derivation")
+    return NixBuildFailed(message, tail, summary, str(derivation) if derivation else None)

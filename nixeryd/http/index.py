@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Sequence
 from urllib.parse import quote
 
-from nixeryd.activity import BuildFailure
-from nixeryd.look import e, layout, pull_commands
+from nixeryd.http.look import e, layout, pull_commands
+from nixeryd.ops.activity import BuildFailure
 from nixeryd.storage.interface import StorageError
 
 MAX_LISTED = 200

@@ -18,8 +18,8 @@ from typing import Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from nixeryd.cache import SingleFlight
-from nixeryd.offload import Offload
+from nixeryd.core.cache import SingleFlight
+from nixeryd.core.offload import Offload
 
 INTERVAL = 1.0
 MISSING = "missing"

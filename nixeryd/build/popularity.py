@@ -10,10 +10,10 @@ import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING, Any, Mapping
 
-from nixeryd.layers import package_name, parse_popularity
+from nixeryd.image.layers import package_name, parse_popularity
 
 if TYPE_CHECKING:
-    from nixeryd.nix import ProcessReactor
+    from nixeryd.build.nix import ProcessReactor
 
 LOAD_TIMEOUT = 30.0
 
@@ -62,8 +62,8 @@ async def compute_popularity(
     import json
     import os
 
-    from nixeryd.failures import NixBuildFailed
-    from nixeryd.nix import NixBuilder
+    from nixeryd.build.failures import NixBuildFailed
+    from nixeryd.build.nix import NixBuilder
 
     nix = NixBuilder(reactor, nix_dir, environ, deadline=timeout, conf_dir=conf_dir)
     deadline = reactor.seconds() + timeout

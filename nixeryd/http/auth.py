@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 from twisted.internet.defer import Deferred, succeed
 
-from nixeryd.cache import TTLCache
-from nixeryd.offload import Offload
+from nixeryd.core.cache import TTLCache
+from nixeryd.core.offload import Offload
 
 REALM = "nixeryd"
 REMEMBER_SECONDS = 300

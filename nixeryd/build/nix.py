@@ -23,9 +23,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from nixeryd.failures import NixBuildFailed, NixTimedOut, build_failure, tail_text
-from nixeryd.layers import PathInfo
-from nixeryd.offload import Offload, inline
+from nixeryd.build.failures import NixBuildFailed, NixTimedOut, build_failure, tail_text
+from nixeryd.image.layers import PathInfo
+from nixeryd.core.offload import Offload, inline
 
 log = Logger()
 

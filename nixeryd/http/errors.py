@@ -25,8 +25,8 @@ from typing import Any, Awaitable, TypeVar
 
 from twisted.logger import Logger
 
-from nixeryd.builder import BuildQueueFull
-from nixeryd.failures import (
+from nixeryd.build.builder import BuildQueueFull
+from nixeryd.build.failures import (
     NixError,
     NixTimedOut,
     PackagesNotFound,
