@@ -14,11 +14,15 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Sequence, TextIO
 
 from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogEvent, globalLogBeginner
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from nixeryd.config import Config
+    from nixeryd.tap import Parts, Reactor
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -87,13 +91,13 @@ def _serve(args: list[str]) -> None:
     run()
 
 
-def _react(command: Any, *args: Any) -> None:
+def _react(command: Callable[..., Awaitable[None]], *args: Any) -> None:
     from twisted.internet import task
 
     task.react(lambda reactor: Deferred.fromCoroutine(_guarded(command, reactor, *args)))
 
 
-async def _guarded(command: Any, reactor: Any, *args: Any) -> None:
+async def _guarded(command: Callable[..., Awaitable[None]], reactor: Reactor, *args: Any) -> None:
     from nixeryd.config import ConfigError
 
     globalLogBeginner.beginLoggingTo([Progress(sys.stderr)], redirectStandardIO=False)
@@ -112,7 +116,7 @@ class CommandError(Exception):
 class Progress:
     """Shows a command's progress: Nix's output, layers as they are packed, warnings."""
 
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: TextIO) -> None:
         self._out = out
         self.layers = 0
 
@@ -137,7 +141,7 @@ class Progress:
         self._out.flush()
 
 
-def _parts(config: Any, reactor: Any, popularity: Any = None) -> Any:
+def _parts(config: Config, reactor: Reactor, popularity: Mapping[str, int] | None = None) -> Parts:
     from nixeryd.tap import build_parts
 
     parts = build_parts(config, reactor, popularity or {})
@@ -146,7 +150,7 @@ def _parts(config: Any, reactor: Any, popularity: Any = None) -> Any:
     return parts
 
 
-async def _build(reactor: Any, config: Any, image_ref: str, popularity: Any) -> None:
+async def _build(reactor: Reactor, config: Config, image_ref: str, popularity: Mapping[str, int] | None) -> None:
     from nixeryd.http.errors import as_registry_errors
     from nixeryd.image.names import NameInvalid, TagInvalid, parse_name, parse_reference
 
@@ -171,7 +175,7 @@ async def _build(reactor: Any, config: Any, image_ref: str, popularity: Any) -> 
     print(json.dumps({"image": f"{name}:{tag}", "digest": manifests.oci.digest, "docker_digest": docker}))
 
 
-async def _gc(reactor: Any, config: Any, keep_days: float, dry_run: bool) -> None:
+async def _gc(reactor: Reactor, config: Config, keep_days: float, dry_run: bool) -> None:
     from nixeryd.registry.gc import collect
 
     if keep_days < 0.1:
@@ -183,7 +187,7 @@ async def _gc(reactor: Any, config: Any, keep_days: float, dry_run: bool) -> Non
     print(json.dumps(report.summary()))
 
 
-async def _verify(reactor: Any, config: Any, repair: bool) -> None:
+async def _verify(reactor: Reactor, config: Config, repair: bool) -> None:
     from nixeryd.registry.verify import verify
 
     parts = _parts(config, reactor)
@@ -200,7 +204,7 @@ class ProgressBar:
 
     WIDTH = 30
 
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: TextIO) -> None:
         self._out = out
         self._shown = False
         self._on_terminal = bool(getattr(out, "isatty", lambda: False)())
@@ -221,7 +225,7 @@ class ProgressBar:
             self._shown = False
 
 
-async def _popularity(reactor: Any, config: Any, output: str) -> None:
+async def _popularity(reactor: Reactor, config: Config, output: str) -> None:
     from nixeryd.build.popularity import compute_popularity
     from nixeryd.tap import default_nix_dir, nix_conf_dir
 

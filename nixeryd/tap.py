@@ -13,6 +13,7 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
@@ -25,7 +26,7 @@ from nixeryd.build.nix import NixBuilder
 from nixeryd.build.pkgsource import PathSource
 from nixeryd.build.popularity import load_popularity
 from nixeryd.config import Config, ConfigError
-from nixeryd.core.offload import thread_pool
+from nixeryd.core.offload import Offload, thread_pool
 from nixeryd.http.auth import Authenticator, parse_htpasswd, parse_tokens
 from nixeryd.http.connection import PlainHTTPFactory, make_site
 from nixeryd.http.imagepage import ImagePages
@@ -41,6 +42,10 @@ from nixeryd.storage.filesystem import FilesystemStorage
 from nixeryd.storage.interface import IStorage
 
 log = Logger()
+
+Reactor = Any
+"""The global reactor, used as the many interfaces it provides (time, processes, TCP,
+threads, system events): no one Twisted type names them all."""
 
 FILE_THREADS = 4
 AUTH_THREADS = 2
@@ -191,7 +196,8 @@ def disk_usage(root: str) -> tuple[int, int]:
 class StorageUsage(Service):
     """Measures the filesystem backend's use for /metrics, in a thread, every minute."""
 
-    def __init__(self, root: str, metrics: Metrics, offload: Any, reactor: Any, every: float = 60.0) -> None:
+    def __init__(self, root: str, metrics: Metrics, offload: Offload, reactor: IReactorTime,
+                 every: float = 60.0) -> None:
         self.root = root
         self.metrics = metrics
         self.offload = offload
@@ -237,7 +243,7 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
-def _storage(config: Config, offload: Any, reactor: Any) -> IStorage:
+def _storage(config: Config, offload: Offload, reactor: Reactor) -> IStorage:
     if config.storage_backend == "filesystem":
         try:
             return FilesystemStorage(config.storage_path, offload)
@@ -248,7 +254,7 @@ def _storage(config: Config, offload: Any, reactor: Any) -> IStorage:
     return _gcs_storage(config, offload, reactor)
 
 
-def _s3_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
+def _s3_storage(config: Config, offload: Offload, reactor: Reactor) -> IStorage:
     from nixeryd.storage import s3
 
     assert config.s3_bucket is not None
@@ -265,7 +271,7 @@ def _s3_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
     )
 
 
-def _gcs_storage(config: Config, offload: Any, reactor: Any) -> IStorage:
+def _gcs_storage(config: Config, offload: Offload, reactor: Reactor) -> IStorage:
     from datetime import datetime
 
     from nixeryd.storage import gcs, signing
@@ -367,15 +373,15 @@ class Parts:
     images: Images
     metrics: Metrics
     logs: BuildLogs
-    offload: Any  # packing and hashing
-    auth_offload: Any  # password checks (bcrypt), apart so that logging in never waits on packing
+    offload: Offload  # packing and hashing
+    auth_offload: Offload  # password checks (bcrypt), apart so that logging in never waits on packing
 
 
-def build_parts(config: Config, reactor: Any, popularity: Mapping[str, int]) -> Parts:
+def build_parts(config: Config, reactor: Reactor, popularity: Mapping[str, int]) -> Parts:
     """Storage, Nix, builder and caches, wired from ``config``; no listening yet."""
     top = MultiService()
 
-    def pool(name: str, threads: int) -> Any:
+    def pool(name: str, threads: int) -> Offload:
         threads_pool = ThreadPool(minthreads=0, maxthreads=threads, name="nixeryd-" + name)
         ThreadPoolService(threads_pool).setServiceParent(top)
         return thread_pool(reactor, threads_pool)
@@ -432,7 +438,7 @@ def _read_setting_file(variable: str, path: str) -> str:
         raise ConfigError(f"{variable}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _authenticator(config: Config, offload: Any, reactor: Any) -> Authenticator:
+def _authenticator(config: Config, offload: Offload, reactor: Reactor) -> Authenticator:
     users: dict[str, str] = {}
     tokens: frozenset[str] = frozenset()
     if config.htpasswd is not None:
@@ -449,7 +455,7 @@ def _authenticator(config: Config, offload: Any, reactor: Any) -> Authenticator:
     return Authenticator(users, tokens, offload, reactor)
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
+def build_service(config: Config, reactor: Reactor) -> MultiService:
     """Every part of a running nixeryd, wired from ``config``."""
     parts = build_parts(config, reactor, load_popularity_setting(config))
     builder = parts.builder
@@ -485,7 +491,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     return parts.top
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: Reactor | None = None) -> IService:
     """twistd's entry point. A bad setting ends start-up with one line naming it."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor

@@ -56,10 +56,6 @@ class MemoryStorage:
         self._staging = tempfile.mkdtemp(prefix="nixeryd-staging-")
         weakref.finalize(self, shutil.rmtree, self._staging, True)
 
-    def content_type(self, key: str) -> str | None:
-        """The content type ``key`` was stored with, or None when absent."""
-        return self._content_types.get(check_key(key))
-
     # --- IStorage ----------------------------------------------------------------
 
     def staging_path(self) -> str:

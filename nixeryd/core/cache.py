@@ -30,9 +30,6 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._waiting: dict[str, list[Deferred[T]]] = {}
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._waiting
-
     def __len__(self) -> int:
         return len(self._waiting)
 

@@ -14,6 +14,7 @@ from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -177,19 +178,21 @@ class RegistryAPI:
         return body
 
     @app.handle_errors(RegistryError)
-    def _registry_error(self, request: IRequest, failure: Any) -> bytes:
-        error: RegistryError = failure.value
+    def _registry_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, RegistryError)
         return self._error_response(request, error)
 
     @app.handle_errors(HTTPException)
-    def _routing_error(self, request: IRequest, failure: Any) -> bytes:
-        error: HTTPException = failure.value
+    def _routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
         if error.code == 405:
             return self._error_response(request, unsupported())
         return self._error_response(request, no_endpoint(request.path.decode("utf-8", "replace")))
 
     @app.handle_errors(Exception)
-    def _unexpected(self, request: IRequest, failure: Any) -> bytes:
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("unexpected error answering {uri}", failure, uri=request.uri)
         return self._error_response(
             request, RegistryError(500, "UNKNOWN", "internal error; see the registry's log")

@@ -29,10 +29,6 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 class SigningKey:
     private_key: ec.EllipticCurvePrivateKey = field(repr=False)
 
-    def public_pem(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
 
 def load_signing_key(path: str) -> SigningKey:
     """An ECDSA P-256 private key from a PEM file (SEC1 or PKCS #8, unencrypted);

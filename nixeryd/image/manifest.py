@@ -24,7 +24,6 @@ DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+jso
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 """The media types of single-image manifests."""
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 """The media types of multi-platform indexes."""

@@ -153,7 +153,7 @@ def staging_failure(action: str, error: OSError, staged: str) -> StorageError | 
 class IStorage(Interface):
     """A store of blobs and small objects under validated keys."""
 
-    backend = Attribute("""The backend's name: "filesystem", "memory", "gcs".""")
+    backend = Attribute("""The backend's name: "filesystem", "gcs", "s3".""")
 
     def staging_path() -> str:
         """A fresh local file path where a new blob may be written.

@@ -42,7 +42,6 @@ from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage,
 
 log = Logger()
 
-DEFAULT_REGION = "us-east-1"
 _CHUNK = 1024 * 1024
 _NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 _CONFLICT = ("412", "PreconditionFailed", "409", "ConditionalRequestConflict")
