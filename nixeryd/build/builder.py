@@ -15,20 +15,17 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from nixeryd.image import archive
-from nixeryd.image import manifest
-from nixeryd.image import sbom
-from nixeryd.image import accounts
-from nixeryd.ops.activity import Activity, BuildFailure
+from nixeryd.build.failures import PackagesNotFound, outcome
+from nixeryd.build.pkgsource import PackageSource
 from nixeryd.core.blobs import BlobInfo, blob_info
 from nixeryd.core.cache import SingleFlight, TTLCache, gather
-from nixeryd.build.failures import PackagesNotFound, outcome
+from nixeryd.core.offload import Offload
+from nixeryd.image import accounts, archive, manifest, sbom
 from nixeryd.image.layers import Layer, PathInfo, closure_of, group_layers, package_name
 from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
-from nixeryd.ops.metrics import Metrics
 from nixeryd.image.names import DigestInvalid, Image, parse_digest
-from nixeryd.core.offload import Offload
-from nixeryd.build.pkgsource import PackageSource
+from nixeryd.ops.activity import Activity, BuildFailure
+from nixeryd.ops.metrics import Metrics
 from nixeryd.storage import records
 from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, LocalFile, staging_failure
 

@@ -24,8 +24,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nixeryd.build.failures import NixBuildFailed, NixTimedOut, build_failure, tail_text
-from nixeryd.image.layers import PathInfo
 from nixeryd.core.offload import Offload, inline
+from nixeryd.image.layers import PathInfo
 
 log = Logger()
 
