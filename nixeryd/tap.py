@@ -327,7 +327,7 @@ def _signatures(config: Config, builder: ImageBuilder, images: Images) -> Signat
         key = cosign.load_signing_key(config.image_signing_key)
     except ValueError as e:
         raise ConfigError(f"NIXERY_SIGNING_KEY: {e}") from None
-    return Signatures(key, config.image_signing_identity, builder, images)
+    return Signatures(key, config.image_signing_identity, builder.blobs, images)
 
 
 def _iam_signer(config: Config) -> Any:

@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.build.builder import ImageBuilder
-from nixeryd.build.pkgsource import GitSource
 from nixeryd.core.offload import inline
-from tests.fakes import FakeNix, make_store
+from nixeryd.storage.blobstore import BlobStore
 from tests.memory import MemoryStorage
-from tests.test_api import DEPENDENCIES
 
 
 class StoredManifestTests(SynchronousTestCase):
@@ -24,10 +20,7 @@ class StoredManifestTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.storage = MemoryStorage(now=self.clock.seconds)
-        self.builder = ImageBuilder(nix=FakeNix(make_store(Path(self.mktemp()).absolute(), DEPENDENCIES),
-                                                DEPENDENCIES),
-                                    storage=self.storage, offload=inline, source=GitSource("https://g/p.git"),
-                                    clock=self.clock, popularity={})
+        self.blobs = BlobStore(self.storage, inline)
 
     def manifest(self, layers: int) -> bytes:
         layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": 1,
@@ -41,8 +34,8 @@ class StoredManifestTests(SynchronousTestCase):
         for layers in (3, 2000):
             body = self.manifest(layers)
             stored = self.successResultOf(Deferred.fromCoroutine(
-                self.builder.store_manifest(body, "application/vnd.oci.image.manifest.v1+json")))
-            found = self.successResultOf(Deferred.fromCoroutine(self.builder.stored_manifest(stored.digest)))
+                self.blobs.store_manifest(body, "application/vnd.oci.image.manifest.v1+json")))
+            found = self.successResultOf(Deferred.fromCoroutine(self.blobs.stored_manifest(stored.digest)))
             self.assertEqual(found.body, body)
         self.assertGreater(len(self.manifest(2000)), 64 * 1024)
 
@@ -50,4 +43,4 @@ class StoredManifestTests(SynchronousTestCase):
         body = self.manifest(2000)
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         self.storage.put("layers/" + digest[7:], body[:-1] + b" ", "application/octet-stream")
-        self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(self.builder.stored_manifest(digest))))
+        self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(self.blobs.stored_manifest(digest))))

@@ -7,7 +7,6 @@ images lives in ``nixeryd.registry.images``.
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import partial
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
@@ -17,26 +16,22 @@ from twisted.logger import Logger
 
 from nixeryd.build.failures import PackagesNotFound, outcome
 from nixeryd.build.pkgsource import PackageSource
-from nixeryd.core.blobs import BlobInfo, blob_info
+from nixeryd.core.blobs import BlobInfo
 from nixeryd.core.cache import SingleFlight, TTLCache, gather
 from nixeryd.core.offload import Offload
 from nixeryd.image import accounts, archive, manifest, sbom
 from nixeryd.image.layers import Layer, PathInfo, closure_of, group_layers, package_name
 from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
-from nixeryd.image.names import DigestInvalid, Image, parse_digest
+from nixeryd.image.names import Image
 from nixeryd.ops.activity import Activity, BuildFailure
 from nixeryd.ops.metrics import Metrics
 from nixeryd.storage import records
-from nixeryd.storage.interface import DAMAGED, INTACT, InMemory, IStorage, LocalFile, staging_failure
+from nixeryd.storage.blobstore import BlobStore
+from nixeryd.storage.interface import DAMAGED, INTACT, IStorage, staging_failure
 
 log = Logger()
 
-INLINE_HASH = 64 * 1024
 """Bytes hashed on the reactor thread at most (about 0.1 ms); more go to a thread."""
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 SSL_CERT_FILE = "/etc/ssl/certs/ca-bundle.crt"
@@ -130,9 +125,11 @@ class ImageBuilder:
         metrics: Metrics | None = None,
         compression: str = "gzip",
         activity: Activity | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self._nix = nix
         self._storage = storage
+        self.blobs = blobs if blobs is not None else BlobStore(storage, offload)
         self._offload = offload
         self._source = source
         self._clock = clock
@@ -157,59 +154,6 @@ class ImageBuilder:
     def running(self) -> int:
         """Nix builds running now."""
         return self._slots.limit - self._slots.tokens
-
-    async def stored_manifest(self, digest: str) -> StoredManifest | None:
-        """A manifest or index stored under ``digest``, or None."""
-        location = await self._storage.locate_blob(digest.removeprefix("sha256:"))
-        if location is None:
-            return None
-        if isinstance(location, LocalFile) and location.size > manifest.MAX_MANIFEST_SIZE:
-            return None
-        if isinstance(location, InMemory):
-            body: bytes | None = location.data
-        else:
-            body = await self._storage.get(records.blob_key(digest))
-        if body is None or len(body) > manifest.MAX_MANIFEST_SIZE:
-            return None
-        # A manifest is a few KB, hashed in microseconds; a big one is hashed in a thread.
-        if len(body) <= INLINE_HASH:
-            actual = hashlib.sha256(body).hexdigest()
-        else:
-            actual = await self._offload(_sha256_hex, body)
-        if "sha256:" + actual != digest:
-            log.warn("stored manifest {digest} does not match its digest: ignored", digest=digest)
-            return None
-        try:
-            media_type = manifest.manifest_media_type(body)
-        except ValueError:
-            return None
-        return StoredManifest(digest=digest, media_type=media_type, body=body)
-
-    async def intact(self, stored: StoredManifest) -> bool:
-        """Whether every blob ``stored`` names (config, layers; for an index, each listed
-        manifest and its blobs) is in storage at the size the manifest gives."""
-        try:
-            doc = json.loads(stored.body)
-            children = [str(entry["digest"]) for entry in doc.get("manifests", ())]
-            blobs = [(str(d["digest"]), int(d["size"])) for d in
-                     ([doc["config"], *doc["layers"]] if "config" in doc else [])]
-        except (ValueError, KeyError, TypeError):
-            return False
-        for digest in children:
-            child = await self.stored_manifest(digest)
-            if child is None or not await self.intact(child):
-                return False
-        for digest, size in blobs:
-            try:
-                parse_digest(digest)
-            except DigestInvalid:
-                return False
-            state = await self._storage.check_blob(digest.removeprefix("sha256:"), size, None)
-            if state != INTACT:
-                log.warn("{digest} of manifest {manifest} is {state}; the image is built again",
-                         digest=digest, manifest=stored.digest, state=state)
-                return False
-        return True
 
     async def build(self, image: Image, tag: str) -> ImageManifests:
         """Build ``image`` from the package set at ``tag`` and store everything it is made of."""
@@ -279,18 +223,18 @@ class ImageBuilder:
             user=accounts.NONROOT_USER if image.nonroot else None,
             entrypoint=entrypoint,
         )
-        config_info = await self.put_blob(config)
+        config_info = await self.blobs.put_blob(config)
         config_descriptor = manifest.Descriptor(config_info.digest, config_info.size)
         layer_descriptors = [manifest.Descriptor(i.digest, i.size) for i in infos]
         if self.compression == "zstd":
             body = manifest.image_manifest(Flavour.OCI, config_descriptor, layer_descriptors,
                                            layer_type=manifest.OCI_LAYER_ZSTD)
-            oci = await self.store_manifest(body, Flavour.OCI.manifest_type)
+            oci = await self.blobs.store_manifest(body, Flavour.OCI.manifest_type)
             return ImageManifests(oci=oci, docker=None, sbom=await self._sbom(image, built, oci))
         stored = []
         for flavour in (Flavour.OCI, Flavour.DOCKER):
             body = manifest.image_manifest(flavour, config_descriptor, layer_descriptors)
-            stored.append(await self.store_manifest(body, flavour.manifest_type))
+            stored.append(await self.blobs.store_manifest(body, flavour.manifest_type))
         return ImageManifests(oci=stored[0], docker=stored[1], sbom=await self._sbom(image, built, stored[0]))
 
     async def _sbom(self, image: Image, built: NixBuildResult, subject: StoredManifest) -> StoredManifest:
@@ -298,19 +242,9 @@ class ImageBuilder:
         meta = {built.named[name]: about for name, about in built.meta.items() if name in built.named}
         document: bytes = await self._offload(
             sbom.document, image.name, subject.digest, built.roots, built.closure, meta)
-        await self.put_blob(document)
-        await self.put_blob(sbom.EMPTY)
-        return await self.store_manifest(sbom.artifact_manifest(document, subject.body), manifest.OCI_MANIFEST)
-
-    async def store_manifest(self, body: bytes, media_type: str) -> StoredManifest:
-        """Store a manifest or index as a blob, so that it is served by digest."""
-        info = await self.put_blob(body)
-        return StoredManifest(digest=info.digest, media_type=media_type, body=body)
-
-    async def put_blob(self, data: bytes) -> BlobInfo:
-        info: BlobInfo = await self._offload(blob_info, data)
-        await self._storage.put(records.blob_key(info.digest), data, "application/octet-stream")
-        return info
+        await self.blobs.put_blob(document)
+        await self.blobs.put_blob(sbom.EMPTY)
+        return await self.blobs.store_manifest(sbom.artifact_manifest(document, subject.body), manifest.OCI_MANIFEST)
 
     def _record_key(self, key: str) -> str:
         """A layer's record key: its identity, and how it is compressed (gzip keeps the bare key)."""

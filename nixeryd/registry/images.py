@@ -130,6 +130,8 @@ class Images:
     ) -> None:
         self._fingerprint = fingerprint
         self._builder = builder
+        # Manifests are read and stored where the builder stores them.
+        self._blobs = builder.blobs
         self._storage = storage
         self._source = source
         self._clock = clock
@@ -233,7 +235,7 @@ class Images:
         return len(self._flight)
 
     def stored_manifest(self, digest: str) -> Deferred[StoredManifest | None]:
-        return Deferred.fromCoroutine(self._builder.stored_manifest(digest))
+        return Deferred.fromCoroutine(self._blobs.stored_manifest(digest))
 
     def manifests(self, image: Image, tag: str, *, index: bool = True) -> Deferred[ImageManifests]:
         """The image at ``tag``. With platforms configured and a name that does not choose
@@ -313,7 +315,7 @@ class Images:
                 entries = [(manifest.Descriptor(c.digest, len(c.body)), one.arch)
                            for c, one in zip(chosen, per_platform, strict=True) if c is not None]
                 body = manifest.image_index(flavour, entries)
-                stored.append(await self._builder.store_manifest(body, flavour.index_type))
+                stored.append(await self._blobs.store_manifest(body, flavour.index_type))
             assert stored[0] is not None
             return ImageManifests(oci=stored[0], docker=stored[1], missing=missing)
 
@@ -464,14 +466,14 @@ class Images:
         return digests
 
     async def _load(self, digests: ImageRecord) -> ImageManifests | None:
-        oci = await self._builder.stored_manifest(digests.oci)
-        docker = None if digests.docker is None else await self._builder.stored_manifest(digests.docker)
+        oci = await self._blobs.stored_manifest(digests.oci)
+        docker = None if digests.docker is None else await self._blobs.stored_manifest(digests.docker)
         if oci is None or (digests.docker is not None and docker is None):
             return None
         # Both flavours name the same blobs: checking one is enough.
-        if not await self._builder.intact(oci):
+        if not await self._blobs.intact(oci):
             return None
-        sbom = None if digests.sbom is None else await self._builder.stored_manifest(digests.sbom)
+        sbom = None if digests.sbom is None else await self._blobs.stored_manifest(digests.sbom)
         return ImageManifests(oci=oci, docker=docker, sbom=sbom)
 
 

@@ -14,23 +14,23 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-from nixeryd.build.builder import ImageBuilder
 from nixeryd.image import cosign
 from nixeryd.image.manifest import OCI_MANIFEST, StoredManifest
 from nixeryd.image.names import Image
 from nixeryd.registry.images import Images
+from nixeryd.storage.blobstore import BlobStore
 
 MAX_CACHED = 10_000
 
 
 class Signatures:
-    def __init__(self, key: cosign.SigningKey, identities: Sequence[str], builder: ImageBuilder,
+    def __init__(self, key: cosign.SigningKey, identities: Sequence[str], blobs: BlobStore,
                  images: Images) -> None:
         if not identities:
             raise ValueError("signing needs at least one identity")
         self._key = key
         self._identities = tuple(identities)
-        self._builder = builder
+        self._blobs = blobs
         self._images = images
         self._cache: OrderedDict[tuple[str, str], StoredManifest] = OrderedDict()
 
@@ -53,13 +53,13 @@ class Signatures:
             return cached
         if not await self._images.stands_for(image, "sha256:" + hexdigest):
             return None
-        subject = await self._builder.stored_manifest("sha256:" + hexdigest)
+        subject = await self._blobs.stored_manifest("sha256:" + hexdigest)
         if subject is None:
             return None
         artifact = cosign.signature_artifact(self._key, reference, subject.digest)
-        await self._builder.put_blob(artifact.payload)
-        await self._builder.put_blob(artifact.config)
-        stored = await self._builder.store_manifest(artifact.manifest, OCI_MANIFEST)
+        await self._blobs.put_blob(artifact.payload)
+        await self._blobs.put_blob(artifact.config)
+        stored = await self._blobs.store_manifest(artifact.manifest, OCI_MANIFEST)
         self._cache[(reference, hexdigest)] = stored
         while len(self._cache) > MAX_CACHED:
             self._cache.popitem(last=False)
