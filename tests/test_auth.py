@@ -59,6 +59,27 @@ class AuthTests(APITestCase):
         self.assertEqual(self.call(treq, "/v2/alpha/manifests/latest")[0].code, 401)
         self.assertEqual(self.call(treq, "/healthz")[0].code, 200)
 
+    def test_every_route_declares_who_may_call_it(self) -> None:
+        """Each route of the API is declared authorized or public with the route itself; the
+        public ones are exactly the index, probes, metrics and refusals of writes, and every
+        authorized one answers 401 without credentials."""
+        from nixeryd.http.access import AUTHORIZED, PUBLIC
+
+        declared = {}
+        for rule in RegistryAPI.app.url_map.iter_rules():
+            access = getattr(getattr(RegistryAPI, rule.endpoint), "access", None)
+            self.assertIn(access, (AUTHORIZED, PUBLIC), rule.rule)
+            declared[(rule.rule, tuple(sorted(rule.methods or ())))] = access
+        public = {rule for (rule, _), access in declared.items() if access == PUBLIC}
+        self.assertEqual(public, {"/", "/healthz", "/metrics", "/v2/", "/v2/<path:rest>"})
+        self.assertTrue(all(access == AUTHORIZED for (rule, methods), access in declared.items()
+                            if "GET" in methods and rule.startswith(("/v2", "/image"))))
+        treq = self.api(users=HTPASSWD)
+        for path in ("/v2/", "/v2/alpha/manifests/latest", "/v2/_catalog", "/v2/alpha/tags/list",
+                     "/image/alpha", "/v2/alpha/blobs/sha256:" + "a" * 64,
+                     "/v2/alpha/referrers/sha256:" + "a" * 64):
+            self.assertEqual(self.call(treq, path)[0].code, 401, path)
+
     def test_an_unknown_user_costs_what_a_wrong_password_does(self) -> None:
         """A refusal takes one bcrypt check at the users' cost whether the user exists or
         not: timing says nothing of who exists."""

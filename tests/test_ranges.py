@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nixeryd.http.registry import NONE, PARTS, WHOLE, range_answer
+from nixeryd.http.ranges import NONE, PARTS, WHOLE, range_answer
 from tests.daemon import Daemon, daemon_fixture
 
 

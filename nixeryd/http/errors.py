@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Sequence, TypeVar
 
 from twisted.logger import Logger
 
@@ -32,6 +32,17 @@ from nixeryd.build.failures import (
     PackagesNotFound,
     PlatformUnavailable,
     SourceUnavailable,
+)
+from nixeryd.image.names import (
+    Digest,
+    DigestInvalid,
+    Image,
+    NameInvalid,
+    ReferenceInvalid,
+    Tag,
+    parse_digest,
+    parse_name,
+    parse_reference,
 )
 from nixeryd.storage.interface import StorageError
 
@@ -141,3 +152,30 @@ def unavailable(error: StorageError) -> RegistryError:
     return RegistryError(
         503, "UNKNOWN", "storage is unavailable; try again shortly", retry_after=RETRY_AFTER_SECONDS
     )
+
+
+def parsed_name(name: str, base_packages: Sequence[str]) -> Image:
+    """The image ``name`` asks for; 400 NAME_INVALID when it breaks the grammar."""
+    try:
+        return parse_name(name, base_packages)
+    except NameInvalid as e:
+        raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
+
+
+def parsed_digest(ref: str) -> Digest:
+    """A blob's or manifest's digest; 400 DIGEST_INVALID when it is not one."""
+    try:
+        return parse_digest(ref)
+    except DigestInvalid as e:
+        raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
+
+
+def parsed_reference(ref: str) -> Tag | Digest:
+    """A manifest reference: a malformed digest is 400 DIGEST_INVALID, a malformed tag 404
+    MANIFEST_UNKNOWN (no manifest can have it), as distribution answers."""
+    try:
+        return parse_reference(ref)
+    except DigestInvalid as e:
+        raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
+    except ReferenceInvalid as e:
+        raise RegistryError(404, "MANIFEST_UNKNOWN", str(e), {"reference": ref}) from None

@@ -15,16 +15,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import static
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
+from nixeryd.http.access import authorized, public
 from nixeryd.http.auth import AuthBusy, Authenticator
 from nixeryd.http.errors import (
     RegistryError,
     as_registry_errors,
     no_endpoint,
+    parsed_digest,
+    parsed_name,
+    parsed_reference,
     storage_call,
     unsupported,
 )
@@ -32,17 +34,13 @@ from nixeryd.http.imagepage import ImagePages
 from nixeryd.http.imagepage import render as render_page
 from nixeryd.http.index import Status, render_index
 from nixeryd.http.look import error_page, wants_html
+from nixeryd.http.negotiation import accepted_types, choose, not_modified, takes_index
+from nixeryd.http.ranges import NONE, WHOLE, blob_file, range_answer
 from nixeryd.http.sendfile import SendfileProducer, can_sendfile
-from nixeryd.image import manifest, sbom
-from nixeryd.image.manifest import ImageManifests, StoredManifest
+from nixeryd.image import sbom
+from nixeryd.image.manifest import StoredManifest
 from nixeryd.image.names import (
     Digest,
-    DigestInvalid,
-    NameInvalid,
-    ReferenceInvalid,
-    parse_digest,
-    parse_name,
-    parse_reference,
 )
 from nixeryd.ops.metrics import Metrics
 from nixeryd.registry.images import Images
@@ -61,47 +59,6 @@ TAGS_SUFFIX = "/tags/list"
 
 def _set(request: IRequest, name: str, value: str | int) -> None:
     request.setHeader(name.encode(), str(value).encode())
-
-
-def accepted_types(request: IRequest) -> set[str]:
-    """Every media type of every Accept header line (clients send one per line)."""
-    types = set()
-    for line in request.requestHeaders.getRawHeaders(b"accept") or []:
-        for part in line.split(b","):
-            media_type = part.split(b";", 1)[0].strip().lower().decode("latin-1")
-            if media_type:
-                types.add(media_type)
-    return types
-
-
-def usable(media_type: str, accepted: set[str]) -> bool:
-    """Whether a client that sent ``accepted`` can read a manifest of this type, and, for an
-    index, the manifests it lists (Docker's CLI takes an OCI index but no OCI manifest)."""
-    wanted = {media_type, manifest.ENTRY_TYPE.get(media_type, media_type)}
-    return not accepted or "*/*" in accepted or wanted <= accepted
-
-
-def choose(manifests: ImageManifests, accepted: set[str]) -> StoredManifest | None:
-    """OCI unless the client takes only Docker's types; None when it takes neither."""
-    if usable(manifests.oci.media_type, accepted):
-        return manifests.oci
-    if manifests.docker is not None and usable(manifests.docker.media_type, accepted):
-        return manifests.docker
-    return None
-
-
-def takes_index(accepted: set[str]) -> bool:
-    return any(usable(media_type, accepted) for media_type in manifest.INDEX_TYPES)
-
-
-def not_modified(request: IRequest, digest: str) -> bool:
-    """Whether If-None-Match names this digest (quoted or not) or ``*``."""
-    for line in request.requestHeaders.getRawHeaders(b"if-none-match") or []:
-        for tag in line.split(b","):
-            value = tag.strip().removeprefix(b"W/").strip(b'"').decode("latin-1")
-            if value in (digest, "*"):
-                return True
-    return False
 
 
 class RegistryAPI:
@@ -130,7 +87,7 @@ class RegistryAPI:
         self._status = status
         self._auth = auth
 
-    @app.route("/", methods=READ_METHODS)
+    @public(app, "/", methods=READ_METHODS)  # shows images only to those access control lets in
     async def index(self, request: IRequest) -> bytes:
         if self._status is None:
             raise no_endpoint("/")
@@ -143,16 +100,12 @@ class RegistryAPI:
         _set(request, "Content-Length", len(body))
         return body
 
-    @app.route("/image/<path:name>", methods=READ_METHODS)
+    @authorized(app, "/image/<path:name>", methods=READ_METHODS)
     async def image_page(self, request: IRequest, name: str) -> bytes:
         """What an image holds, as HTML, or JSON for ``Accept: application/json``."""
         if self._pages is None:
             raise no_endpoint("/image/" + name)
-        await self._authorize(request)
-        try:
-            image = parse_name(name, self._base_packages)
-        except NameInvalid as e:
-            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
+        image = parsed_name(name, self._base_packages)
         manifests = await as_registry_errors(image.name, self._images.manifests(image, "latest", index=False))
         data = await storage_call(Deferred.fromCoroutine(
             self._pages.data(image, manifests, _host(request), request.isSecure())))
@@ -163,12 +116,12 @@ class RegistryAPI:
         _set(request, "Content-Length", len(body))
         return body
 
-    @app.route("/healthz", methods=READ_METHODS)
+    @public(app, "/healthz", methods=READ_METHODS)
     def healthz(self, request: IRequest) -> bytes:
         _set(request, "Content-Type", "text/plain; charset=utf-8")
         return b"ok\n"
 
-    @app.route("/metrics", methods=READ_METHODS)
+    @public(app, "/metrics", methods=READ_METHODS)
     def metrics(self, request: IRequest) -> bytes:
         # Rendered here rather than by prometheus_client's Twisted resource, which
         # renders in a thread: one small registry takes microseconds.
@@ -215,9 +168,8 @@ class RegistryAPI:
             _set(request, "Retry-After", error.retry_after)
         return body
 
-    @app.route("/v2/", methods=READ_METHODS)
+    @authorized(app, "/v2/", methods=READ_METHODS)
     async def base(self, request: IRequest) -> bytes:
-        await self._authorize(request)
         return self._json(request, {})
 
     async def _allowed(self, request: IRequest) -> bool:
@@ -227,7 +179,7 @@ class RegistryAPI:
             return True
         return bool(await self._auth.check(request.getHeader(b"authorization")))
 
-    async def _authorize(self, request: IRequest) -> None:
+    async def authorize(self, request: IRequest) -> None:
         """401 with the spec's challenge unless access control lets the request in."""
         try:
             allowed = await self._allowed(request)
@@ -240,25 +192,24 @@ class RegistryAPI:
             request.responseHeaders.addRawHeader(b"WWW-Authenticate", challenge.encode())
         raise RegistryError(401, "UNAUTHORIZED", "authentication required")
 
-    @app.route("/v2/", methods=WRITE_METHODS)
+    @public(app, "/v2/", methods=WRITE_METHODS)
     def base_write(self, request: IRequest) -> bytes:
         raise unsupported()
 
-    @app.route("/v2/<path:rest>", methods=WRITE_METHODS)
+    @public(app, "/v2/<path:rest>", methods=WRITE_METHODS)
     def write(self, request: IRequest, rest: str) -> bytes:
         raise unsupported()
 
-    @app.route("/v2/<path:rest>", methods=READ_METHODS)
+    @authorized(app, "/v2/<path:rest>", methods=READ_METHODS)
     async def read(self, request: IRequest, rest: str) -> Any:
         request.setHeader(*API_VERSION_HEADER)
-        await self._authorize(request)
         if rest == "_catalog":
             every = await storage_call(Deferred.fromCoroutine(self._images.catalogue()))
             names = self._page(request, every, "/v2/_catalog", default=CATALOG_PAGE)
             return self._json(request, {"repositories": names})
         if rest.endswith(TAGS_SUFFIX):
             name = rest[: -len(TAGS_SUFFIX)]
-            spelling = self._image_name(name)
+            spelling = parsed_name(name, ()).spelling  # the name its tags are recorded under
             stored_tags = await storage_call(Deferred.fromCoroutine(self._images.tag_records.tags(spelling)))
             tags = sorted({"latest", *stored_tags, *self._images.known.tags(spelling)})
             page = self._page(request, tags, f"/v2/{name}/tags/list")
@@ -273,13 +224,7 @@ class RegistryAPI:
     async def _referrers(self, request: IRequest, name: str, ref: str) -> bytes:
         """OCI distribution 1.1's referrers API: what is attached to a manifest (its SBOM,
         and its signature when images are signed), filtered by ``?artifactType=``."""
-        try:
-            image = parse_name(name, self._base_packages)
-            digest = parse_digest(ref)
-        except NameInvalid as e:
-            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
-        except DigestInvalid as e:
-            raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
+        image, digest = parsed_name(name, self._base_packages), parsed_digest(ref)
         attached = await storage_call(Deferred.fromCoroutine(self._images.referrers_of(image, digest.digest)))
         entries = [(stored.body, sbom.SPDX_TYPE) for stored in attached]
         if entries and self._signatures is not None:
@@ -323,23 +268,8 @@ class RegistryAPI:
                     _set(request, "Link", link)
         return items
 
-    def _image_name(self, name: str) -> str:
-        """The canonical spelling of a valid ``name``, which its tags are recorded under."""
-        try:
-            return parse_name(name, ()).spelling
-        except NameInvalid as e:
-            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
-
     async def _manifest(self, request: IRequest, name: str, ref: str) -> bytes:
-        try:
-            image = parse_name(name, self._base_packages)
-            reference = parse_reference(ref)
-        except NameInvalid as e:
-            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
-        except DigestInvalid as e:
-            raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
-        except ReferenceInvalid as e:
-            raise RegistryError(404, "MANIFEST_UNKNOWN", str(e), {"reference": ref}) from None
+        image, reference = parsed_name(name, self._base_packages), parsed_reference(ref)
         if isinstance(reference, Digest):
             stored = await storage_call(self._images.stored_manifest(reference.digest))
             if stored is None:
@@ -385,13 +315,8 @@ class RegistryAPI:
         return stored.body
 
     async def _blob(self, request: IRequest, name: str, ref: str) -> Any:
-        try:
-            parse_name(name, ())
-            digest = parse_digest(ref)
-        except NameInvalid as e:
-            raise RegistryError(400, "NAME_INVALID", str(e), {"name": name}) from None
-        except DigestInvalid as e:
-            raise RegistryError(400, "DIGEST_INVALID", str(e), {"digest": ref}) from None
+        parsed_name(name, ())
+        digest = parsed_digest(ref)
         location = await storage_call(self._storage.locate_blob(digest.hex))
         if location is None:
             if self._images.expected_size(digest.digest) is not None:
@@ -439,7 +364,7 @@ class RegistryAPI:
                 _set(request, "Content-Length", location.size)
                 _set(request, "Accept-Ranges", "bytes")
                 return await SendfileProducer(request, location.path, location.size).start()
-        return _blob_file(location.path)
+        return blob_file(location.path)
 
     def _served(self, request: IRequest, size: int) -> None:
         if request.method == b"GET":
@@ -455,59 +380,6 @@ PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 MAX_PAGE = 1000
 CATALOG_PAGE = 100
 """Names in a page of ``/v2/_catalog`` when the client does not say, as distribution answers."""
-MAX_RANGES = 64
-MAX_DIGITS = 18
-"""Digits of a byte position in a Range header: more name no position in any blob."""
-
-
-WHOLE, PARTS, NONE = "whole", "parts", "none"
-
-
-def range_answer(header: bytes | None, size: int) -> str:
-    """How to answer a Range header on a blob of ``size`` bytes, as Go's ServeContent (and
-    so distribution) does: ``WHOLE`` (200 with the blob) for no header, one that is not
-    bytes, more than ``MAX_RANGES`` ranges, or ranges adding up to more than the blob;
-    ``NONE`` (416) when no range overlaps the blob; ``PARTS`` otherwise. A header that is
-    not well-formed is ignored (``WHOLE``), as the RFC allows."""
-    if header is None:
-        return WHOLE
-    unit, _, specs = header.partition(b"=")
-    if unit.strip().lower() != b"bytes":
-        return WHOLE
-    parts = specs.split(b",")
-    if len(parts) > MAX_RANGES:
-        return WHOLE
-    total = 0
-    satisfiable = 0
-    spans: list[tuple[int, int]] = []
-    for part in parts:
-        first, dash, last = part.strip().partition(b"-")
-        if len(first) > MAX_DIGITS or len(last) > MAX_DIGITS:
-            return WHOLE  # past any blob (and past what int() reads): not a range of one
-        if not dash or not (first.isdigit() or first == b"") or not (last.isdigit() or last == b"") \
-                or first == last == b"" or (first and last and int(last) < int(first)):
-            return WHOLE  # not a range: ignored, as the RFC allows
-        if first == b"":
-            if int(last or b"0") >= size:
-                return WHOLE  # a suffix covering the blob is the blob
-            length = int(last or b"0")
-            start = size - length
-        else:
-            start = int(first)
-            end = min(int(last), size - 1) if last else size - 1
-            length = max(end - start + 1, 0)
-        total += length
-        satisfiable += length > 0
-        if length > 0:
-            spans.append((start, start + length))
-    if total > size:
-        return WHOLE
-    spans.sort()
-    if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)):
-        return WHOLE  # overlapping ranges: the blob, as README says
-    return PARTS if satisfiable else NONE
-
-
 def _host(request: IRequest) -> str:
     """The host the client named, for pull commands and signed identities."""
     return (request.getHeader(b"host") or b"localhost").decode("latin-1")
@@ -516,41 +388,6 @@ def _host(request: IRequest) -> str:
 def _arg(request: IRequest, name: bytes) -> str | None:
     values = (request.args or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
-
-
-BLOB_CHUNK = 1024 * 1024
-
-
-class _BlobFile(static.File):
-    """A stored blob as a file resource: HEAD, Range and Content-Length come with it.
-    It is sent in 1 MiB chunks rather than 64 KiB: a sixteenth of the trips through
-    the reactor for the same bytes."""
-
-    isLeaf = True
-
-    def makeProducer(self, request: Any, fileForReading: Any) -> Any:
-        producer = super().makeProducer(request, fileForReading)
-        producer.bufferSize = BLOB_CHUNK
-        return producer
-
-    def render_HEAD(self, request: Any) -> Any:
-        """HEAD answers as GET would, ranges included (Twisted's answers a HEAD with a
-        Range 200 where the GET is 206): the status and headers, without the bytes."""
-        if request.getHeader(b"range") is None or not self.exists():
-            return super().render_GET(request)
-        self.type, self.encoding = static.getTypeAndEncoding(
-            self.basename(), self.contentTypes, self.contentEncodings, self.defaultType)
-        request.setHeader(b"accept-ranges", b"bytes")
-        opened = self.openForReading()
-        try:
-            self.makeProducer(request, opened)
-        finally:
-            opened.close()
-        return b""
-
-
-def _blob_file(path: str) -> IResource:
-    return _BlobFile(path, defaultType="application/octet-stream")
 
 
 def _split(rest: str) -> tuple[str, str, str]:

@@ -1,0 +1,48 @@
+"""Content negotiation: which manifest a client takes, and conditional requests."""
+from __future__ import annotations
+
+from twisted.web.iweb import IRequest
+
+from nixeryd.image import manifest
+from nixeryd.image.manifest import ImageManifests, StoredManifest
+
+
+def accepted_types(request: IRequest) -> set[str]:
+    """Every media type of every Accept header line (clients send one per line)."""
+    types = set()
+    for line in request.requestHeaders.getRawHeaders(b"accept") or []:
+        for part in line.split(b","):
+            media_type = part.split(b";", 1)[0].strip().lower().decode("latin-1")
+            if media_type:
+                types.add(media_type)
+    return types
+
+
+def usable(media_type: str, accepted: set[str]) -> bool:
+    """Whether a client that sent ``accepted`` can read a manifest of this type, and, for an
+    index, the manifests it lists (Docker's CLI takes an OCI index but no OCI manifest)."""
+    wanted = {media_type, manifest.ENTRY_TYPE.get(media_type, media_type)}
+    return not accepted or "*/*" in accepted or wanted <= accepted
+
+
+def choose(manifests: ImageManifests, accepted: set[str]) -> StoredManifest | None:
+    """OCI unless the client takes only Docker's types; None when it takes neither."""
+    if usable(manifests.oci.media_type, accepted):
+        return manifests.oci
+    if manifests.docker is not None and usable(manifests.docker.media_type, accepted):
+        return manifests.docker
+    return None
+
+
+def takes_index(accepted: set[str]) -> bool:
+    return any(usable(media_type, accepted) for media_type in manifest.INDEX_TYPES)
+
+
+def not_modified(request: IRequest, digest: str) -> bool:
+    """Whether If-None-Match names this digest (quoted or not) or ``*``."""
+    for line in request.requestHeaders.getRawHeaders(b"if-none-match") or []:
+        for tag in line.split(b","):
+            value = tag.strip().removeprefix(b"W/").strip(b'"').decode("latin-1")
+            if value in (digest, "*"):
+                return True
+    return False
