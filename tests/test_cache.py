@@ -23,11 +23,11 @@ class SingleFlightTests(SynchronousTestCase):
         second = flight.run("k", work)
         self.assertIsNot(first, second)
         self.assertEqual(len(started), 1)
-        self.assertIn("k", flight)
+        self.assertEqual(len(flight), 1)
         started[0].callback("done")
         self.assertEqual(self.successResultOf(first), "done")
         self.assertEqual(self.successResultOf(second), "done")
-        self.assertNotIn("k", flight)
+        self.assertEqual(len(flight), 0)
 
     def test_failure_reaches_every_caller(self) -> None:
         """A failed run fails every caller waiting for it."""
