@@ -22,7 +22,7 @@ from nixeryd.core.offload import Offload
 from nixeryd.image import accounts, archive, manifest, sbom
 from nixeryd.image.layers import Layer, PathInfo, closure_of, group_layers, package_name
 from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
-from nixeryd.image.names import Image
+from nixeryd.image.names import ImageSpec
 from nixeryd.ops.activity import Activity, BuildFailure
 from nixeryd.ops.metrics import Metrics
 from nixeryd.storage import records
@@ -94,7 +94,7 @@ def env_target(roots: Sequence[str]) -> str | None:
     return None
 
 
-def _entrypoint(image: Image, built: NixBuildResult) -> list[str]:
+def _entrypoint(image: ImageSpec, built: NixBuildResult) -> list[str]:
     """What ``run/`` runs: the first package's ``meta.mainProgram``, by its store path."""
     assert image.first is not None
     program = built.main_programs.get(image.first)
@@ -155,7 +155,7 @@ class ImageBuilder:
         """Nix builds running now."""
         return self._slots.limit - self._slots.tokens
 
-    async def build(self, image: Image, tag: str) -> ImageManifests:
+    async def build(self, image: ImageSpec, tag: str) -> ImageManifests:
         """Build ``image`` from the package set at ``tag`` and store everything it is made of."""
         if self._slots.tokens == 0 and len(self._slots.waiting) >= self._queue:
             self._metrics.builds.labels(outcome="rejected").inc()
@@ -177,7 +177,7 @@ class ImageBuilder:
         self._metrics.build_seconds.observe(self._clock.seconds() - started)
         return manifests
 
-    async def _build(self, image: Image, tag: str, started: float, label: str) -> ImageManifests:
+    async def _build(self, image: ImageSpec, tag: str, started: float, label: str) -> ImageManifests:
         # A build slot covers Nix and the packing after it: packing is CPU work, and the
         # build limit is what keeps it from crowding out everything else.
         await self._slots.acquire()
@@ -200,7 +200,7 @@ class ImageBuilder:
         )
         return manifests
 
-    async def _pack(self, image: Image, tag: str, built: NixBuildResult) -> ImageManifests:
+    async def _pack(self, image: ImageSpec, tag: str, built: NixBuildResult) -> ImageManifests:
         base = closure_of((built.named[b] for b in image.base if b in built.named), built.closure)
         # The symlink layer takes one place of the budget.
         layers: list[Layer] = await self._offload(
@@ -237,7 +237,7 @@ class ImageBuilder:
             stored.append(await self.blobs.store_manifest(body, flavour.manifest_type))
         return ImageManifests(oci=stored[0], docker=stored[1], sbom=await self._sbom(image, built, stored[0]))
 
-    async def _sbom(self, image: Image, built: NixBuildResult, subject: StoredManifest) -> StoredManifest:
+    async def _sbom(self, image: ImageSpec, built: NixBuildResult, subject: StoredManifest) -> StoredManifest:
         """The image's SPDX document, stored with the artifact manifest attaching it."""
         meta = {built.named[name]: about for name, about in built.meta.items() if name in built.named}
         document: bytes = await self._offload(

@@ -36,7 +36,7 @@ from nixeryd.build.failures import (
 from nixeryd.image.names import (
     Digest,
     DigestInvalid,
-    Image,
+    ImageSpec,
     NameInvalid,
     ReferenceInvalid,
     Tag,
@@ -154,7 +154,7 @@ def unavailable(error: StorageError) -> RegistryError:
     )
 
 
-def parsed_name(name: str, base_packages: Sequence[str]) -> Image:
+def parsed_name(name: str, base_packages: Sequence[str]) -> ImageSpec:
     """The image ``name`` asks for; 400 NAME_INVALID when it breaks the grammar."""
     try:
         return parse_name(name, base_packages)

@@ -19,7 +19,7 @@ from urllib.parse import quote
 from nixeryd.core.offload import Offload
 from nixeryd.http.look import e, layer_colour, layout, pull_commands
 from nixeryd.image.manifest import ImageManifests
-from nixeryd.image.names import Image
+from nixeryd.image.names import ImageSpec
 from nixeryd.registry.images import Images
 from nixeryd.storage.interface import InMemory, IStorage, LocalFile
 from nixeryd.storage.records import blob_key
@@ -61,7 +61,7 @@ class ImagePages:
         self._signing = signing
         self._listings: OrderedDict[str, list[str] | None] = OrderedDict()
 
-    async def data(self, image: Image, manifests: ImageManifests, registry: str,
+    async def data(self, image: ImageSpec, manifests: ImageManifests, registry: str,
                    secure: bool = False) -> dict[str, Any]:
         manifest = json.loads(manifests.oci.body)
         layers = []

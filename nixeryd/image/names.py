@@ -22,7 +22,7 @@ ARM64 = Arch("aarch64-linux", "arm64")
 
 
 @dataclass(frozen=True)
-class Image:
+class ImageSpec:
     """What a client asked for, after meta-packages and base packages were applied."""
 
     name: str  # the registry name as requested, e.g. "shell/git/htop"
@@ -84,7 +84,7 @@ _SHA256 = re.compile(r"[a-f0-9]{64}")
 _ALGORITHM = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")
 
 
-def parse_name(name: str, base_packages: Sequence[str] = DEFAULT_BASE_PACKAGES) -> Image:
+def parse_name(name: str, base_packages: Sequence[str] = DEFAULT_BASE_PACKAGES) -> ImageSpec:
     """The image a repository name asks for; ``NameInvalid`` if it breaks the grammar."""
     if not name:
         raise NameInvalid("the repository name is empty")
@@ -109,7 +109,7 @@ def parse_name(name: str, base_packages: Sequence[str] = DEFAULT_BASE_PACKAGES) 
     if "shell" in meta:
         packages |= set(SHELL_PACKAGES)
     first = rest[0] if rest else None
-    return Image(name=name, packages=tuple(sorted(packages)), arch=ARM64 if "arm64" in meta else AMD64,
+    return ImageSpec(name=name, packages=tuple(sorted(packages)), arch=ARM64 if "arm64" in meta else AMD64,
                  shell="shell" in meta, base=tuple(sorted(set(base_packages))),
                  nonroot="nonroot" in meta, run="run" in meta, first=first,
                  canonical=canonical_name(meta, rest))

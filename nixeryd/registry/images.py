@@ -26,7 +26,7 @@ from nixeryd.build.pkgsource import PackageSource
 from nixeryd.core.cache import SingleFlight, TTLCache, gather
 from nixeryd.image import manifest
 from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
-from nixeryd.image.names import ARM64, Arch, Image
+from nixeryd.image.names import ARM64, Arch, ImageSpec
 from nixeryd.ops.metrics import Metrics
 from nixeryd.registry.leases import BuildLeases
 from nixeryd.registry.tags import TagRecords
@@ -42,7 +42,7 @@ IMAGE_LAYOUT = 3
 /etc/group, /etc/nsswitch.conf; 3: an SBOM), so that cached images are built again."""
 
 
-def image_cache_key(image: Image, source_identity: str) -> str:
+def image_cache_key(image: ImageSpec, source_identity: str) -> str:
     """The identity of a build: packages, architecture, shell and package set."""
     return _key(
         {
@@ -57,7 +57,7 @@ def image_cache_key(image: Image, source_identity: str) -> str:
     )
 
 
-def index_cache_key(image: Image, platforms: Sequence[Arch], source_identity: str) -> str:
+def index_cache_key(image: ImageSpec, platforms: Sequence[Arch], source_identity: str) -> str:
     """The identity of a multi-platform index of ``image``."""
     return _key(
         {
@@ -237,7 +237,7 @@ class Images:
     def stored_manifest(self, digest: str) -> Deferred[StoredManifest | None]:
         return Deferred.fromCoroutine(self._blobs.stored_manifest(digest))
 
-    def manifests(self, image: Image, tag: str, *, index: bool = True) -> Deferred[ImageManifests]:
+    def manifests(self, image: ImageSpec, tag: str, *, index: bool = True) -> Deferred[ImageManifests]:
         """The image at ``tag``. With platforms configured and a name that does not choose
         one itself (``arm64/...``), it is a multi-platform index, or the first platform's
         image for a client that takes no index (``index=False``)."""
@@ -274,19 +274,19 @@ class Images:
         key (a pinned revision, or a path source keyed by its content)."""
         return None if self._source.pinned(tag) or self._fingerprint is not None else self._ttl
 
-    def _image(self, image: Image, tag: str) -> Deferred[ImageManifests]:
+    def _image(self, image: ImageSpec, tag: str) -> Deferred[ImageManifests]:
         return Deferred.fromCoroutine(self._image_at(image, tag))
 
-    async def _image_at(self, image: Image, tag: str) -> ImageManifests:
+    async def _image_at(self, image: ImageSpec, tag: str) -> ImageManifests:
         key = image_cache_key(image, await self._identity(tag))
         return await self._flight.run(
             key, lambda: self._cached_or(key, tag, lambda: self._builder.build(image, tag))
         )
 
-    def _index(self, image: Image, tag: str) -> Deferred[ImageManifests]:
+    def _index(self, image: ImageSpec, tag: str) -> Deferred[ImageManifests]:
         return Deferred.fromCoroutine(self._index_at(image, tag))
 
-    async def _index_at(self, image: Image, tag: str) -> ImageManifests:
+    async def _index_at(self, image: ImageSpec, tag: str) -> ImageManifests:
         key = index_cache_key(image, self._platforms, await self._identity(tag))
 
         async def compose() -> ImageManifests:
@@ -321,7 +321,7 @@ class Images:
 
         return await self._flight.run(key, lambda: self._cached_or(key, tag, compose))
 
-    async def built_as(self, image: Image) -> list[ImageManifests]:
+    async def built_as(self, image: ImageSpec) -> list[ImageManifests]:
         """Everything ``image`` stands for as built already, by any instance on this storage
         (this never builds): at ``latest`` and at every tag it was pulled at, its image in
         each flavour and, with platforms, its index and each platform's image."""
@@ -344,12 +344,12 @@ class Images:
                     found.append(manifests)
         return found
 
-    async def stands_for(self, image: Image, digest: str) -> bool:
+    async def stands_for(self, image: ImageSpec, digest: str) -> bool:
         """Whether ``image``, as built already, has the manifest ``digest``."""
         return any(digest in (m.oci.digest, m.docker.digest if m.docker else None)
                    for m in await self.built_as(image))
 
-    async def referrers_of(self, image: Image, digest: str) -> list[StoredManifest]:
+    async def referrers_of(self, image: ImageSpec, digest: str) -> list[StoredManifest]:
         """The artifacts attached to ``image``'s manifest ``digest`` (its SBOM), as stored:
         every instance on the same storage, and this one after a restart, knows them; another
         name knows none."""

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from nixeryd.image import cosign
 from nixeryd.image.manifest import OCI_MANIFEST, StoredManifest
-from nixeryd.image.names import Image
+from nixeryd.image.names import ImageSpec
 from nixeryd.registry.images import Images
 from nixeryd.storage.blobstore import BlobStore
 
@@ -43,7 +43,7 @@ class Signatures:
                 return identity
         return self._identities[0]
 
-    async def signature(self, image: Image, hexdigest: str, host: str) -> StoredManifest | None:
+    async def signature(self, image: ImageSpec, hexdigest: str, host: str) -> StoredManifest | None:
         """The signature manifest binding manifest ``sha256:<hexdigest>`` to repository
         ``image.name``, or None when the name does not stand for that digest here."""
         reference = f"{self.identity(host)}/{image.name}"
