@@ -71,7 +71,7 @@ class ImagePages:
                 "digest": digest,
                 "size": descriptor["size"],
                 "store_paths": await self._paths(digest),
-                "shared_with": sorted(set(self._images.layer_users(digest)) - {image.spelling}),
+                "shared_with": sorted(set(self._images.served.layer_users(digest)) - {image.spelling}),
             })
         packages, closure_size = await self._packages(manifests)
         labels = await self._labels(manifest)
@@ -81,7 +81,7 @@ class ImagePages:
             "docker_digest": manifests.docker.digest if manifests.docker else None,
             "sbom": manifests.sbom.digest if manifests.sbom else None,
             "signature_tag": manifests.oci.digest.replace(":", "-") + ".sig" if self._signing else None,
-            "built": self._images.built_at(manifests.oci.digest),
+            "built": self._images.served.built_at(manifests.oci.digest),
             "source": labels.get(SOURCE_LABEL),
             "revision": labels.get(REVISION_LABEL),
             "packages": packages,

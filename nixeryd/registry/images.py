@@ -9,9 +9,6 @@ kept for good, the others for the cache TTL.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-from collections import OrderedDict
 from typing import Awaitable, Callable, Sequence
 
 from twisted.internet.defer import Deferred
@@ -28,7 +25,9 @@ from nixeryd.image import manifest
 from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.image.names import ARM64, Arch, ImageSpec
 from nixeryd.ops.metrics import Metrics
+from nixeryd.registry.cachekeys import image_cache_key, index_cache_key
 from nixeryd.registry.leases import BuildLeases
+from nixeryd.registry.served import KnownImages, Served
 from nixeryd.registry.tags import TagRecords
 from nixeryd.storage import records
 from nixeryd.storage.interface import IStorage, StorageError
@@ -37,78 +36,12 @@ from nixeryd.storage.records import TOUCH_INTERVAL, ImageRecord
 log = Logger()
 
 
-IMAGE_LAYOUT = 3
-"""What images hold beyond their packages; raised when that changes (2: /etc/passwd,
-/etc/group, /etc/nsswitch.conf; 3: an SBOM), so that cached images are built again."""
-
-
-def image_cache_key(image: ImageSpec, source_identity: str) -> str:
-    """The identity of a build: packages, architecture, shell and package set."""
-    return _key(
-        {
-            "packages": list(image.packages),
-            "system": image.arch.nix_system,
-            "shell": image.shell,
-            "source": source_identity,
-            "layout": IMAGE_LAYOUT,
-            "nonroot": image.nonroot,
-            "run": image.first if image.run else None,
-        }
-    )
-
-
-def index_cache_key(image: ImageSpec, platforms: Sequence[Arch], source_identity: str) -> str:
-    """The identity of a multi-platform index of ``image``."""
-    return _key(
-        {
-            "index": [a.nix_system for a in platforms],
-            "packages": list(image.packages),
-            "shell": image.shell,
-            "source": source_identity,
-            "layout": IMAGE_LAYOUT,
-            "nonroot": image.nonroot,
-            "run": image.first if image.run else None,
-        }
-    )
-
-
-def _key(doc: object) -> str:
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
 # How often an instance refreshes the served time of a cached image's record,
 # which garbage collection keeps images by.
 # How long manifests are served from memory before being checked against storage.
 BODY_TTL = 3600
 MAX_TAGS_LOOKED_AT = 100
 """Most tags of one name looked at to find what the name stands for."""
-# Blob sizes remembered to check served blobs against.
-MAX_KNOWN_SIZES = 200_000
-
-
-class KnownImages:
-    """Names recently served, newest last, each with the tags it was asked at."""
-
-    def __init__(self, max_names: int = 1000, max_tags: int = 100) -> None:
-        self._names: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
-        self._max_names = max_names
-        self._max_tags = max_tags
-
-    def add(self, name: str, tag: str) -> None:
-        tags = self._names.pop(name, None) or OrderedDict()
-        tags.pop(tag, None)
-        tags[tag] = None
-        while len(tags) > self._max_tags:
-            tags.popitem(last=False)
-        self._names[name] = tags
-        while len(self._names) > self._max_names:
-            self._names.popitem(last=False)
-
-    def names(self) -> list[str]:
-        return sorted(self._names)
-
-    def tags(self, name: str) -> list[str]:
-        return sorted(self._names.get(name, ()))
 
 
 class Images:
@@ -155,12 +88,9 @@ class Images:
         # One build of an image across the instances on this storage.
         self._leases = leases if leases is not None else BuildLeases(
             storage, clock, failure_ttl=failure_ttl)
-        # The size every blob of a served image must have: a blob found otherwise on
-        # disk is damaged, and is not served.
-        self._sizes: OrderedDict[str, int] = OrderedDict()
-        self._built: OrderedDict[str, float] = OrderedDict()  # manifest digest -> when it was built
-        self._users: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # layer -> image names
-        self._noted: OrderedDict[tuple[str, str], None] = OrderedDict()  # (name, manifest) in _users
+        # What this instance served: blob sizes to check blobs against, build times,
+        # which images have a layer.
+        self.served = Served()
 
     async def catalogue(self) -> list[str]:
         """Every name pulled, by any instance on this storage."""
@@ -169,7 +99,7 @@ class Images:
 
     def expected_size(self, digest: str) -> int | None:
         """The size a served manifest gives the blob ``digest``, where one is known."""
-        return self._sizes.get(digest)
+        return self.served.expected_size(digest)
 
     def blob_damaged(self, digest: str) -> None:
         """A blob was found not as its manifest says: forget the manifests held in memory,
@@ -177,57 +107,8 @@ class Images:
         damaged."""
         log.error("blob {digest} in storage does not match its manifest; images are checked "
                   "again at their next pull", digest=digest)
-        self._sizes.pop(digest, None)
+        self.served.forget_size(digest)
         self._bodies.clear()
-
-    def built_at(self, digest: str) -> float | None:
-        """When the image (or index) with manifest ``digest`` was built, where known."""
-        return self._built.get(digest)
-
-    def _note_built(self, digests: ImageRecord) -> None:
-        self._built[digests.oci] = digests.built
-        self._built.move_to_end(digests.oci)
-        while len(self._built) > MAX_KNOWN_SIZES:
-            self._built.popitem(last=False)
-
-    def layer_users(self, digest: str) -> list[str]:
-        """The names of images served here (lately) that have layer ``digest``."""
-        return list(self._users.get(digest, ()))
-
-    def _note_users(self, name: str, result: ImageManifests) -> None:
-        """Which layers ``name`` has, read once per name and manifest: a warm pull, which
-        lands here every time, costs a lookup, not a parse."""
-        seen = (name, result.oci.digest)
-        if seen in self._noted:
-            self._noted.move_to_end(seen)
-            return
-        self._noted[seen] = None
-        while len(self._noted) > MAX_KNOWN_SIZES:
-            self._noted.popitem(last=False)
-        try:
-            layers = json.loads(result.oci.body).get("layers") or []
-        except ValueError:
-            return
-        for layer in layers:
-            users = self._users.setdefault(str(layer.get("digest")), OrderedDict())
-            users[name] = None
-            while len(users) > 50:
-                users.popitem(last=False)
-            self._users.move_to_end(str(layer.get("digest")))
-        while len(self._users) > MAX_KNOWN_SIZES:
-            self._users.popitem(last=False)
-
-    def _note_sizes(self, result: ImageManifests) -> None:
-        try:
-            doc = json.loads(result.oci.body)
-            descriptors = [doc["config"], *doc["layers"]] if "config" in doc else []
-            for descriptor in descriptors:
-                self._sizes[str(descriptor["digest"])] = int(descriptor["size"])
-                self._sizes.move_to_end(str(descriptor["digest"]))
-        except (ValueError, KeyError, TypeError):
-            return
-        while len(self._sizes) > MAX_KNOWN_SIZES:
-            self._sizes.popitem(last=False)
 
     @property
     def building(self) -> int:
@@ -251,7 +132,7 @@ class Images:
 
         async def remember(result: ImageManifests) -> ImageManifests:
             self.known.add(image.spelling, tag)
-            self._note_users(image.spelling, result)
+            self.served.note_users(image.spelling, result)
             # Recorded before the answer (a storage write the first time a tag is seen,
             # nothing after): once a client has the manifest, every instance lists the tag.
             # A failure to record it is logged, never the pull's.
@@ -366,7 +247,7 @@ class Images:
         if remembered is not None and digests is not None:
             if served:
                 self._metrics.cache.labels(result="memory").inc()
-                self._note_built(digests)
+                self.served.note_built(digests)
                 await self._touch(key, digests)
             return remembered
         if digests is None:
@@ -374,9 +255,9 @@ class Images:
         if digests is not None:
             cached = await self._load(digests)
             if cached is not None:
-                self._note_built(digests)
+                self.served.note_built(digests)
                 self._bodies.put(key, cached, BODY_TTL)
-                self._note_sizes(cached)
+                self.served.note_sizes(cached)
                 if served:
                     self._metrics.cache.labels(result="storage").inc()
                     await self._touch(key, digests)
@@ -408,7 +289,7 @@ class Images:
             digests = ImageRecord(made.oci.digest, docker, now, now,
                                   made.sbom.digest if made.sbom is not None else None)
             # Written before the lease goes: whoever finds no lease finds the record.
-            self._note_built(digests)
+            self.served.note_built(digests)
             await self._write_record(key, digests)
             self._touched.put(key, digests.built, None)
             self._cache.put(key, digests, self._ttl_for(tag))
@@ -430,7 +311,7 @@ class Images:
             now = self._clock.seconds()
             self._cache.put(key, ImageRecord(result.oci.digest, result.docker.digest if result.docker else None,
                                              now, now), self._failure_ttl)
-        self._note_sizes(result)
+        self.served.note_sizes(result)
         return result
 
     async def _write_record(self, key: str, record: ImageRecord) -> None:

@@ -1,0 +1,47 @@
+"""Cache keys: the identity of a build (packages, platform, flavour, package set), under
+which its image record and lease are stored. Pure."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Sequence
+
+from nixeryd.image.names import Arch, ImageSpec
+
+IMAGE_LAYOUT = 3
+"""What images hold beyond their packages; raised when that changes (2: /etc/passwd,
+/etc/group, /etc/nsswitch.conf; 3: an SBOM), so that cached images are built again."""
+
+
+def image_cache_key(image: ImageSpec, source_identity: str) -> str:
+    """The identity of a build: packages, architecture, shell and package set."""
+    return _key(
+        {
+            "packages": list(image.packages),
+            "system": image.arch.nix_system,
+            "shell": image.shell,
+            "source": source_identity,
+            "layout": IMAGE_LAYOUT,
+            "nonroot": image.nonroot,
+            "run": image.first if image.run else None,
+        }
+    )
+
+
+def index_cache_key(image: ImageSpec, platforms: Sequence[Arch], source_identity: str) -> str:
+    """The identity of a multi-platform index of ``image``."""
+    return _key(
+        {
+            "index": [a.nix_system for a in platforms],
+            "packages": list(image.packages),
+            "shell": image.shell,
+            "source": source_identity,
+            "layout": IMAGE_LAYOUT,
+            "nonroot": image.nonroot,
+            "run": image.first if image.run else None,
+        }
+    )
+
+
+def _key(doc: object) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
