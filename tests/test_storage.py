@@ -65,10 +65,10 @@ def leftover_uploads(staging: str) -> str:
     """Staging files as uploads leave them when cut short: one of a dead process, one of
     an earlier process with this one's id, one of a live process (pid 1, which runs as
     long as we do); the name of the live one, which must stay."""
-    from nixeryd.storage import filesystem
+
+    from nixeryd.storage.staging import HOST as host
 
     os.makedirs(staging)
-    host = filesystem._HOST
     names = [f"blob-{host}-{2**22 + 7}-{'a' * 32}",  # past any pid_max
              f"blob-{host}-{os.getpid()}-{'b' * 32}", f"blob-{host}-1-{'c' * 32}"]
     for name in names:

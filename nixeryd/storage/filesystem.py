@@ -16,11 +16,8 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import secrets
 import shutil
-import socket
-import time
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -29,6 +26,7 @@ from zope.interface import implementer
 
 from nixeryd.core.blobs import BlobInfo
 from nixeryd.core.offload import Offload
+from nixeryd.storage.identities import IDENTITIES, UNSURE, as_committed, recommit, record_identity, version
 from nixeryd.storage.interface import (
     ABSENT,
     DAMAGED,
@@ -48,19 +46,16 @@ from nixeryd.storage.interface import (
     storage_error,
 )
 from nixeryd.storage.records import LEASES, PREFIXES, blob_key, hex_of_key, is_blob_key
+from nixeryd.storage.staging import remove_leftovers, staging_name
 
 log = Logger()
 
 STAGING = "staging"
-IDENTITIES = "identities"
 """``identities/<hex>``: what a blob's file was when it was committed (inode, change time,
 size). A file that is not that file any more (rewritten in place, truncated, replaced,
 restored from a backup) is hashed whole once, in a thread, before it is served or reused
 again: as it should be, and it is trusted anew; otherwise it is damaged."""
 _COPY_CHUNK = 1024 * 1024
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
-_STAGED = re.compile(r"[a-z]+-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>[0-9]+)-[0-9a-f]{32}")
-STALE_STAGING = 24 * 3600.0
 """Seconds after which a staging file of any host is taken as a leftover."""
 LOCK = ".lock"
 _T = TypeVar("_T")
@@ -134,10 +129,10 @@ class FilesystemStorage:
         a stat and a small read on the calling thread; a whole hash, in a thread, only for
         a file that changed since."""
         path = self._path(blob_key(hexdigest))
-        found = await self._stat("looking up blob " + hexdigest, _as_committed, self.root, path, hexdigest)
+        found = await self._stat("looking up blob " + hexdigest, as_committed, self.root, path, hexdigest)
         if found is not UNSURE:
             return found
-        return await self._run("checking blob " + hexdigest, _recommit, self.root, path, hexdigest)
+        return await self._run("checking blob " + hexdigest, recommit, self.root, path, hexdigest)
 
     def hash_blob(self, hexdigest: str) -> Deferred[tuple[str, int] | None]:
         path = self._path(blob_key(check_hex(hexdigest)))
@@ -253,9 +248,9 @@ class FilesystemStorage:
         target = self._path(blob_key(hexdigest))
         moving = staged
         try:
-            found = _as_committed(self.root, target, hexdigest)
+            found = as_committed(self.root, target, hexdigest)
             if found is UNSURE:
-                found = _recommit(self.root, target, hexdigest)
+                found = recommit(self.root, target, hexdigest)
             if isinstance(found, os.stat_result) and found.st_size == size:
                 return
             actual = os.stat(staged).st_size
@@ -270,7 +265,7 @@ class FilesystemStorage:
             _fsync_file(moving)
             os.replace(moving, target)
             _fsync_dir(os.path.dirname(target))
-            _record_identity(self.root, hexdigest, os.stat(target))
+            record_identity(self.root, hexdigest, os.stat(target))
         finally:
             remove_quietly(moving)
             remove_quietly(staged)
@@ -294,55 +289,6 @@ def _prepare(root: str) -> int:
     return removed
 
 
-def staging_name(directory: str, kind: str) -> str:
-    """A new file name in a staging directory, saying whose it is (``remove_leftovers``)."""
-    return os.path.join(directory, f"{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(16)}")
-
-
-def remove_leftovers(staging: str) -> int:
-    """Blocking, at start-up: remove what dead processes left in ``staging`` (uploads and
-    writes a kill -9 cut short); the number removed."""
-    removed = 0
-    with os.scandir(staging) as entries:
-        leftovers = [entry.path for entry in entries if _left_over(entry)]
-    for path in leftovers:
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-        except FileNotFoundError:
-            continue
-        removed += 1
-    return removed
-
-
-def _left_over(entry: os.DirEntry[str]) -> bool:
-    """Whether a staging entry was left by a process that is gone: one of this host
-    whose process is no longer running (or has our id: an earlier process's), one of
-    another host a day old, or one not named as this module names them."""
-    named = _STAGED.fullmatch(entry.name)
-    if named is None or entry.is_dir(follow_symlinks=False):
-        return True
-    if named["host"] == _HOST:
-        pid = int(named["pid"])
-        return pid == os.getpid() or not _running(pid)
-    try:
-        return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING
-    except FileNotFoundError:
-        return False
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _write_durably(path: str, data: bytes) -> None:
     """Blocking: create ``path`` (which must not exist) holding ``data``, fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -363,18 +309,14 @@ def _generation(path: str) -> Generation:
         st = os.stat(path)
     except FileNotFoundError:
         return ABSENT
-    return _version(st)
-
-
-def _version(st: os.stat_result) -> str:
-    return f"{st.st_ino}.{st.st_ctime_ns}.{st.st_size}"
+    return version(st)
 
 
 def _read_versioned(path: str) -> tuple[bytes, Generation] | None:
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            return f.read(), _version(st)
+            return f.read(), version(st)
     except FileNotFoundError:
         return None
 
@@ -389,7 +331,7 @@ def _listing(directory: str, prefix: str) -> list[StoredObject]:
                 st = entry.stat(follow_symlinks=False)
             except (ValueError, FileNotFoundError):
                 continue
-            found.append(StoredObject(key, st.st_mtime, st.st_size, _version(st)))
+            found.append(StoredObject(key, st.st_mtime, st.st_size, version(st)))
     return found
 
 
@@ -419,56 +361,6 @@ def _hash_file(path: str) -> tuple[str, int] | None:
     except FileNotFoundError:
         return None
     return digest.hexdigest(), size
-
-
-UNSURE = "unsure"
-
-
-def _as_committed(root: str, path: str, hexdigest: str) -> os.stat_result | str | None:
-    """Blocking, but a stat and a small read: the blob's stat when its file is the one
-    committed, None when there is none, ``UNSURE`` when the file changed since (or was
-    committed before identities were kept)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    try:
-        with open(os.path.join(root, IDENTITIES, hexdigest), encoding="ascii") as f:
-            recorded = f.read()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return UNSURE
-    return st if recorded == _version(st) else UNSURE
-
-
-def _recommit(root: str, path: str, hexdigest: str) -> os.stat_result | str | None:
-    """Blocking: hash a blob whose file changed since it was committed; its stat, recorded
-    as its identity anew, when its bytes are still its digest; ``DAMAGED`` otherwise."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            before = os.fstat(f.fileno())
-            while chunk := f.read(_COPY_CHUNK):
-                digest.update(chunk)
-            after = os.fstat(f.fileno())
-    except FileNotFoundError:
-        return None
-    if digest.hexdigest() != hexdigest or _version(before) != _version(after):
-        log.warn("stored blob {digest} does not hash to its name: damaged", digest=hexdigest)
-        return DAMAGED
-    _record_identity(root, hexdigest, after)
-    return after
-
-
-def _record_identity(root: str, hexdigest: str, st: os.stat_result) -> None:
-    """Blocking: remember what the committed file of a blob is."""
-    final = os.path.join(root, IDENTITIES, hexdigest)
-    temporary = final + "." + secrets.token_hex(8)
-    try:
-        with open(temporary, "w", encoding="ascii") as f:
-            f.write(_version(st))
-        os.replace(temporary, final)
-    finally:
-        remove_quietly(temporary)
 
 
 def _exists(path: str) -> bool:

@@ -19,7 +19,6 @@ from nixeryd.core.blobs import BlobInfo
 from nixeryd.core.cache import TTLCache
 from nixeryd.core.offload import Offload
 from nixeryd.storage.breaker import CircuitBreaker
-from nixeryd.storage.filesystem import remove_leftovers, staging_name
 from nixeryd.storage.interface import (
     DAMAGED,
     INTACT,
@@ -32,6 +31,7 @@ from nixeryd.storage.interface import (
     remove_quietly,
 )
 from nixeryd.storage.records import blob_key
+from nixeryd.storage.staging import remove_leftovers, staging_name
 
 log = Logger()
 
