@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 if TYPE_CHECKING:
     from nixeryd.config import Config
-    from nixeryd.tap import Parts, Reactor
+    from nixeryd.parts import Parts, Reactor
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"nixeryd: {e}")
     if options.command == "build":
-        from nixeryd.tap import load_popularity_setting
+        from nixeryd.parts import load_popularity_setting
 
         try:
             popularity = load_popularity_setting(config)
@@ -142,7 +142,7 @@ class Progress:
 
 
 def _parts(config: Config, reactor: Reactor, popularity: Mapping[str, int] | None = None) -> Parts:
-    from nixeryd.tap import build_parts
+    from nixeryd.parts import build_parts
 
     parts = build_parts(config, reactor, popularity or {})
     parts.top.startService()
@@ -227,7 +227,7 @@ class ProgressBar:
 
 async def _popularity(reactor: Reactor, config: Config, output: str) -> None:
     from nixeryd.build.popularity import compute_popularity
-    from nixeryd.tap import default_nix_dir, nix_conf_dir
+    from nixeryd.parts import default_nix_dir, nix_conf_dir
 
     table = await compute_popularity(
         reactor, config.nix_dir or default_nix_dir(), config.source.nix_source("latest"),

@@ -147,3 +147,30 @@ def test_signing_identities() -> None:
     config = Config.from_env({"NIXERY_SIGNING_KEY": "k.pem",
                               "NIXERY_SIGNING_IDENTITY": "registry.internal:8080, registry.internal/team/"})
     assert config.image_signing_identity == ("registry.internal:8080", "registry.internal/team")
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("NIX_TIMEOUT", "soon", "NIX_TIMEOUT"),
+    ("NIXERY_HTPASSWD", "/nonexistent/htpasswd", "NIXERY_HTPASSWD: cannot read"),
+    ("NIXERY_NIX_DIR", "/nonexistent", "NIXERY_NIX_DIR: no build.nix"),
+])
+def test_options_check_settings_before_anything_is_wired(
+    variable: str, value: str, expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: object,
+) -> None:
+    """``twistd nixeryd``'s options read and check the settings (``postOptions``): a bad one
+    ends there with one line naming it, before ``makeService`` wires a part; good ones are
+    handed to ``makeService`` as ``options.settings``."""
+    from nixeryd.tap import Options
+
+    monkeypatch.setenv("STORAGE_PATH", str(tmp_path))
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as stopped:
+        Options().parseOptions([])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nixeryd: ") and expected in err[0], err
+    monkeypatch.delenv(variable)
+    options = Options()
+    options.parseOptions(["--nix-timeout", "7"])
+    assert options.settings.nix_timeout == 7

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from nixeryd.build.nix import DOWNLOAD_SETTINGS, nix_environment
-from nixeryd.tap import nix_conf_dir
+from nixeryd.parts import nix_conf_dir
 from tests.daemon import PKGS, ROOT, Daemon, daemon_environment
 
 HOST_CONF = (
