@@ -19,7 +19,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nixeryd.build.nix import MAX_LINE, LineAssembler  # noqa: E402
+from nixeryd.build.nixoutput import MAX_LINE, LineAssembler  # noqa: E402
 
 READ = 64 * 1024
 

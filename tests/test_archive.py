@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nixeryd.core.blobs import BlobInfo, blob_info
-from nixeryd.image.archive import write_layer, write_symlink_layer
+from nixeryd.image.archive import write_layer
+from nixeryd.image.symlinks import write_symlink_layer
 
 
 def make_package(store: Path, name: str) -> Path:
@@ -505,7 +506,7 @@ def test_known_digests_are_pinned(pinned_package: Path) -> None:
 def test_a_sibling_named_like_the_store_is_outside(tmp_path: Path) -> None:
     """`/nix/storeX` is not in `/nix/store`: a link there leaves the store, and a path
     there is never taken for one inside."""
-    from nixeryd.image.archive import store_target
+    from nixeryd.image.symlinks import store_target
 
     store = tmp_path / "nix" / "store"
     store.mkdir(parents=True)
@@ -563,7 +564,7 @@ def test_a_package_thousands_of_directories_deep(deep_store: Path) -> None:
 def test_a_file_changing_while_packed_fails_the_layer(store: Path, change: bytes | None, word: str) -> None:
     """A file that grows or shrinks between being listed and being copied fails the layer,
     rather than giving a tar whose header and bytes disagree."""
-    from nixeryd.image.archive import _layer_entries, _write_entries
+    from nixeryd.image.archive import _layer_entries, write_entries
 
     pkg = make_package(store, "eeee-changing")
     target = next(p for p in pkg.rglob("*") if p.is_file() and not p.is_symlink())
@@ -576,4 +577,4 @@ def test_a_file_changing_while_packed_fails_the_layer(store: Path, change: bytes
         with open(target, "ab") as f:
             f.write(change)
     with pytest.raises(ValueError, match=word):
-        _write_entries(entries, io.BytesIO(), None, "gzip")
+        write_entries(entries, io.BytesIO(), None, "gzip")

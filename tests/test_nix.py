@@ -17,18 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
 from nixeryd.build.failures import MAX_MESSAGE, NixBuildFailed, NixTimedOut, PackagesNotFound, tail_text
-from nixeryd.build.nix import (
-    KEPT_LINE,
-    MAX_LINE,
-    MAX_STDOUT,
-    TAIL_LINES,
-    LineAssembler,
-    NixBuild,
-    NixBuilder,
-    NixProcessProtocol,
-    parse_closure,
-    parse_info,
-)
+from nixeryd.build.nix import TAIL_LINES, NixBuild, NixBuilder, NixProcessProtocol
+from nixeryd.build.nixoutput import KEPT_LINE, MAX_LINE, MAX_STDOUT, LineAssembler, parse_closure, parse_info
 from tests.daemon import git_package_set
 from tests.processes import SLEEPER, exited_within
 

@@ -19,7 +19,7 @@ from nixeryd.build.pkgsource import PackageSource
 from nixeryd.core.blobs import BlobInfo
 from nixeryd.core.cache import SingleFlight, TTLCache, gather
 from nixeryd.core.offload import Offload
-from nixeryd.image import accounts, archive, manifest, sbom
+from nixeryd.image import accounts, archive, manifest, sbom, symlinks
 from nixeryd.image.layers import Layer, PathInfo, closure_of, group_layers, package_name
 from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.image.names import ImageSpec
@@ -267,7 +267,7 @@ class ImageBuilder:
         return self._layers.run(
             key,
             lambda: self._packed(
-                key, lambda out: archive.write_symlink_layer(
+                key, lambda out: symlinks.write_symlink_layer(
                     roots, out, env_target=target, files=files, homes=homes, compression=compression
                 )
             ),
