@@ -10,7 +10,6 @@ again. Clients fetch blobs from the bucket through a redirect.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -33,7 +32,7 @@ from nixeryd.storage.interface import (
     check_prefix,
 )
 from nixeryd.storage.records import blob_key, is_blob_key
-from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage, md5_base64
+from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage, check_staged, md5_base64
 
 log = Logger()
 
@@ -255,11 +254,7 @@ class GCSStorage(RemoteStorage):
         from google.api_core.exceptions import BadRequest, NotFound, PreconditionFailed
 
         try:
-            size = os.path.getsize(staged)
-            if size != info.size:
-                raise StorageError(
-                    f"staged blob {info.digest} has {size} bytes, expected {info.size}; not committed"
-                )
+            check_staged(staged, info)
             md5 = md5_base64(info.md5)
             existing = self._stat(key)
             if existing is not None and existing.md5_hash == md5:

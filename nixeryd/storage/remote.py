@@ -68,6 +68,14 @@ class HashingSink:
         return len(data)
 
 
+def check_staged(staged: str, info: BlobInfo) -> None:
+    """Blocking: the staged file has the size its blob was written with, or nothing is
+    committed from it."""
+    size = os.path.getsize(staged)
+    if size != info.size:
+        raise StorageError(f"staged blob {info.digest} has {size} bytes, expected {info.size}; not committed")
+
+
 class RemoteStorage:
     """The shared half of a bucket backend; subclasses name their ``backend`` and the
     client's exceptions (``failures``), which become ``StorageError``, and make the blocking

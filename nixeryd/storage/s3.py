@@ -14,7 +14,6 @@ signatures), or to the object's plain URL for a public bucket.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from typing import Any
 
@@ -38,7 +37,7 @@ from nixeryd.storage.interface import (
     check_prefix,
 )
 from nixeryd.storage.records import blob_key, is_blob_key
-from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage, md5_base64
+from nixeryd.storage.remote import BLOB_TYPE, Found, HashingSink, RemoteStorage, check_staged, md5_base64
 
 log = Logger()
 
@@ -296,11 +295,7 @@ class S3Storage(RemoteStorage):
         the existing object's metadata (skip when its size and MD5 are ours), then one
         upload carrying the MD5, conditional on the object found (none, or the damaged one)."""
         try:
-            size = os.path.getsize(staged)
-            if size != info.size:
-                raise StorageError(
-                    f"staged blob {info.digest} has {size} bytes, expected {info.size}; not committed"
-                )
+            check_staged(staged, info)
             existing = self._head(key)
             if existing is not None and int(existing.get("ContentLength", -1)) == info.size and \
                     _etag_md5(existing) in (info.md5, None):
