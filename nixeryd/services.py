@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -57,7 +56,7 @@ class NixService(Service):
     def __init__(self, nix: NixBuilder) -> None:
         self.nix = nix
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         return self.nix.stop()
 
@@ -127,7 +126,7 @@ class StorageUsage(Service):
         self.metrics.storage_bytes.labels(kind="stored").set(stored)
         self.metrics.storage_bytes.labels(kind="free").set(free)
 
-    def _measure(self) -> Any:
+    def _measure(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._run())
 
 

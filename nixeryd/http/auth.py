@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from typing import Any, Mapping
+from typing import Iterable, Mapping
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from nixeryd.core.cache import TTLCache
 from nixeryd.core.offload import Offload
@@ -75,7 +77,7 @@ class Authenticator:
     """Decides whether a request's Authorization header lets it in."""
 
     def __init__(self, users: Mapping[str, str], tokens: frozenset[str], offload: Offload,
-                 clock: Any) -> None:
+                 clock: IReactorTime) -> None:
         self._users = dict(users)
         self._tokens = frozenset(t.encode() for t in tokens)
         self._offload = offload
@@ -130,7 +132,7 @@ class Authenticator:
                 self._granted.put(remembered, True, REMEMBER_SECONDS)
             return ok and hashed is not None
 
-        def failed(failure: Any) -> Any:
+        def failed(failure: Failure) -> Failure:
             self._pending -= 1
             return failure
 
@@ -138,7 +140,7 @@ class Authenticator:
         return checked.addCallbacks(remember, failed)
 
 
-def _decoy_hash(hashes: Any) -> str:
+def _decoy_hash(hashes: Iterable[str]) -> str:
     """A hash no password matches, as costly to check as the users' bcrypt hashes (or an
     {SHA} one where they have none)."""
     import bcrypt

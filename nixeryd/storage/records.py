@@ -125,7 +125,7 @@ def decode_layer(data: bytes | None) -> BlobInfo | None:
         return None
 
 
-def layer_record_blob(data: bytes | None) -> tuple[str | None, Any]:
+def layer_record_blob(data: bytes | None) -> tuple[str | None, object]:
     """The hex of the blob a layer record names (None if it names none) and the size it
     gives, read leniently, for gc and verify."""
     try:

@@ -8,12 +8,13 @@ import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from nixeryd.core.blobs import BlobInfo
 from nixeryd.core.cache import TTLCache
@@ -34,6 +35,8 @@ from nixeryd.storage.records import blob_key
 from nixeryd.storage.staging import remove_leftovers, staging_name
 
 log = Logger()
+
+T = TypeVar("T")
 
 KNOWN_FOR = 60.0
 """Seconds a blob found in the bucket is served without looking it up again."""
@@ -215,11 +218,11 @@ class RemoteStorage:
         while len(self._known) > self._known_max:
             self._known.popitem(last=False)
 
-    def _call(self, action: str, fn: Callable[..., Any], *args: Any, size: int = 0) -> Deferred[Any]:
+    def _call(self, action: str, fn: Callable[..., T], *args: Any, size: int = 0) -> Deferred[T]:
         """Run a blocking call through the offload, within the deadline (longer for
         ``size`` bytes to move) and the circuit breaker; failures become StorageError."""
 
-        def failed(failure: Any) -> Any:
+        def failed(failure: Failure) -> Failure:
             if failure.check(StorageError):
                 return failure
             if failure.check(*self._failures):
