@@ -55,7 +55,7 @@ clean:
 
 # Tools the benchmarks under bench/ compare against; not needed to serve or test.
 bench-tools: install
-	@for p in wrk docker-registry; do \
+	@for p in wrk docker-registry pigz zstd; do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$p </dev/null; \
 	done

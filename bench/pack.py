@@ -1,10 +1,14 @@
-"""Layer packing: nixeryd's archive writer against `tar -c | gzip -6`, side by side.
+"""Layer packing: nixeryd's archive writer against `tar -c | gzip -6`, `pigz` and the
+`zstd` command, side by side (`make bench-tools` installs pigz and zstd).
 
     .venv/bin/python bench/pack.py
 
 Builds the benchmark package set (bench/pkgs: documentation, locales, the
 Python standard library; about 340 MB), then packs the same store paths:
-  - with `tar -c | gzip -6` (one stream, as a shell would),
+  - with `tar -c | gzip -6` (one stream, as a shell would), `tar -c | pigz -6 -p N`
+    and `tar -c | zstd -3 -T N` (every core on one stream),
+  - with nixeryd's writer, every path in one layer, on one thread and on every core
+    (one big layer: a toolchain, a TeX or CUDA closure), gzip and zstd,
   - with nixeryd's writer, one layer per path, in one thread and in parallel
     threads (as nixeryd packs an image's layers), gzip (level 6) and the opt-in
     zstd (level 3),
@@ -58,11 +62,24 @@ def tar_gzip(paths: list[str], out: str) -> tuple[float, int]:
     return time.perf_counter() - start, os.path.getsize(out)
 
 
+def tar_piped(paths: list[str], out: str, command: str) -> tuple[float, int]:
+    start = time.perf_counter()
+    subprocess.run(f"tar -cf - {' '.join(paths)} 2>/dev/null | {command} > {out}", shell=True, check=True)
+    return time.perf_counter() - start, os.path.getsize(out)
+
+
+def one_layer(paths: list[str], workdir: str, workers: int, compression: str) -> tuple[float, int]:
+    start = time.perf_counter()
+    with open(os.path.join(workdir, f"one.{compression}"), "wb") as out:
+        size = write_layer(paths, out, compression=compression, workers=workers).size
+    return time.perf_counter() - start, size
+
+
 def nixeryd_pack(paths: list[str], workdir: str, threads: int, compression: str = "gzip") -> tuple[float, int]:
     def one(index_path: tuple[int, str]) -> int:
         index, path = index_path
         with open(os.path.join(workdir, f"layer{index}.{compression}"), "wb") as out:
-            return write_layer([path], out, compression=compression).size
+            return write_layer([path], out, compression=compression, workers=1).size
 
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -87,17 +104,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nixeryd-bench-") as workdir:
         seconds, packed = tar_gzip(paths, os.path.join(workdir, "tar.gz"))
         rows.append(("tar -c | gzip -6", seconds, packed))
+        cores = os.cpu_count() or 1
+        for name, command in ((f"tar -c | pigz -6 -p{cores}", f"pigz -6 -p{cores}"),
+                              (f"tar -c | zstd -3 -T{cores}", f"zstd -q -3 -T{cores}")):
+            seconds, packed = tar_piped(paths, os.path.join(workdir, "piped"), command)
+            rows.append((name, seconds, packed))
+        for compression in ("gzip", "zstd"):
+            for workers in (1, cores):
+                seconds, packed = one_layer(paths, workdir, workers, compression)
+                rows.append((f"nixeryd one layer {compression}, {workers} core(s)", seconds, packed))
         for compression in ("gzip", "zstd"):
             for threads in (1, os.cpu_count() or 1):
                 seconds, packed = nixeryd_pack(paths, workdir, threads, compression)
-                rows.append((f"nixeryd {compression}, {threads} thread(s)", seconds, packed))
+                rows.append((f"nixeryd layer a path {compression}, {threads} thread(s)", seconds, packed))
         big_size = size_of(big)
         rss = peak_rss_packing(big, workdir)
     base = rows[0][1]
     print(f"input: {len(paths)} store paths, {data / 1e6:.0f} MB of file data\n")
-    print(f"{'packer':<30}{'seconds':>9}{'MB/s in':>10}{'ratio':>8}{'speed vs tar|gzip':>19}")
+    print(f"{'packer':<44}{'seconds':>9}{'MB/s in':>10}{'ratio':>8}{'speed vs tar|gzip':>19}")
     for name, seconds, packed in rows:
-        print(f"{name:<30}{seconds:>9.2f}{data / seconds / 1e6:>10.1f}{packed / data:>8.3f}{base / seconds:>18.2f}x")
+        print(f"{name:<44}{seconds:>9.2f}{data / seconds / 1e6:>10.1f}{packed / data:>8.3f}{base / seconds:>18.2f}x")
     print(f"\npeak RSS packing {big_size / 1e9:.2f} GB as one layer: {rss:.0f} MB")
 
 

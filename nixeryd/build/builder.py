@@ -247,10 +247,8 @@ class ImageBuilder:
         return await self.blobs.store_manifest(sbom.artifact_manifest(document, subject.body), manifest.OCI_MANIFEST)
 
     def _record_key(self, key: str) -> str:
-        """A layer's record key: its identity, and how it is compressed (gzip keeps the bare key)."""
-        if self.compression == "gzip":
-            return key
-        return hashlib.sha256(f"{self.compression}:{key}".encode()).hexdigest()
+        """A layer's record key: its identity, how it is compressed, and the packing format."""
+        return hashlib.sha256(f"{self.compression}:{archive.PACK_FORMAT}:{key}".encode()).hexdigest()
 
     def _layer(self, layer: Layer) -> Deferred[BlobInfo]:
         paths, key, compression = layer.paths, self._record_key(layer.key), self.compression

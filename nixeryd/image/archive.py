@@ -18,13 +18,13 @@ import os
 import stat
 import struct
 import tarfile
-import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable, Sequence, Union
+from typing import BinaryIO, Iterable, Sequence, Union
 
 from zlib_ng import zlib_ng
 
 from nixeryd.core.blobs import BlobInfo
+from nixeryd.image.compress import Compressor, ParallelDeflate, ZstdStream
 
 CHUNK = 1024 * 1024
 MTIME = 1
@@ -118,6 +118,10 @@ def _layer_entries(paths: Sequence[str]) -> list[Entry]:
 # --- the hashed gzip stream ------------------------------------------------------
 
 
+PACK_FORMAT = 2
+"""Raised whenever the bytes a layer is written as change for the same files (2: gzip
+block by block, zstd with workers), so that layer records of the old bytes are not reused
+beside new ones."""
 COMPRESSIONS = ("gzip", "zstd")
 DEFAULT_LEVELS = {"gzip": 6, "zstd": 3}
 
@@ -125,7 +129,7 @@ DEFAULT_LEVELS = {"gzip": 6, "zstd": 3}
 class _HashedStream:
     """A compressed stream (gzip or zstd) written to ``out``, hashing both sides as it goes."""
 
-    def __init__(self, out: BinaryIO, level: int | None, compression: str = "gzip") -> None:
+    def __init__(self, out: BinaryIO, level: int | None, compression: str = "gzip", workers: int = 1) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         level = DEFAULT_LEVELS[compression] if level is None else level
@@ -137,25 +141,24 @@ class _HashedStream:
         self._sha = hashlib.sha256()
         self._md5 = hashlib.md5()
         self._size = 0
-        self._compressor: Any
+        self._compressor: Compressor
         if self._gzip:
             if not 0 <= level <= 9:
                 raise ValueError(f"gzip level must be within 0..9, got {level}")
-            # zlib-ng: the same DEFLATE format, about twice zlib's speed at the same level.
-            # Its output is part of every layer's digest, so its version is pinned.
-            self._compressor = zlib_ng.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
+            # zlib-ng: the same DEFLATE format, about twice zlib's speed at the same level,
+            # block by block on every core. Its output is part of every layer's digest, so
+            # its version is pinned.
+            self._compressor = ParallelDeflate(level, workers)
             xfl = 2 if level == 9 else 4 if level == 1 else 0
             # magic, deflate, no flags (no name), mtime 0, extra flags, OS "unknown".
             self._emit(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + bytes([xfl, 255]))
         else:
-            import zstandard
-
             if not 1 <= level <= 19:
                 raise ValueError(f"zstd level must be within 1..19, got {level}")
-            # One thread and no content size in the frame: the same bytes every time.
-            self._compressor = zstandard.ZstdCompressor(
-                level=level, write_checksum=True, write_content_size=False, threads=0
-            ).compressobj()
+            self._compressor = ZstdStream(level, workers)
+
+    def close(self) -> None:
+        self._compressor.close()
 
     @property
     def tar_size(self) -> int:
@@ -178,11 +181,9 @@ class _HashedStream:
 
     def finish(self) -> BlobInfo:
         """End the stream and say what was written."""
+        self._emit(self._compressor.flush())
         if self._gzip:
-            self._emit(self._compressor.flush(zlib.Z_FINISH))
             self._emit(struct.pack("<II", self._crc & 0xFFFFFFFF, self._tar_size & 0xFFFFFFFF))
-        else:
-            self._emit(self._compressor.flush())
         return BlobInfo(
             digest="sha256:" + self._sha.hexdigest(),
             diff_id="sha256:" + self._tar_sha.hexdigest(),
@@ -234,33 +235,38 @@ def _copy_file(entry: File, stream: _HashedStream) -> None:
 
 
 def write_entries(
-    entries: Iterable[Entry], out: BinaryIO, level: int | None, compression: str
+    entries: Iterable[Entry], out: BinaryIO, level: int | None, compression: str, workers: int | None = None
 ) -> BlobInfo:
-    stream = _HashedStream(out, level, compression)
-    for entry in entries:
-        stream.write(_header(entry))
-        if isinstance(entry, File):
-            _copy_file(entry, stream)
-        elif isinstance(entry, Data):
-            stream.write(entry.data + bytes(-len(entry.data) % _BLOCK))
-    stream.write(bytes(2 * _BLOCK))  # end-of-archive marker
-    padding = -stream.tar_size % _RECORD
-    if padding:
-        stream.write(bytes(padding))
-    return stream.finish()
+    stream = _HashedStream(out, level, compression, workers or os.cpu_count() or 1)
+    try:
+        for entry in entries:
+            stream.write(_header(entry))
+            if isinstance(entry, File):
+                _copy_file(entry, stream)
+            elif isinstance(entry, Data):
+                stream.write(entry.data + bytes(-len(entry.data) % _BLOCK))
+        stream.write(bytes(2 * _BLOCK))  # end-of-archive marker
+        padding = -stream.tar_size % _RECORD
+        if padding:
+            stream.write(bytes(padding))
+        return stream.finish()
+    finally:
+        stream.close()
 
 
 # --- public ----------------------------------------------------------------------
 
 
 def write_layer(
-    paths: Sequence[str], out: BinaryIO, *, level: int | None = None, compression: str = "gzip"
+    paths: Sequence[str], out: BinaryIO, *, level: int | None = None, compression: str = "gzip",
+    workers: int | None = None,
 ) -> BlobInfo:
     """Write one deterministic tar.gz of ``paths`` (absolute local paths) to ``out``.
 
     Each path is archived under its absolute name without the leading "/"
     (``nix/store/<hash>-foo/bin/foo``), after directory entries for its parents
     (``nix/``, ``nix/store/``, mode 0o555). Modes of files and directories are
-    kept as on disk.
+    kept as on disk. It is compressed on ``workers`` threads (every core when not given);
+    the bytes are the same for any number.
     """
-    return write_entries(_layer_entries(paths), out, level, compression)
+    return write_entries(_layer_entries(paths), out, level, compression, workers)

@@ -8,9 +8,10 @@ from typing import Sequence
 
 from nixeryd.image.names import Arch, ImageSpec
 
-IMAGE_LAYOUT = 3
-"""What images hold beyond their packages; raised when that changes (2: /etc/passwd,
-/etc/group, /etc/nsswitch.conf; 3: an SBOM), so that cached images are built again."""
+IMAGE_LAYOUT = 4
+"""What images hold beyond their packages, and how their layers are written; raised when
+that changes (2: /etc/passwd, /etc/group, /etc/nsswitch.conf; 3: an SBOM; 4: layers
+compressed block by block on every core), so that cached images are built again."""
 
 
 def image_cache_key(image: ImageSpec, source_identity: str) -> str:
