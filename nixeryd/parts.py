@@ -15,6 +15,7 @@ from twisted.python.threadpool import ThreadPool
 
 from nixeryd.build.builder import ImageBuilder
 from nixeryd.build.fingerprint import PathFingerprint
+from nixeryd.build.known import KnownPackages
 from nixeryd.build.nix import NixBuilder
 from nixeryd.build.pkgsource import PathSource
 from nixeryd.build.popularity import load_popularity
@@ -241,6 +242,7 @@ def build_parts(config: Config, reactor: Reactor, popularity: Mapping[str, int])
         queue=config.build_queue,
         metrics=metrics,
         compression=config.layer_compression,
+        known=KnownPackages(storage, files, reactor),
     )
     images = Images(
         builder, storage, config.source, reactor,

@@ -42,6 +42,9 @@ class FakeNix:
     dependencies: Mapping[str, Sequence[str]]
     hold: bool = False
     broken: Sequence[str] = ()  # packages whose build fails, as a failing builder does
+    programs: Mapping[str, str] = field(default_factory=dict)  # name -> meta.mainProgram
+    licences: Mapping[str, str] = field(default_factory=dict)  # name -> meta.license
+    revision: str | None = None
     calls: list[tuple[str, ...]] = field(default_factory=list)
     pending: list[Deferred[NixBuild]] = field(default_factory=list)
     _results: list[NixBuild] = field(default_factory=list)
@@ -89,4 +92,7 @@ class FakeNix:
             todo.extend(deps)
         roots = tuple(sorted({self.store[p] for p in packages}))
         # Real Nix names the output each package stands for (build.nix's roots line).
-        return NixBuild(roots=roots, closure=closure, named={p: self.store[p] for p in packages})
+        return NixBuild(roots=roots, closure=closure, named={p: self.store[p] for p in packages},
+                        revision=self.revision,
+                        main_programs={p: self.programs.get(p) for p in packages},
+                        meta={p: {"license": self.licences[p]} for p in packages if p in self.licences})

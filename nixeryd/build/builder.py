@@ -15,12 +15,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nixeryd.build.failures import PackagesNotFound, outcome
+from nixeryd.build.known import KnownPackages
+from nixeryd.build.nix import NixBuildResult
 from nixeryd.build.pkgsource import PackageSource
 from nixeryd.core.blobs import BlobInfo
 from nixeryd.core.cache import SingleFlight, TTLCache, gather
 from nixeryd.core.offload import Offload
 from nixeryd.image import accounts, archive, manifest, sbom, symlinks
-from nixeryd.image.layers import Layer, PathInfo, closure_of, group_layers, package_name
+from nixeryd.image.layers import Layer, closure_of, group_layers, package_name
 from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.image.names import ImageSpec
 from nixeryd.ops.activity import Activity, BuildFailure
@@ -35,28 +37,6 @@ log = Logger()
 
 
 SSL_CERT_FILE = "/etc/ssl/certs/ca-bundle.crt"
-
-
-class NixBuildResult(Protocol):
-    """What a Nix build gives (``nixeryd.build.nix.NixBuild``), read-only."""
-
-    @property
-    def roots(self) -> tuple[str, ...]: ...
-
-    @property
-    def closure(self) -> Mapping[str, PathInfo]: ...
-
-    @property
-    def named(self) -> Mapping[str, str]: ...
-
-    @property
-    def revision(self) -> str | None: ...
-
-    @property
-    def main_programs(self) -> Mapping[str, str | None]: ...
-
-    @property
-    def meta(self) -> Mapping[str, Mapping[str, str]]: ...
 
 
 class Nix(Protocol):
@@ -126,9 +106,11 @@ class ImageBuilder:
         compression: str = "gzip",
         activity: Activity | None = None,
         blobs: BlobStore | None = None,
+        known: KnownPackages | None = None,
     ) -> None:
         self._nix = nix
         self._storage = storage
+        self._known = known
         self.blobs = blobs if blobs is not None else BlobStore(storage, offload)
         self._offload = offload
         self._source = source
@@ -155,8 +137,11 @@ class ImageBuilder:
         """Nix builds running now."""
         return self._slots.limit - self._slots.tokens
 
-    async def build(self, image: ImageSpec, tag: str) -> ImageManifests:
-        """Build ``image`` from the package set at ``tag`` and store everything it is made of."""
+    async def build(self, image: ImageSpec, tag: str, *, identity: str | None = None,
+                    ttl: float | None = None) -> ImageManifests:
+        """Build ``image`` from the package set at ``tag`` and store everything it is made of.
+        With the package set's ``identity``, names already resolved (no longer ago than
+        ``ttl``, None for a set that never changes) are taken as they resolved, without Nix."""
         if self._slots.tokens == 0 and len(self._slots.waiting) >= self._queue:
             self._metrics.builds.labels(outcome="rejected").inc()
             raise BuildQueueFull()
@@ -164,7 +149,7 @@ class ImageBuilder:
         label = f"{image.name}:{tag} ({image.arch.oci})"
         number = self.activity.started(label, started)
         try:
-            manifests = await self._build(image, tag, started, label)
+            manifests = await self._build(image, tag, started, label, identity, ttl)
         except Exception as e:
             self._metrics.builds.labels(outcome=outcome(e)).inc()
             message = _message(e)
@@ -177,16 +162,24 @@ class ImageBuilder:
         self._metrics.build_seconds.observe(self._clock.seconds() - started)
         return manifests
 
-    async def _build(self, image: ImageSpec, tag: str, started: float, label: str) -> ImageManifests:
+    async def _build(self, image: ImageSpec, tag: str, started: float, label: str, identity: str | None,
+                     ttl: float | None) -> ImageManifests:
         # A build slot covers Nix and the packing after it: packing is CPU work, and the
         # build limit is what keeps it from crowding out everything else.
         await self._slots.acquire()
         try:
             log.info("building {image} for {arch} at {tag}", image=image.name,
                      arch=image.arch.oci, tag=tag)
-            built = await self._nix.build(
-                self._source.nix_source(tag), image.packages, image.arch.nix_system, label=label
-            )
+            system = image.arch.nix_system
+            built: NixBuildResult | None = None
+            if self._known is not None and identity is not None:
+                built = await self._known.resolve(identity, system, image.packages, ttl)
+                if built is not None:
+                    log.info("every name of {image} is known: no Nix", image=image.name)
+            if built is None:
+                built = await self._nix.build(self._source.nix_source(tag), image.packages, system, label=label)
+                if self._known is not None and identity is not None:
+                    await self._known.remember(identity, system, built)
             nix_done = self._clock.seconds()
             manifests = await self._pack(image, tag, built)
         finally:

@@ -75,6 +75,28 @@ class ProcessReactor(Protocol):
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> IDelayedCall: ...
 
 
+class NixBuildResult(Protocol):
+    """What a Nix build gives (``NixBuild``), read-only."""
+
+    @property
+    def roots(self) -> tuple[str, ...]: ...
+
+    @property
+    def closure(self) -> Mapping[str, PathInfo]: ...
+
+    @property
+    def named(self) -> Mapping[str, str]: ...
+
+    @property
+    def revision(self) -> str | None: ...
+
+    @property
+    def main_programs(self) -> Mapping[str, str | None]: ...
+
+    @property
+    def meta(self) -> Mapping[str, Mapping[str, str]]: ...
+
+
 @dataclass(frozen=True)
 class NixBuild:
     """What a build gives: the top-level paths and their whole runtime closure."""

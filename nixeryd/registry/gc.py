@@ -11,7 +11,8 @@ instances serve: one that needs a removed blob again packs it anew. A
 failure record is removed once its time is over; a build lease once it has been expired
 for a day (its holder died and nobody asked for the image since). Tags not served
 within the window are dropped from their repository's record, and a record left with
-none is removed.
+none is removed, and so is what a name resolved to when it was not recorded within the
+window.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class Report:
     removed_leases: int = 0
     removed_tags: int = 0
     removed_tag_records: int = 0
+    removed_resolutions: int = 0
     removed: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, int]:
@@ -59,6 +61,7 @@ class Report:
             "removed_leases": self.removed_leases,
             "removed_tags": self.removed_tags,
             "removed_tag_records": self.removed_tag_records,
+            "removed_resolutions": self.removed_resolutions,
         }
 
 
@@ -109,6 +112,12 @@ async def collect(storage: IStorage, *, keep_seconds: float, now: float, dry_run
             # Only the version read: a lease taken since is kept.
             await _remove(storage, dataclasses.replace(lease, generation=found[1]), report, dry_run, "lease")
     report.removed_tags, report.removed_tag_records = await tags.sweep(storage, served_horizon, dry_run)
+    for resolution in await storage.list(records.RESOLVED):
+        # What a name resolved to is a cache of Nix's answer: one not written within the
+        # window goes (Nix answers again when the name is next asked for).
+        if resolution.modified < horizon:
+            report.removed_resolutions += 1
+            await _remove(storage, resolution, report, dry_run, "resolution")
     log.info(
         "{verb} {blobs} blobs ({size} bytes) and {images} image records; kept {kept} images",
         verb="would remove" if dry_run else "removed",

@@ -159,10 +159,10 @@ class Images:
         return Deferred.fromCoroutine(self._image_at(image, tag))
 
     async def _image_at(self, image: ImageSpec, tag: str) -> ImageManifests:
-        key = image_cache_key(image, await self._identity(tag))
-        return await self._flight.run(
-            key, lambda: self._cached_or(key, tag, lambda: self._builder.build(image, tag))
-        )
+        identity = await self._identity(tag)
+        key = image_cache_key(image, identity)
+        return await self._flight.run(key, lambda: self._cached_or(
+            key, tag, lambda: self._builder.build(image, tag, identity=identity, ttl=self._ttl_for(tag))))
 
     def _index(self, image: ImageSpec, tag: str) -> Deferred[ImageManifests]:
         return Deferred.fromCoroutine(self._index_at(image, tag))

@@ -11,6 +11,8 @@ The layout, shared by every backend so that one bucket serves a fleet:
 - ``builds/<layer key>``: a layer record (``encode_layer``): the blob packed for a layer.
 - ``tags/<sha256 of a canonical name>``: a tag record (``TagRecord``).
 - ``leases/<cache key>``: a build lease or a failure (``LeaseRecord``).
+- ``resolved/<sha256 of package set, system and name>``: what a package name resolved to
+  (``Resolution``), so that images of known names are made without Nix.
 
 Keys are a prefix and exactly 64 lowercase hex characters (``check_key``).
 """
@@ -28,7 +30,8 @@ IMAGES = "manifests"
 LAYERS = "builds"
 TAGS = "tags"
 LEASES = "leases"
-PREFIXES = (BLOBS, IMAGES, LAYERS, TAGS, LEASES)
+RESOLVED = "resolved"
+PREFIXES = (BLOBS, IMAGES, LAYERS, TAGS, LEASES, RESOLVED)
 JSON = "application/json"
 
 TOUCH_INTERVAL = 3600.0
@@ -60,6 +63,10 @@ def tag_key(name: str) -> str:
 
 def lease_key(cache_key: str) -> str:
     return f"{LEASES}/{cache_key}"
+
+
+def resolved_key(identity: str, system: str, name: str) -> str:
+    return f"{RESOLVED}/{hashlib.sha256(json.dumps([identity, system, name]).encode()).hexdigest()}"
 
 
 def hex_of_key(key: str) -> str:
@@ -203,3 +210,50 @@ class LeaseRecord:
                        failure if isinstance(failure, dict) else None, float(doc.get("ttl") or 0.0))
         except (ValueError, KeyError, TypeError):
             return None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What ``resolved/<key>`` holds: what one package name of one package set (its
+    identity) resolved to for one system, as Nix told it: the default output, its runtime
+    closure (each path's references and NAR size), its main program, licence and homepage,
+    the package set's revision, and when it was recorded."""
+
+    identity: str
+    system: str
+    name: str
+    out: str
+    closure: dict[str, tuple[tuple[str, ...], int]]  # path -> (references, NAR size)
+    program: str | None
+    meta: dict[str, str]
+    revision: str | None
+    recorded: float
+
+    def encode(self) -> bytes:
+        return json.dumps({
+            "identity": self.identity, "system": self.system, "name": self.name, "out": self.out,
+            "closure": {path: [list(refs), size] for path, (refs, size) in sorted(self.closure.items())},
+            "program": self.program, "meta": self.meta, "revision": self.revision, "recorded": self.recorded,
+        }, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> Resolution | None:
+        """The record, every field checked for its type, or None."""
+        try:
+            doc = json.loads(data or b"")
+            closure = {}
+            for path, (refs, size) in doc["closure"].items():
+                if not (isinstance(path, str) and isinstance(size, int) and isinstance(refs, list)
+                        and all(isinstance(r, str) for r in refs)):
+                    return None
+                closure[path] = (tuple(refs), size)
+            program, revision, meta = doc["program"], doc["revision"], doc["meta"]
+            if not (isinstance(program, (str, type(None))) and isinstance(revision, (str, type(None)))
+                    and isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+                return None
+            resolution = cls(str(doc["identity"]), str(doc["system"]), str(doc["name"]), str(doc["out"]),
+                             closure, program, {str(k): v for k, v in meta.items()}, revision,
+                             float(doc["recorded"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return resolution if resolution.out in resolution.closure else None

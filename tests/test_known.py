@@ -1,0 +1,161 @@
+"""Images of known packages are made without Nix, in exactly the bytes Nix would give."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from nixeryd.build.builder import ImageBuilder
+from nixeryd.build.known import KnownPackages
+from nixeryd.build.pkgsource import GitSource, PathSource
+from nixeryd.core.offload import inline
+from nixeryd.image.manifest import ImageManifests
+from nixeryd.image.names import parse_name
+from nixeryd.registry.images import Images
+from nixeryd.storage.records import Resolution, resolved_key
+from tests.fakes import FakeNix, make_store
+from tests.memory import MemoryStorage
+
+DEPENDENCIES = {
+    "cacert": [],
+    "iana-etc": [],
+    "libshared": [],
+    "alpha": ["libshared"],
+    "beta": ["libshared"],
+    "gamma": [],
+}
+REV = "c" * 40
+
+
+class Instance:
+    """One nixeryd's images over ``storage``, with or without the memory of known names."""
+
+    def __init__(self, nix: FakeNix, storage: MemoryStorage, clock: Clock, source: object,
+                 known: bool = True) -> None:
+        builder = ImageBuilder(nix=nix, storage=storage, offload=inline, source=source,  # type: ignore[arg-type]
+                               clock=clock, popularity={},
+                               known=KnownPackages(storage, inline, clock) if known else None)
+        self.images = Images(builder, storage, source, clock, cache_ttl=3600)  # type: ignore[arg-type]
+
+
+class KnownPackagesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        store = make_store(Path(self.mktemp()).absolute(), DEPENDENCIES)
+        self.store = store
+        self.nix = FakeNix(store, DEPENDENCIES, programs={"alpha": "alpha", "beta": "beta"},
+                           licences={"alpha": "MIT"}, revision=REV)
+        self.storage = MemoryStorage(now=self.clock.seconds)
+        self.source = GitSource("https://git.internal/pkgs.git")
+        self.instance = Instance(self.nix, self.storage, self.clock, self.source)
+
+    def pull(self, instance: Instance, name: str, tag: str = REV) -> ImageManifests:
+        d: Deferred[ImageManifests] = instance.images.manifests(parse_name(name), tag)
+        return self.successResultOf(d)
+
+    def from_nix(self, name: str, tag: str = REV) -> ImageManifests:
+        """The image as an instance that never saw its names builds it, with Nix."""
+        nix = FakeNix(self.store, DEPENDENCIES, programs={"alpha": "alpha", "beta": "beta"},
+                      licences={"alpha": "MIT"}, revision=REV)
+        fresh = Instance(nix, MemoryStorage(now=self.clock.seconds), self.clock, self.source, known=False)
+        made = self.pull(fresh, name, tag)
+        self.assertEqual(len(nix.calls), 1)
+        return made
+
+    def test_a_new_combination_of_known_names_needs_no_nix(self) -> None:
+        """`alpha` and `beta` pulled alone teach every name `run/alpha/beta` and
+        `nonroot/beta/alpha` need: those run no Nix, and their manifests, configs and SBOMs
+        are byte for byte what Nix's answers give an instance that never saw the names."""
+        self.pull(self.instance, "alpha")
+        self.pull(self.instance, "beta")
+        self.assertEqual(len(self.nix.calls), 2)
+        for name in ("run/alpha/beta", "nonroot/beta/alpha"):
+            known = self.pull(self.instance, name)
+            self.assertEqual(len(self.nix.calls), 2, name)
+            built = self.from_nix(name)
+            self.assertEqual(known.oci.body, built.oci.body, name)
+            self.assertEqual(known.docker.body if known.docker else None,
+                             built.docker.body if built.docker else None)
+            assert known.sbom is not None and built.sbom is not None
+            self.assertEqual(known.sbom.body, built.sbom.body)
+            if name.startswith("run/"):
+                config = json.loads(self.successResultOf(self.storage.get(
+                    "layers/" + json.loads(known.oci.body)["config"]["digest"][7:])) or b"{}")
+                self.assertEqual(config["config"]["Entrypoint"], [self.store["alpha"] + "/bin/alpha"])
+
+    def test_an_unknown_name_is_nix_s_and_then_known(self) -> None:
+        """One name never resolved: Nix builds the image, and its answer is remembered."""
+        self.pull(self.instance, "alpha")
+        self.pull(self.instance, "alpha/gamma")
+        self.assertEqual(len(self.nix.calls), 2)
+        self.pull(self.instance, "gamma")
+        self.assertEqual(len(self.nix.calls), 2)
+
+    def test_another_package_set_knows_nothing(self) -> None:
+        """What names resolved to is per package set: another revision asks Nix."""
+        self.pull(self.instance, "alpha")
+        self.pull(self.instance, "alpha", tag="d" * 40)
+        self.assertEqual(len(self.nix.calls), 2)
+
+    def test_a_path_missing_from_this_host_is_nix_s_to_bring(self) -> None:
+        """An answer naming a store path this host does not have (collected since) is not
+        used: Nix is asked, and brings it back."""
+        self.pull(self.instance, "alpha")
+        self.pull(self.instance, "gamma")
+        gone = self.store["gamma"] + ".gone"
+        os.rename(self.store["gamma"], gone)
+        self.nix.hold = True
+        pending: Deferred[ImageManifests] = self.instance.images.manifests(parse_name("alpha/gamma"), REV)
+        self.assertEqual(len(self.nix.calls), 3)
+        os.rename(gone, self.store["gamma"])  # what Nix does
+        self.nix.release()
+        self.successResultOf(pending)
+
+    def test_answers_for_a_moving_package_set_last_the_cache_ttl(self) -> None:
+        """A path source moves: what its names resolved to is used for the cache TTL only,
+        and answers from different revisions are never mixed."""
+        source = PathSource("/srv/pkgs")
+        instance = Instance(self.nix, self.storage, self.clock, source)
+        self.pull(instance, "alpha", "latest")
+        self.pull(instance, "beta", "latest")
+        self.pull(instance, "alpha/beta", "latest")
+        self.assertEqual(len(self.nix.calls), 2)
+        self.clock.advance(3601)
+        self.pull(instance, "alpha/gamma", "latest")
+        self.assertEqual(len(self.nix.calls), 3)
+        # beta's answer came from another revision than alpha's new one: Nix answers.
+        key = resolved_key("path:/srv/pkgs", "x86_64-linux", "beta")
+        record = Resolution.decode(self.successResultOf(self.storage.get(key)))
+        assert record is not None
+        self.storage.put(key, Resolution(**{**record.__dict__, "revision": "e" * 40,
+                                            "recorded": self.clock.seconds()}).encode(), "application/json")
+        self.pull(instance, "beta/gamma", "latest")
+        self.assertEqual(len(self.nix.calls), 4)
+
+    def test_damaged_answers_are_not_believed(self) -> None:
+        """A record that is not a well-formed answer is Nix's to replace."""
+        self.pull(self.instance, "alpha")
+        for name in ("cacert", "alpha"):
+            self.storage.put(resolved_key(f"git:https://git.internal/pkgs.git@{REV}", "x86_64-linux", name),
+                             b'{"closure": "nope"}', "application/json")
+        self.pull(self.instance, "nonroot/alpha")
+        self.assertEqual(len(self.nix.calls), 2)
+
+    def test_gc_removes_answers_not_recorded_within_its_window(self) -> None:
+        """What names resolved to is a cache of Nix's answers: gc removes those older than
+        its window, and the next pull asks Nix again."""
+        from nixeryd.registry.gc import collect
+
+        self.pull(self.instance, "alpha")
+        self.clock.advance(3 * 86400)
+        self.pull(self.instance, "gamma")
+        report = self.successResultOf(Deferred.fromCoroutine(
+            collect(self.storage, keep_seconds=86400, now=self.clock.seconds())))
+        self.assertEqual(report.removed_resolutions, 1)  # alpha; the base packages were recorded again with gamma
+        self.pull(self.instance, "nonroot/alpha")
+        self.assertEqual(len(self.nix.calls), 3)
