@@ -873,7 +873,7 @@ class FilesystemOnlyTests(SynchronousTestCase):
         """Starting creates the directories of the layout under the root."""
         FilesystemStorage(str(self.root), inline)
         self.assertEqual(sorted(os.listdir(self.root)),
-                         ["builds", "identities", "layers", "leases", "manifests", "staging", "tags"])
+                         ["builds", "identities", "layers", "leases", "manifests", "resolved", "staging", "tags"])
 
     def test_crash_leftovers_removed_at_start(self) -> None:
         """Staging files left by a crash are removed at the next start; served objects stay."""
