@@ -1,6 +1,6 @@
 """A cold pull of a new combination of known packages, with Nix and without, side by side.
 
-    .venv/bin/python bench/known.py [--size 30000] [--depth 6]
+    .venv/bin/python bench/known.py [--size 100000] [--depth 8]
 
 The package set is bench/bigset: ``size`` packages in each of ``depth`` bootstrap stages,
 an overlay over every package of each stage, so that evaluating one name costs what it
@@ -53,8 +53,8 @@ def pull(daemon: Daemon, name: str) -> tuple[float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--size", type=int, default=30000)
-    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--size", type=int, default=100000)
+    parser.add_argument("--depth", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nixeryd-bench-known-") as tmp:
         work = Path(tmp)
@@ -62,7 +62,7 @@ def main() -> None:
         pkgs.mkdir()
         # The size and depth are the set's defaults here: nixeryd calls it with none.
         source = (ROOT / "bench" / "bigset" / "default.nix").read_text()
-        source = source.replace("size ? 30000", f"size ? {args.size}").replace("depth ? 6", f"depth ? {args.depth}")
+        source = source.replace("size ? 100000", f"size ? {args.size}").replace("depth ? 8", f"depth ? {args.depth}")
         (pkgs / "default.nix").write_text(source)
         eval_seconds, eval_mib = evaluation(pkgs, args.size, args.depth)
         combination = "/".join(NAMES)

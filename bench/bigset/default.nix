@@ -4,7 +4,7 @@
 # nixpkgs' stdenv stages are), and each package depending on its stage's stdenv and a few
 # other packages. Builders are the host's /bin/sh (the sandbox is off); nothing is
 # fetched. Not used by the tests.
-{ size ? 30000, depth ? 6, ... }:
+{ size ? 100000, depth ? 8, ... }:
 
 let
   inherit (builtins) listToAttrs genList mapAttrs foldl' toString elemAt;

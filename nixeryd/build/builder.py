@@ -18,7 +18,7 @@ from nixeryd.build.failures import PackagesNotFound, outcome
 from nixeryd.build.known import KnownPackages
 from nixeryd.build.nix import NixBuildResult
 from nixeryd.build.pkgsource import PackageSource
-from nixeryd.core.blobs import BlobInfo
+from nixeryd.core.blobs import BlobInfo, blob_info
 from nixeryd.core.cache import SingleFlight, TTLCache, gather
 from nixeryd.core.offload import Offload
 from nixeryd.image import accounts, archive, manifest, sbom, symlinks
@@ -216,28 +216,39 @@ class ImageBuilder:
             user=accounts.NONROOT_USER if image.nonroot else None,
             entrypoint=entrypoint,
         )
-        config_info = await self.blobs.put_blob(config)
+        # The config, manifests and SBOM are written at once: they are only reachable once
+        # the image record names them, written after every one of them is in place.
+        config_info = blob_info(config)
         config_descriptor = manifest.Descriptor(config_info.digest, config_info.size)
         layer_descriptors = [manifest.Descriptor(i.digest, i.size) for i in infos]
         if self.compression == "zstd":
-            body = manifest.image_manifest(Flavour.OCI, config_descriptor, layer_descriptors,
-                                           layer_type=manifest.OCI_LAYER_ZSTD)
-            oci = await self.blobs.store_manifest(body, Flavour.OCI.manifest_type)
-            return ImageManifests(oci=oci, docker=None, sbom=await self._sbom(image, built, oci))
-        stored = []
-        for flavour in (Flavour.OCI, Flavour.DOCKER):
-            body = manifest.image_manifest(flavour, config_descriptor, layer_descriptors)
-            stored.append(await self.blobs.store_manifest(body, flavour.manifest_type))
-        return ImageManifests(oci=stored[0], docker=stored[1], sbom=await self._sbom(image, built, stored[0]))
+            bodies = [(manifest.image_manifest(Flavour.OCI, config_descriptor, layer_descriptors,
+                                               layer_type=manifest.OCI_LAYER_ZSTD), Flavour.OCI.manifest_type)]
+        else:
+            bodies = [(manifest.image_manifest(flavour, config_descriptor, layer_descriptors), flavour.manifest_type)
+                      for flavour in (Flavour.OCI, Flavour.DOCKER)]
+        stored: list[StoredManifest] = [StoredManifest(blob_info(body).digest, media_type, body)
+                                        for body, media_type in bodies]
+        attached = await self._sbom(image, built, stored[0])
+        writes: list[Deferred[object]] = [Deferred.fromCoroutine(self.blobs.put_blob(config))]
+        writes += [Deferred.fromCoroutine(self.blobs.store_manifest(body, media_type)) for body, media_type in bodies]
+        await gather(writes + attached[1])
+        return ImageManifests(oci=stored[0], docker=stored[1] if len(stored) > 1 else None, sbom=attached[0])
 
-    async def _sbom(self, image: ImageSpec, built: NixBuildResult, subject: StoredManifest) -> StoredManifest:
-        """The image's SPDX document, stored with the artifact manifest attaching it."""
+    async def _sbom(self, image: ImageSpec, built: NixBuildResult,
+                    subject: StoredManifest) -> tuple[StoredManifest, list[Deferred[object]]]:
+        """The image's SPDX document with the artifact manifest attaching it, and the writes
+        that store them."""
         meta = {built.named[name]: about for name, about in built.meta.items() if name in built.named}
         document: bytes = await self._offload(
             sbom.document, image.name, subject.digest, built.roots, built.closure, meta)
-        await self.blobs.put_blob(document)
-        await self.blobs.put_blob(sbom.EMPTY)
-        return await self.blobs.store_manifest(sbom.artifact_manifest(document, subject.body), manifest.OCI_MANIFEST)
+        body = sbom.artifact_manifest(document, subject.body)
+        writes: list[Deferred[object]] = [
+            Deferred.fromCoroutine(self.blobs.put_blob(document)),
+            Deferred.fromCoroutine(self.blobs.put_blob(sbom.EMPTY)),
+            Deferred.fromCoroutine(self.blobs.store_manifest(body, manifest.OCI_MANIFEST)),
+        ]
+        return StoredManifest(blob_info(body).digest, manifest.OCI_MANIFEST, body), writes
 
     def _record_key(self, key: str) -> str:
         """A layer's record key: its identity, how it is compressed, and the packing format."""

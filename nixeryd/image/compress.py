@@ -50,7 +50,10 @@ class ParallelDeflate:
 
     def __init__(self, level: int, workers: int) -> None:
         self._level = level
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="nixeryd-deflate") if workers > 1 else None
+        self._workers = workers
+        # Started with the stream's second block: a layer of one block (most of an image's
+        # small layers) is deflated on the calling thread, with no threads to start.
+        self._pool: ThreadPoolExecutor | None = None
         self._most = 2 * workers + 2
         self._pending: deque[Future[bytes]] = deque()
         self._buffer = bytearray()
@@ -93,6 +96,8 @@ class ParallelDeflate:
         """Hand a block to a worker; the outputs of the blocks done, in order."""
         window = self._window
         self._window = block[-WINDOW:] if len(block) >= WINDOW else (window + block)[-WINDOW:]
+        if self._pool is None and self._workers > 1 and not (last and not self._pending):
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nixeryd-deflate")
         if self._pool is None:
             return _deflate(block, window, self._level, last)
         self._pending.append(self._pool.submit(_deflate, block, window, self._level, last))
