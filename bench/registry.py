@@ -80,7 +80,8 @@ def main() -> None:
             raise SystemExit(f"{tool} is missing: run `make bench-tools`")
 
     work = Path(tempfile.mkdtemp(prefix="nixeryd-bench-"))
-    env = daemon_environment(work / "nixeryd", NIXERY_PKGS_PATH=str(ROOT / "bench" / "pkgs"), NIX_TIMEOUT="600")
+    env = daemon_environment(work / "nixeryd", NIXERY_PKGS_PATH=str(ROOT / "bench" / "pkgs"), NIX_TIMEOUT="600",
+                              NIXERY_ACCESS_LOG="false")  # as distribution runs here: no access log
     nixeryd = Daemon(work / "nixeryd", env).start()
     try:
         distribution, port = start_distribution(work / "distribution")

@@ -109,6 +109,7 @@ class Config:
     s3_bucket: str | None = None
     aws_region: str = "us-east-1"
     s3_presigned_urls: bool = True
+    access_log: bool = True
     signed_url_ttl: int = 300
     storage_emulator_host: str | None = None
     storage_connect_timeout: float = 5.0
@@ -247,6 +248,7 @@ class Config:
             s3_bucket=get("S3_BUCKET"),
             aws_region=get("AWS_REGION") or get("AWS_DEFAULT_REGION") or "us-east-1",
             s3_presigned_urls=parsed("S3_USE_PRESIGNED_URLS", _boolean, True),
+            access_log=parsed("NIXERY_ACCESS_LOG", _boolean, True),
             signed_url_ttl=parsed(
                 "NIXERY_SIGNED_URL_TTL", lambda v, raw: _int(v, raw, 1, 604800), 300
             ),

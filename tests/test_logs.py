@@ -46,3 +46,18 @@ def test_daemon_logs_json_with_build_log_lines(tmp_path: Path) -> None:
     build_lines = [r for r in records if r.get("build_log")]
     assert any("meant to fail" in r["message"] for r in build_lines)
     assert all(r["image"] == "broken:latest (amd64)" for r in build_lines)
+
+
+def test_request_lines_can_be_left_out_of_the_log(tmp_path: Path) -> None:
+    """Each request is a log line by default; NIXERY_ACCESS_LOG=false leaves them out, and
+    /metrics still counts the requests."""
+    for setting, logged in (("true", True), ("false", False)):
+        storage = tmp_path / setting
+        daemon = Daemon(storage, daemon_environment(storage, NIXERY_ACCESS_LOG=setting)).start()
+        try:
+            assert daemon.request("/v2/")[0] == 200
+            _, _, metrics = daemon.request("/metrics")
+        finally:
+            daemon.stop()
+        assert ('"GET /v2/ HTTP/1.1" 200' in daemon.log) == logged, daemon.log[-2000:]
+        assert b'nixeryd_http_requests_total{method="GET",route="base",status="200"} 1.0' in metrics

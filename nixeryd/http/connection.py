@@ -168,13 +168,22 @@ class RegistryChannel(http.HTTPChannel):
 class RegistrySite(Site):
     protocol = RegistryChannel  # type: ignore[assignment]  # Twisted types it as a factory function
     metrics: Metrics | None = None
+    access_log = True
+
+    def log(self, request: http.Request) -> None:
+        """One line per request in the log, unless the operator turned them off
+        (``NIXERY_ACCESS_LOG``): a busy registry's log is mostly these, and each costs
+        about a sixth of a warm pull's time; /metrics counts requests either way."""
+        if self.access_log:
+            super().log(request)
 
 
-def make_site(resource: IResource, metrics: Metrics | None = None) -> Site:
+def make_site(resource: IResource, metrics: Metrics | None = None, access_log: bool = True) -> Site:
     """The site every listening endpoint serves (wrapped in ``PlainHTTPFactory``).
     Idle connections (slow or stalled clients) are dropped after a minute."""
     site = RegistrySite(resource, timeout=IDLE_TIMEOUT)
     site.metrics = metrics
+    site.access_log = access_log
     site.requestFactory = RegistryRequest
     site.displayTracebacks = False
     return site

@@ -82,13 +82,27 @@ class Metrics:
         Info("nixeryd_build", "The running nixeryd.", registry=r).info({"version": __version__})
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)
+        self._answered: dict[tuple[str, str, int], Counter] = {}
+        self._cache_results: dict[str, Counter] = {}
         self._running = Gauge("nixeryd_nix_builds_running", "Nix builds running now.", registry=r)
         self._queued = Gauge("nixeryd_build_queue_length", "Builds waiting for a slot.", registry=r)
 
     def answered(self, path: bytes, method: bytes, status: int) -> None:
         """Count one answered request."""
-        verb = method.decode("ascii", "replace") if method in (b"GET", b"HEAD") else "other"
-        self.requests.labels(route=route_of(path), method=verb, status=str(status)).inc()
+        verb = "GET" if method == b"GET" else "HEAD" if method == b"HEAD" else "other"
+        labels = (route_of(path), verb, status)
+        counter = self._answered.get(labels)
+        if counter is None:
+            # A labelled child looked up once (a few dozen combinations), not per request.
+            counter = self._answered[labels] = self.requests.labels(route=labels[0], method=verb, status=str(status))
+        counter.inc()
+
+    def cache_result(self, result: str) -> None:
+        """Count where a manifest lookup was answered from."""
+        counter = self._cache_results.get(result)
+        if counter is None:
+            counter = self._cache_results[result] = self.cache.labels(result=result)
+        counter.inc()
 
     def watch(self, running: Callable[[], float], queued: Callable[[], float]) -> None:
         """Read the running and queued build counts when scraped."""

@@ -40,6 +40,7 @@ log = Logger()
 # which garbage collection keeps images by.
 # How long manifests are served from memory before being checked against storage.
 BODY_TTL = 3600
+MAX_KEYS = 10_000
 MAX_TAGS_LOOKED_AT = 100
 """Most tags of one name looked at to find what the name stands for."""
 
@@ -73,6 +74,8 @@ class Images:
         self._cache: TTLCache[ImageRecord] = TTLCache(clock)
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
+        # Cache keys of the specs asked for lately: a warm pull hashes nothing to find its key.
+        self._keys: dict[tuple[ImageSpec, str], str] = {}
         self.tag_records = TagRecords(storage, clock)
         self._touched: TTLCache[float] = TTLCache(clock)
         # The manifests themselves, so that a warm pull costs no storage access. They
@@ -160,7 +163,12 @@ class Images:
 
     async def _image_at(self, image: ImageSpec, tag: str) -> ImageManifests:
         identity = await self._identity(tag)
-        key = image_cache_key(image, identity)
+        key = self._keys.get((image, identity))
+        if key is None:
+            key = image_cache_key(image, identity)
+            self._keys[(image, identity)] = key
+            while len(self._keys) > MAX_KEYS:
+                del self._keys[next(iter(self._keys))]
         return await self._flight.run(key, lambda: self._cached_or(
             key, tag, lambda: self._builder.build(image, tag, identity=identity, ttl=self._ttl_for(tag))))
 
@@ -246,7 +254,7 @@ class Images:
         digests = self._cache.get(key)
         if remembered is not None and digests is not None:
             if served:
-                self._metrics.cache.labels(result="memory").inc()
+                self._metrics.cache_result("memory")
                 self.served.note_built(digests)
                 await self._touch(key, digests)
             return remembered
@@ -259,7 +267,7 @@ class Images:
                 self._bodies.put(key, cached, BODY_TTL)
                 self.served.note_sizes(cached)
                 if served:
-                    self._metrics.cache.labels(result="storage").inc()
+                    self._metrics.cache_result("storage")
                     await self._touch(key, digests)
                 return cached
         return None
@@ -272,11 +280,11 @@ class Images:
             return found
         remembered_failure = self._failures.get(key)
         if remembered_failure is not None:
-            self._metrics.cache.labels(result="failure").inc()
+            self._metrics.cache_result("failure")
             failed, until = remembered_failure
             failed.retry_after = until - self._clock.seconds()
             raise failed.with_traceback(None)
-        self._metrics.cache.labels(result="miss").inc()
+        self._metrics.cache_result("miss")
 
         async def build() -> ImageManifests:
             made: ImageManifests = await make()
