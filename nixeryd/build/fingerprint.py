@@ -71,6 +71,12 @@ class PathFingerprint:
         self._flight: SingleFlight[str] = SingleFlight()
         self._last: tuple[float, str] | None = None
 
+    def fresh(self) -> str | None:
+        """The fingerprint when a walk begun within ``interval`` seconds gave it, else None."""
+        if self._last is not None and self._clock.seconds() - self._last[0] < self._interval:
+            return self._last[1]
+        return None
+
     def current(self) -> Deferred[str]:
         """The fingerprint as of a walk begun at most ``interval`` seconds ago."""
         now = self._clock.seconds()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Awaitable, Callable, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -125,6 +125,10 @@ class Images:
         """The image at ``tag``. With platforms configured and a name that does not choose
         one itself (``arm64/...``), it is a multi-platform index, or the first platform's
         image for a client that takes no index (``index=False``)."""
+        if not self._platforms or image.arch == ARM64:
+            warm = self._warm(image, tag)
+            if warm is not None:
+                return succeed(warm)
         if self._platforms and image.arch != ARM64:
             if index:
                 d = self._index(image, tag)
@@ -144,14 +148,41 @@ class Images:
 
         return d.addCallback(lambda result: Deferred.fromCoroutine(remember(result)))
 
+    def _warm(self, image: ImageSpec, tag: str) -> ImageManifests | None:
+        """The manifests of ``image`` when everything a pull does is done already: its
+        package set's identity known, its manifests in memory, its served time and its tag
+        recorded lately. Then a pull runs no coroutine at all (most pulls are these)."""
+        fingerprint = self._fingerprint.fresh() if self._fingerprint is not None else ""
+        if fingerprint is None:
+            return None
+        identity = self._identity_of(tag, fingerprint)
+        key = self._keys.get((image, identity))
+        if key is None:
+            return None
+        remembered, digests = self._bodies.get(key), self._cache.get(key)
+        if remembered is None or digests is None or remembered.missing:
+            return None
+        if self._clock.seconds() - (self._touched.get(key) or digests.built) >= TOUCH_INTERVAL:
+            return None
+        if not self.tag_records.recorded(image.spelling, tag):
+            return None
+        self._metrics.cache_result("memory")
+        self.served.note_built(digests)
+        self.known.add(image.spelling, tag)
+        self.served.note_users(image.spelling, remembered)
+        return remembered
+
+    def _identity_of(self, tag: str, fingerprint: str) -> str:
+        identity = self._source.identity(tag)
+        if self._fingerprint is not None:
+            identity += "#content=" + fingerprint
+        compression = self._builder.compression
+        return identity if compression == "gzip" else f"{identity}#layers={compression}"
+
     async def _identity(self, tag: str) -> str:
         """What a build comes from: the package set (with what its directory holds now, for a
         path source), and how layers are compressed."""
-        identity = self._source.identity(tag)
-        if self._fingerprint is not None:
-            identity += "#content=" + await self._fingerprint.current()
-        compression = self._builder.compression
-        return identity if compression == "gzip" else f"{identity}#layers={compression}"
+        return self._identity_of(tag, await self._fingerprint.current() if self._fingerprint is not None else "")
 
     def _ttl_for(self, tag: str) -> float | None:
         """How long an image stays: for good when its package set cannot change under its

@@ -76,11 +76,16 @@ class TagRecords:
         self._listed: dict[str, str] = {}
         self._budget = _Budget(clock, new_tags_per_minute)
 
+    def recorded(self, name: str, tag: str) -> bool:
+        """Whether this instance recorded ``name`` at ``tag`` within TOUCH_INTERVAL: then
+        ``add`` has nothing to do."""
+        confirmed = self._confirmed.get((name, tag))
+        return confirmed is not None and self._clock.seconds() - confirmed < TOUCH_INTERVAL
+
     async def add(self, name: str, tag: str) -> None:
         """Remember that ``name`` (a canonical spelling) was served at ``tag``; storage
         failures are only logged."""
-        confirmed = self._confirmed.get((name, tag))
-        if confirmed is not None and self._clock.seconds() - confirmed < TOUCH_INTERVAL:
+        if self.recorded(name, tag):
             return
         lock = self._locks.setdefault(name, DeferredLock())
         try:
