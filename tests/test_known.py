@@ -19,15 +19,9 @@ from nixeryd.registry.images import Images
 from nixeryd.storage.records import Resolution, resolved_key
 from tests.fakes import FakeNix, make_store
 from tests.memory import MemoryStorage
+from tests.test_api import DEPENDENCIES as API_DEPENDENCIES
 
-DEPENDENCIES = {
-    "cacert": [],
-    "iana-etc": [],
-    "libshared": [],
-    "alpha": ["libshared"],
-    "beta": ["libshared"],
-    "gamma": [],
-}
+DEPENDENCIES = {**API_DEPENDENCIES, "gamma": []}
 REV = "c" * 40
 
 

@@ -46,3 +46,24 @@ def index_cache_key(image: ImageSpec, platforms: Sequence[Arch], source_identity
 
 def _key(doc: object) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+MAX_KEYS = 10_000
+
+
+class CacheKeys:
+    """The cache keys of the specs asked for lately: a warm pull hashes nothing to find its key."""
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[ImageSpec, str], str] = {}
+
+    def known(self, image: ImageSpec, identity: str) -> str | None:
+        return self._keys.get((image, identity))
+
+    def of(self, image: ImageSpec, identity: str) -> str:
+        key = self._keys.get((image, identity))
+        if key is None:
+            key = self._keys[(image, identity)] = image_cache_key(image, identity)
+            while len(self._keys) > MAX_KEYS:
+                del self._keys[next(iter(self._keys))]
+        return key

@@ -25,7 +25,7 @@ from nixeryd.image import manifest
 from nixeryd.image.manifest import Flavour, ImageManifests, StoredManifest
 from nixeryd.image.names import ARM64, Arch, ImageSpec
 from nixeryd.ops.metrics import Metrics
-from nixeryd.registry.cachekeys import image_cache_key, index_cache_key
+from nixeryd.registry.cachekeys import CacheKeys, index_cache_key
 from nixeryd.registry.leases import BuildLeases
 from nixeryd.registry.served import KnownImages, Served
 from nixeryd.registry.tags import TagRecords
@@ -40,7 +40,6 @@ log = Logger()
 # which garbage collection keeps images by.
 # How long manifests are served from memory before being checked against storage.
 BODY_TTL = 3600
-MAX_KEYS = 10_000
 MAX_TAGS_LOOKED_AT = 100
 """Most tags of one name looked at to find what the name stands for."""
 
@@ -74,8 +73,7 @@ class Images:
         self._cache: TTLCache[ImageRecord] = TTLCache(clock)
         self._flight: SingleFlight[ImageManifests] = SingleFlight()
         self.known = KnownImages()
-        # Cache keys of the specs asked for lately: a warm pull hashes nothing to find its key.
-        self._keys: dict[tuple[ImageSpec, str], str] = {}
+        self._keys = CacheKeys()
         self.tag_records = TagRecords(storage, clock)
         self._touched: TTLCache[float] = TTLCache(clock)
         # The manifests themselves, so that a warm pull costs no storage access. They
@@ -156,7 +154,7 @@ class Images:
         if fingerprint is None:
             return None
         identity = self._identity_of(tag, fingerprint)
-        key = self._keys.get((image, identity))
+        key = self._keys.known(image, identity)
         if key is None:
             return None
         remembered, digests = self._bodies.get(key), self._cache.get(key)
@@ -194,12 +192,7 @@ class Images:
 
     async def _image_at(self, image: ImageSpec, tag: str) -> ImageManifests:
         identity = await self._identity(tag)
-        key = self._keys.get((image, identity))
-        if key is None:
-            key = image_cache_key(image, identity)
-            self._keys[(image, identity)] = key
-            while len(self._keys) > MAX_KEYS:
-                del self._keys[next(iter(self._keys))]
+        key = self._keys.of(image, identity)
         return await self._flight.run(key, lambda: self._cached_or(
             key, tag, lambda: self._builder.build(image, tag, identity=identity, ttl=self._ttl_for(tag))))
 
@@ -254,10 +247,10 @@ class Images:
             identity = await self._identity(tag)
             if self._platforms and image.arch != ARM64:
                 keys = [index_cache_key(image, self._platforms, identity),
-                        *[image_cache_key(dataclasses.replace(image, arch=arch), identity)
+                        *[self._keys.of(dataclasses.replace(image, arch=arch), identity)
                           for arch in self._platforms]]
             else:
-                keys = [image_cache_key(image, identity)]
+                keys = [self._keys.of(image, identity)]
             for key in keys:
                 manifests = await self._cached(key, tag, served=False)
                 if manifests is not None:
