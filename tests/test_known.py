@@ -153,3 +153,35 @@ class KnownPackagesTests(SynchronousTestCase):
         self.assertEqual(report.removed_resolutions, 1)  # alpha; the base packages were recorded again with gamma
         self.pull(self.instance, "nonroot/alpha")
         self.assertEqual(len(self.nix.calls), 3)
+
+
+class LayoutChangeTests(SynchronousTestCase):
+    def test_images_of_an_earlier_layout_are_built_once_more(self) -> None:
+        """An image record stored under an earlier layout's key (its layers packed the old
+        way) is not served after the layout changes: the first pull builds the image again,
+        once, and the pulls after it are served."""
+        from nixeryd.registry.cachekeys import IMAGE_LAYOUT, image_cache_key
+
+        clock = Clock()
+        store = make_store(Path(self.mktemp()).absolute(), DEPENDENCIES)
+        nix = FakeNix(store, DEPENDENCIES)
+        storage = MemoryStorage(now=clock.seconds)
+        source = GitSource("https://git.internal/pkgs.git")
+        image = parse_name("alpha")
+        identity = f"git:https://git.internal/pkgs.git@{REV}"
+        first = Instance(nix, storage, clock, source, known=False)
+        self.successResultOf(first.images.manifests(image, REV))
+        current, earlier = image_cache_key(image, identity), image_cache_key(image, identity, IMAGE_LAYOUT - 1)
+        self.assertNotEqual(current, earlier)
+        record = self.successResultOf(storage.get("manifests/" + current))
+        assert record is not None
+        # The storage as the earlier version left it: its record under its own key alone.
+        storage.put("manifests/" + earlier, record, "application/json")
+        self.successResultOf(storage.delete("manifests/" + current))
+        upgraded = Instance(nix, storage, clock, source, known=False)
+        for _ in range(3):
+            self.successResultOf(upgraded.images.manifests(image, REV))
+        self.assertEqual(len(nix.calls), 2)
+        fresh = Instance(nix, storage, clock, source, known=False)
+        self.successResultOf(fresh.images.manifests(image, REV))
+        self.assertEqual(len(nix.calls), 2)

@@ -14,15 +14,16 @@ that changes (2: /etc/passwd, /etc/group, /etc/nsswitch.conf; 3: an SBOM; 4: lay
 compressed block by block on every core), so that cached images are built again."""
 
 
-def image_cache_key(image: ImageSpec, source_identity: str) -> str:
-    """The identity of a build: packages, architecture, shell and package set."""
+def image_cache_key(image: ImageSpec, source_identity: str, layout: int = IMAGE_LAYOUT) -> str:
+    """The identity of a build: packages, architecture, shell, package set and the image
+    layout (an earlier ``layout`` gives the key an earlier version stored its image under)."""
     return _key(
         {
             "packages": list(image.packages),
             "system": image.arch.nix_system,
             "shell": image.shell,
             "source": source_identity,
-            "layout": IMAGE_LAYOUT,
+            "layout": layout,
             "nonroot": image.nonroot,
             "run": image.first if image.run else None,
         }
