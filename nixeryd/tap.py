@@ -107,7 +107,7 @@ def build_service(config: Config, reactor: Reactor) -> MultiService:
         signatures=signatures,
         pages=ImagePages(parts.images, parts.storage, parts.offload, signing=signatures is not None),
     )
-    site = make_site(api.app.resource(), parts.metrics, access_log=config.access_log)
+    site = make_site(api.resource(), parts.metrics, access_log=config.access_log)
     Announce(config).setServiceParent(parts.top)
     listeners = Listeners()
     listeners.setServiceParent(parts.top)

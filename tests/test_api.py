@@ -53,9 +53,9 @@ class APITestCase(SynchronousTestCase):
             max_builds=self.max_builds,
             queue=self.queue,
         )
-        images = Images(builder, self.storage, source, self.clock, platforms=self.platforms)
-        api = RegistryAPI(images, self.storage, ("cacert", "iana-etc"))
-        self.treq = StubTreq(api.app.resource())
+        self.images = Images(builder, self.storage, source, self.clock, platforms=self.platforms)
+        api = RegistryAPI(self.images, self.storage, ("cacert", "iana-etc"))
+        self.treq = StubTreq(api.resource())
 
     def get(self, path: str, method: str = "GET", **kwargs: Any) -> tuple[Any, bytes]:
         return self.fetch(self.treq, path, method, **kwargs)
@@ -423,7 +423,7 @@ class FailureMemoryTests(APITestCase):
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
                                clock=self.clock, popularity={})
         images = Images(builder, self.storage, source, self.clock, failure_ttl=0)
-        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert", "iana-etc")).app.resource())
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert", "iana-etc")).resource())
         for _ in range(2):
             self.fetch(treq, "/v2/beta/manifests/latest")
         self.assertEqual(len(self.nix.calls), 2)
@@ -476,7 +476,7 @@ class DamagedStorageTests(APITestCase):
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
                                clock=self.clock, popularity={})
         treq = StubTreq(RegistryAPI(Images(builder, self.storage, source, self.clock),
-                                    self.storage, ("cacert", "iana-etc")).app.resource())
+                                    self.storage, ("cacert", "iana-etc")).resource())
         _, again = self.fetch(treq, "/v2/alpha/manifests/latest")
         self.assertEqual(again, body)
         self.assertEqual(len(self.nix.calls), 2)
@@ -493,7 +493,7 @@ class BudgetAndOrderTests(APITestCase):
         for budget in (2, 3):
             source, storage = PathSource("/srv/pkgs"), MemoryStorage()
             images = Images(self.build_with(storage, budget), storage, source, self.clock)
-            treq = StubTreq(RegistryAPI(images, storage, ("cacert", "iana-etc")).app.resource())
+            treq = StubTreq(RegistryAPI(images, storage, ("cacert", "iana-etc")).resource())
             _, body = self.fetch(treq, "/v2/alpha/beta/manifests/latest")
             self.assertEqual(len(json.loads(body)["layers"]), budget)
 
@@ -504,7 +504,7 @@ class BudgetAndOrderTests(APITestCase):
 
         first = FilesystemStorage(str(Path(self.mktemp()).absolute()), inline)
         images = Images(self.build_with(first, 94), first, PathSource("/srv/pkgs"), self.clock)
-        treq = StubTreq(RegistryAPI(images, first, ()).app.resource())
+        treq = StubTreq(RegistryAPI(images, first, ()).resource())
         _, body = self.fetch(treq, "/v2/alpha/manifests/latest")
         digests = {layer["digest"] for layer in json.loads(body)["layers"]}
         root = Path(self.mktemp()).absolute()
@@ -512,7 +512,7 @@ class BudgetAndOrderTests(APITestCase):
         for digest in digests:
             (root / "layers" / digest.removeprefix("sha256:")).mkdir()
         images = Images(self.build_with(second, 94), second, PathSource("/srv/pkgs"), self.clock)
-        treq = StubTreq(RegistryAPI(images, second, ()).app.resource())
+        treq = StubTreq(RegistryAPI(images, second, ()).resource())
         response, _ = self.fetch(treq, "/v2/alpha/manifests/latest")
         self.assertEqual(response.code, 503)
         named = {json.loads(p.read_text())["digest"] for p in (root / "builds").iterdir()}
@@ -524,7 +524,7 @@ class CacheTests(APITestCase):
         """An image at a 40-hex git revision is never rebuilt; a branch is, after the TTL."""
         source = GitSource("https://git.internal/pkgs.git")
         images = Images(self.builder_for(source), self.storage, source, self.clock)
-        treq = StubTreq(RegistryAPI(images, self.storage, ()).app.resource())
+        treq = StubTreq(RegistryAPI(images, self.storage, ()).resource())
         rev = "a" * 40
         for _ in range(2):
             for tag in (rev, "main"):
@@ -538,7 +538,7 @@ class CacheTests(APITestCase):
         source = GitSource("https://git.internal/pkgs.git")
         builder = self.builder_for(source)
         images = Images(builder, self.storage, source, self.clock)
-        treq = StubTreq(RegistryAPI(images, self.storage, ()).app.resource())
+        treq = StubTreq(RegistryAPI(images, self.storage, ()).resource())
         self.nix.hold = True
         pending = [treq.get(f"http://registry/v2/alpha/manifests/{tag}") for tag in ("main", "release")]
         treq.flush()
@@ -557,7 +557,7 @@ class CacheTests(APITestCase):
         _, body = self.get("/v2/alpha/manifests/latest")
         source = PathSource("/srv/pkgs")
         images = Images(self.builder_for(source), self.storage, source, self.clock)
-        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert", "iana-etc")).app.resource())
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert", "iana-etc")).resource())
         response = self.successResultOf(treq.get("http://registry/v2/alpha/manifests/latest"))
         self.assertEqual(self.successResultOf(response.content()), body)
         self.assertEqual(len(self.nix.calls), 1)
@@ -601,7 +601,7 @@ class OperatorEndpointTests(APITestCase):
         images = Images(builder, self.storage, source, self.clock, metrics=self.metrics)
         status = Status(source=source.describe(), active=lambda: builder.activity.active,
                         failures=lambda: list(builder.activity.failures), tail=self.logs.tail, now=self.clock.seconds)
-        return StubTreq(RegistryAPI(images, self.storage, (), metrics=self.metrics, status=status).app.resource())
+        return StubTreq(RegistryAPI(images, self.storage, (), metrics=self.metrics, status=status).resource())
 
     def test_healthz(self) -> None:
         """/healthz answers 200 ok for load balancers."""
@@ -666,7 +666,7 @@ class ZstdTests(APITestCase):
                                clock=self.clock, popularity={}, compression="zstd")
         images = Images(builder, self.storage, source, self.clock)
         treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",),
-                                    pages=ImagePages(images, self.storage, inline)).app.resource())
+                                    pages=ImagePages(images, self.storage, inline)).resource())
         response, body = self.fetch(treq, "/image/alpha", headers={"Accept": ["application/json"]})
         self.assertEqual(response.code, 200, body)
         data = json.loads(body)
@@ -678,7 +678,7 @@ class ZstdTests(APITestCase):
         digest = sbom_layer["layers"][0]["digest"].removeprefix("sha256:")
         self.successResultOf(self.storage.put("layers/" + digest, b'{"packages": "not a list"}', "application/json"))
         pages = ImagePages(images, self.storage, inline)
-        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",), pages=pages).app.resource())
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",), pages=pages).resource())
         response, body = self.fetch(treq, "/image/alpha", headers={"Accept": ["application/json"]})
         self.assertEqual((response.code, json.loads(body)["packages"]), (200, []))
 
@@ -691,7 +691,7 @@ class ZstdTests(APITestCase):
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
                                clock=self.clock, popularity={}, compression="zstd")
         images = Images(builder, self.storage, source, self.clock)
-        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",)).app.resource())
+        treq = StubTreq(RegistryAPI(images, self.storage, ("cacert",)).resource())
 
         def fetch(path: str, **kwargs: Any) -> tuple[Any, bytes]:
             return self.fetch(treq, path, **kwargs)
@@ -725,7 +725,7 @@ class FleetTagTests(APITestCase):
         other = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
                              clock=self.clock, popularity={})
         treq = StubTreq(RegistryAPI(Images(other, self.storage, source, self.clock), self.storage,
-                                    ("cacert", "iana-etc")).app.resource())
+                                    ("cacert", "iana-etc")).resource())
         _, body = self.fetch(treq, "/v2/beta/tags/list")
         self.assertEqual(json.loads(body)["tags"], ["latest", "v1", "v2"])
         _, body = self.fetch(treq, "/v2/_catalog")

@@ -36,7 +36,7 @@ class AuthTests(APITestCase):
                                clock=self.clock, popularity={})
         auth = Authenticator(parse_htpasswd(users, "htpasswd"), parse_tokens(tokens), inline, self.clock)
         images = Images(builder, self.storage, source, self.clock)
-        return StubTreq(RegistryAPI(images, self.storage, (), auth=auth).app.resource())
+        return StubTreq(RegistryAPI(images, self.storage, (), auth=auth).resource())
 
     def call(self, treq: StubTreq, path: str, authorization: str | None = None) -> tuple[Any, bytes]:
         headers = {"Authorization": [authorization]} if authorization else {}
@@ -124,7 +124,7 @@ class AuthTests(APITestCase):
         builder = ImageBuilder(nix=self.nix, storage=self.storage, offload=inline, source=source,
                                clock=self.clock, popularity={})
         treq = StubTreq(RegistryAPI(Images(builder, self.storage, source, self.clock), self.storage, (),
-                                    auth=auth).app.resource())
+                                    auth=auth).resource())
         waiting = [treq.get("http://r/v2/", headers={"Authorization": [basic("ci", f"wrong{i}")]})
                    for i in range(32)]
         treq.flush()

@@ -73,7 +73,7 @@ def make_api(root: str) -> StubTreq:
     builder = ImageBuilder(nix=FakeNix(store, DEPENDENCIES), storage=storage, offload=inline,
                            source=source, clock=clock, popularity={})
     images = Images(builder, storage, source, clock)
-    return StubTreq(RegistryAPI(images, storage, ("cacert",)).app.resource())
+    return StubTreq(RegistryAPI(images, storage, ("cacert",)).resource())
 
 
 _api: dict[str, StubTreq] = {}
@@ -191,7 +191,7 @@ def file_api(tmp_root: str) -> tuple[StubTreq, list[bytes]]:
         source = PathSource("/srv/pkgs")
         builder = ImageBuilder(nix=FakeNix(store, DEPENDENCIES), storage=storage, offload=inline,
                                source=source, clock=clock, popularity={})
-        treq = StubTreq(RegistryAPI(Images(builder, storage, source, clock), storage, ("cacert",)).app.resource())
+        treq = StubTreq(RegistryAPI(Images(builder, storage, source, clock), storage, ("cacert",)).resource())
         d = treq.get("http://r/v2/alpha/beta/manifests/latest")
         treq.flush()
         manifest = json.loads(bodies_of(treq, d))

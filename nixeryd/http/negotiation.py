@@ -46,3 +46,13 @@ def not_modified(request: IRequest, digest: str) -> bool:
             if value in (digest, "*"):
                 return True
     return False
+
+
+def host_of(request: IRequest) -> str:
+    """The host the client named, for pull commands and signed identities."""
+    return (request.getHeader(b"host") or b"localhost").decode("latin-1")
+
+
+def arg_of(request: IRequest, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    return values[0].decode("utf-8", "replace") if values else None

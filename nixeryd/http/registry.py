@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from nixeryd.http.access import authorized, public
@@ -34,10 +35,11 @@ from nixeryd.http.imagepage import ImagePages
 from nixeryd.http.imagepage import render as render_page
 from nixeryd.http.index import Status, render_index
 from nixeryd.http.look import error_page, wants_html
-from nixeryd.http.negotiation import accepted_types, choose, not_modified, takes_index
+from nixeryd.http.negotiation import accepted_types, arg_of, choose, host_of, not_modified, takes_index
 from nixeryd.http.ranges import NONE, WHOLE, blob_file, range_answer
 from nixeryd.http.sendfile import SendfileProducer, can_sendfile
-from nixeryd.image import sbom
+from nixeryd.http.warm import WarmFirst, WarmManifests
+from nixeryd.image import cosign, sbom
 from nixeryd.image.manifest import StoredManifest
 from nixeryd.image.names import (
     Digest,
@@ -62,7 +64,7 @@ def _set(request: IRequest, name: str, value: str | int) -> None:
 
 
 class RegistryAPI:
-    """The Klein application serving /v2/."""
+    """The Klein application serving /v2/; ``resource()`` is what a site serves."""
 
     app = Klein()
 
@@ -95,7 +97,7 @@ class RegistryAPI:
             full = await self._allowed(request)
         except AuthBusy:
             full = False
-        body = await render_index(self._status, _host(request), secure=request.isSecure(), full=full)
+        body = await render_index(self._status, host_of(request), secure=request.isSecure(), full=full)
         _set(request, "Content-Type", "text/html; charset=utf-8")
         _set(request, "Content-Length", len(body))
         return body
@@ -108,7 +110,7 @@ class RegistryAPI:
         image = parsed_name(name, self._base_packages)
         manifests = await as_registry_errors(image.name, self._images.manifests(image, "latest", index=False))
         data = await storage_call(Deferred.fromCoroutine(
-            self._pages.data(image, manifests, _host(request), request.isSecure())))
+            self._pages.data(image, manifests, host_of(request), request.isSecure())))
         if "application/json" in accepted_types(request):
             return self._json(request, data)
         body = render_page(data)
@@ -229,10 +231,10 @@ class RegistryAPI:
         entries = [(stored.body, sbom.SPDX_TYPE) for stored in attached]
         if entries and self._signatures is not None:
             signed = await storage_call(Deferred.fromCoroutine(
-                self._signatures.signature(image, digest.hex, _host(request))))
+                self._signatures.signature(image, digest.hex, host_of(request))))
             if signed is not None:
                 entries.append((signed.body, SIGNATURE_ARTIFACT))
-        wanted = _arg(request, b"artifactType")
+        wanted = arg_of(request, b"artifactType")
         if wanted is not None:
             entries = [entry for entry in entries if entry[1] == wanted]
             _set(request, "OCI-Filters-Applied", "artifactType")
@@ -240,6 +242,12 @@ class RegistryAPI:
         _set(request, "Content-Type", sbom.OCI_INDEX)
         _set(request, "Content-Length", len(body))
         return body
+
+    def resource(self) -> IResource:
+        """What a site serves: warm manifest pulls the short way (``http/warm.py``), every
+        other request by the routes above."""
+        warm = WarmManifests(self._images, self._auth, self._base_packages, self._metrics)
+        return WarmFirst(self.app.resource(), warm)
 
     def _json(self, request: IRequest, doc: Any) -> bytes:
         body = json.dumps(doc).encode()
@@ -252,10 +260,10 @@ class RegistryAPI:
         """The spec's pagination: ``last`` excludes up to it, ``n`` bounds the count (at most
         ``MAX_PAGE``; ``default`` when not given); a malformed ``n`` is a 400, as in
         distribution."""
-        last = _arg(request, b"last")
+        last = arg_of(request, b"last")
         if last is not None:
             items = [i for i in items if i > last]
-        raw_n = _arg(request, b"n") or None  # an empty n is no n
+        raw_n = arg_of(request, b"n") or None  # an empty n is no n
         if raw_n is not None and (not PAGE_SIZE.fullmatch(raw_n) or int(raw_n) > MAX_PAGE):
             raise RegistryError(400, "PAGINATION_NUMBER_INVALID",
                                 f"n must be a whole number from 0 to {MAX_PAGE}", {"n": raw_n[:64]})
@@ -276,13 +284,13 @@ class RegistryAPI:
                 raise RegistryError(
                     404, "MANIFEST_UNKNOWN", "no manifest with this digest", {"digest": ref}
                 )
-        elif SIGNATURE_TAG.fullmatch(reference.value):
+        elif cosign.SIGNATURE_TAG.fullmatch(reference.value):
             # cosign's and containers/image's lookups of a signature, attestation or SBOM:
             # never an image to build.
             signed = None
             if self._signatures is not None and reference.value.endswith(".sig"):
                 signed = await storage_call(Deferred.fromCoroutine(
-                    self._signatures.signature(image, reference.value[7:71], _host(request))))
+                    self._signatures.signature(image, reference.value[7:71], host_of(request))))
             if signed is None:
                 raise RegistryError(404, "MANIFEST_UNKNOWN", "no signature or attachment is stored for this image",
                                     {"tag": reference.value})
@@ -373,21 +381,11 @@ class RegistryAPI:
 
 SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
 """The artifact type a signature is listed with among an image's referrers."""
-SIGNATURE_TAG = re.compile(r"sha256-[0-9a-f]{64}\.(sig|att|sbom)")
-"""Tags sigstore clients look signatures and attachments up by."""
 PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 """An ``n`` taken for pagination: plain ASCII digits."""
 MAX_PAGE = 1000
 CATALOG_PAGE = 100
 """Names in a page of ``/v2/_catalog`` when the client does not say, as distribution answers."""
-def _host(request: IRequest) -> str:
-    """The host the client named, for pull commands and signed identities."""
-    return (request.getHeader(b"host") or b"localhost").decode("latin-1")
-
-
-def _arg(request: IRequest, name: bytes) -> str | None:
-    values = (request.args or {}).get(name)
-    return values[0].decode("utf-8", "replace") if values else None
 
 
 def _split(rest: str) -> tuple[str, str, str]:

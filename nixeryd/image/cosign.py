@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,6 +24,10 @@ from nixeryd.image.manifest import OCI_MANIFEST
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+SIGNATURE_TAG = re.compile(r"sha256-[0-9a-f]{64}\.(sig|att|sbom)")
+"""Tags sigstore clients look signatures and attachments up by."""
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,9 @@ class Images:
         """The image at ``tag``. With platforms configured and a name that does not choose
         one itself (``arm64/...``), it is a multi-platform index, or the first platform's
         image for a client that takes no index (``index=False``)."""
-        if not self._platforms or image.arch == ARM64:
-            warm = self._warm(image, tag)
-            if warm is not None:
-                return succeed(warm)
+        warm = self.warm(image, tag)
+        if warm is not None:
+            return succeed(warm)
         if self._platforms and image.arch != ARM64:
             if index:
                 d = self._index(image, tag)
@@ -146,10 +145,12 @@ class Images:
 
         return d.addCallback(lambda result: Deferred.fromCoroutine(remember(result)))
 
-    def _warm(self, image: ImageSpec, tag: str) -> ImageManifests | None:
+    def warm(self, image: ImageSpec, tag: str) -> ImageManifests | None:
         """The manifests of ``image`` when everything a pull does is done already: its
         package set's identity known, its manifests in memory, its served time and its tag
         recorded lately. Then a pull runs no coroutine at all (most pulls are these)."""
+        if self._platforms and image.arch != ARM64:
+            return None
         fingerprint = self._fingerprint.fresh() if self._fingerprint is not None else ""
         if fingerprint is None:
             return None
