@@ -1,10 +1,14 @@
-"""Content negotiation: which manifest a client takes, and conditional requests."""
+"""Content negotiation: which manifest a client takes, conditional requests, and the
+manifest response both ways to it share (the route and ``warm``)."""
 from __future__ import annotations
 
 from twisted.web.iweb import IRequest
 
 from nixeryd.image import manifest
 from nixeryd.image.manifest import ImageManifests, StoredManifest
+from nixeryd.ops.metrics import Metrics
+
+API_VERSION_HEADER = (b"Docker-Distribution-API-Version", b"registry/2.0")
 
 
 def accepted_types(request: IRequest) -> set[str]:
@@ -56,3 +60,18 @@ def host_of(request: IRequest) -> str:
 def arg_of(request: IRequest, name: bytes) -> str | None:
     values = (request.args or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
+
+
+def send_manifest(request: IRequest, stored: StoredManifest, metrics: Metrics) -> bytes:
+    """Answer with ``stored``: its digest, ETag and type; 304 when If-None-Match names it,
+    else its bytes (counted as served when a GET sends them)."""
+    request.setHeader(b"Docker-Content-Digest", stored.digest.encode())
+    request.setHeader(b"ETag", f'"{stored.digest}"'.encode())
+    request.setHeader(b"Content-Type", stored.media_type.encode())
+    if not_modified(request, stored.digest):
+        request.setResponseCode(304)
+        return b""
+    request.setHeader(b"Content-Length", str(len(stored.body)).encode())
+    if request.method == b"GET":
+        metrics.served_bytes.inc(len(stored.body))
+    return stored.body

@@ -35,12 +35,20 @@ from nixeryd.http.imagepage import ImagePages
 from nixeryd.http.imagepage import render as render_page
 from nixeryd.http.index import Status, render_index
 from nixeryd.http.look import error_page, wants_html
-from nixeryd.http.negotiation import accepted_types, arg_of, choose, host_of, not_modified, takes_index
+from nixeryd.http.negotiation import (
+    API_VERSION_HEADER,
+    accepted_types,
+    arg_of,
+    choose,
+    host_of,
+    not_modified,
+    send_manifest,
+    takes_index,
+)
 from nixeryd.http.ranges import NONE, WHOLE, blob_file, range_answer
 from nixeryd.http.sendfile import SendfileProducer, can_sendfile
 from nixeryd.http.warm import WarmFirst, WarmManifests
 from nixeryd.image import cosign, sbom
-from nixeryd.image.manifest import StoredManifest
 from nixeryd.image.names import (
     Digest,
 )
@@ -53,7 +61,6 @@ log = Logger()
 
 T = TypeVar("T")
 
-API_VERSION_HEADER = (b"Docker-Distribution-API-Version", b"registry/2.0")
 READ_METHODS = ["GET", "HEAD"]
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
 TAGS_SUFFIX = "/tags/list"
@@ -309,18 +316,7 @@ class RegistryAPI:
                     {"available": [m.media_type for m in (manifests.oci, manifests.docker) if m]},
                 )
             stored = chosen
-        return self._send_manifest(request, stored)
-
-    def _send_manifest(self, request: IRequest, stored: StoredManifest) -> bytes:
-        _set(request, "Docker-Content-Digest", stored.digest)
-        _set(request, "ETag", f'"{stored.digest}"')
-        _set(request, "Content-Type", stored.media_type)
-        if not_modified(request, stored.digest):
-            request.setResponseCode(304)
-            return b""
-        _set(request, "Content-Length", len(stored.body))
-        self._served(request, len(stored.body))
-        return stored.body
+        return send_manifest(request, stored, self._metrics)
 
     async def _blob(self, request: IRequest, name: str, ref: str) -> Any:
         parsed_name(name, ())

@@ -7,9 +7,10 @@ nixeryd does for one. ``WarmFirst`` answers such a request itself only when ever
 the ``read`` route would answer it the same way without waiting: access control lets the
 request in at once (off, a token, or a password checked lately), the name and tag are
 well formed and not a signature's, the image's manifests are in memory with nothing due
-(``Images.warm``), the client takes one of them and did not send If-None-Match. Anything
-else (every error included) goes through the route, which is declared ``authorized``, so
-what a client sees never depends on which way its request took (``tests/test_warm.py``).
+(``Images.warm``), and the client takes one of them; the answer, 304 included, is then
+the route's own (``negotiation.send_manifest``). Anything else (every error included)
+goes through the route, which is declared ``authorized``, so what a client sees never
+depends on which way its request took (``tests/test_warm.py``).
 """
 from __future__ import annotations
 
@@ -19,13 +20,12 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from nixeryd.http.auth import AuthBusy, Authenticator
-from nixeryd.http.negotiation import accepted_types, choose
+from nixeryd.http.negotiation import API_VERSION_HEADER, accepted_types, choose, send_manifest
 from nixeryd.image.cosign import SIGNATURE_TAG
 from nixeryd.image.names import NameInvalid, ReferenceInvalid, Tag, parse_name, parse_reference
 from nixeryd.ops.metrics import Metrics
 from nixeryd.registry.images import Images
 
-API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
 MANIFESTS = "/manifests/"
 
 
@@ -61,16 +61,10 @@ class WarmManifests:
         if manifests is None:
             return None
         chosen = choose(manifests, accepted_types(request))
-        if chosen is None or request.getHeader(b"if-none-match") is not None:
+        if chosen is None:
             return None
-        request.setHeader(*API_VERSION)
-        request.setHeader(b"Docker-Content-Digest", chosen.digest.encode())
-        request.setHeader(b"ETag", f'"{chosen.digest}"'.encode())
-        request.setHeader(b"Content-Type", chosen.media_type.encode())
-        request.setHeader(b"Content-Length", str(len(chosen.body)).encode())
-        if request.method == b"GET":
-            self._metrics.served_bytes.inc(len(chosen.body))
-        return chosen.body
+        request.setHeader(*API_VERSION_HEADER)
+        return send_manifest(request, chosen, self._metrics)
 
 
 class WarmFirst(Resource):
