@@ -109,32 +109,26 @@ class Authenticator:
             return False
         scheme, _, credentials = authorization.decode("latin-1").partition(" ")
         if scheme.lower() == "bearer":
-            offered = credentials.strip().encode("latin-1")
+            offered = credentials.strip().encode("latin-1")  # the header's bytes, whatever they are
             return any(hmac.compare_digest(offered, t) for t in self._tokens)
         return scheme.lower() == "basic" and bool(self._granted.get(hashlib.sha256(authorization).hexdigest()))
 
     def check(self, authorization: bytes | None) -> Deferred[bool]:
-        if not self.enabled:
+        if self.granted_now(authorization):
             return succeed(True)
         if not authorization:
             return succeed(False)
         scheme, _, credentials = authorization.decode("latin-1").partition(" ")
-        credentials = credentials.strip()
-        if scheme.lower() == "bearer":
-            offered = credentials.encode("latin-1")  # the header's bytes, whatever they are
-            return succeed(any(hmac.compare_digest(offered, t) for t in self._tokens))
         if scheme.lower() != "basic" or not self._users:
-            return succeed(False)
+            return succeed(False)  # a token that did not match, or an unknown scheme
         try:
-            user, sep, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+            user, sep, password = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return succeed(False)
         if not sep:
             return succeed(False)
         hashed = self._users.get(user)
         remembered = hashlib.sha256(authorization).hexdigest()
-        if hashed is not None and self._granted.get(remembered):
-            return succeed(True)
         if self._pending >= MAX_PENDING:
             raise AuthBusy()
         self._pending += 1

@@ -36,10 +36,8 @@ from nixeryd.storage.records import TOUCH_INTERVAL, ImageRecord
 log = Logger()
 
 
-# How often an instance refreshes the served time of a cached image's record,
-# which garbage collection keeps images by.
-# How long manifests are served from memory before being checked against storage.
 BODY_TTL = 3600
+"""Seconds manifests are served from memory before being checked against storage."""
 MAX_TAGS_LOOKED_AT = 100
 """Most tags of one name looked at to find what the name stands for."""
 
@@ -135,8 +133,7 @@ class Images:
             d = self._image(image, tag)
 
         async def remember(result: ImageManifests) -> ImageManifests:
-            self.known.add(image.spelling, tag)
-            self.served.note_users(image.spelling, result)
+            self._note_served(image, tag, result)
             # Recorded before the answer (a storage write the first time a tag is seen,
             # nothing after): once a client has the manifest, every instance lists the tag.
             # A failure to record it is logged, never the pull's.
@@ -167,9 +164,12 @@ class Images:
             return None
         self._metrics.cache_result("memory")
         self.served.note_built(digests)
-        self.known.add(image.spelling, tag)
-        self.served.note_users(image.spelling, remembered)
+        self._note_served(image, tag, remembered)
         return remembered
+
+    def _note_served(self, image: ImageSpec, tag: str, result: ImageManifests) -> None:
+        self.known.add(image.spelling, tag)
+        self.served.note_users(image.spelling, result)
 
     def _identity_of(self, tag: str, fingerprint: str) -> str:
         identity = self._source.identity(tag)
