@@ -30,9 +30,51 @@ from nixeryd.storage.records import JSON, Resolution, resolved_key
 log = Logger()
 
 
-def _all_present(paths: Iterable[str]) -> bool:
-    """Blocking: whether every path is in this host's store (a stat each)."""
-    return all(os.path.lexists(path) for path in paths)
+def _assembled(identity: str, system: str, names: list[str], found: list[bytes | None],
+               ttl: float | None, now: float) -> NixBuild | None:
+    """Blocking (records hold closures of thousands of paths, each then stat'ed): the build
+    the records of ``names`` give, or None when one is missing, stale, of another revision,
+    or names a path this host does not have."""
+    resolutions = []
+    for name, data in zip(names, found, strict=True):
+        resolution = Resolution.decode(data)
+        if resolution is None or (resolution.identity, resolution.system, resolution.name) != (
+                identity, system, name):
+            return None
+        if ttl is not None and now - resolution.recorded > ttl:
+            return None
+        resolutions.append(resolution)
+    if len({r.revision for r in resolutions}) != 1:
+        return None  # answers from different fetches of a moving package set
+    closure: dict[str, PathInfo] = {}
+    for resolution in resolutions:
+        for path, (references, size) in resolution.closure.items():
+            closure[path] = PathInfo(path, references, size)
+    if not all(os.path.lexists(path) for path in closure):
+        return None
+    named = {r.name: r.out for r in resolutions}
+    return NixBuild(
+        roots=tuple(sorted(set(named.values()))), closure=closure, named=named,
+        revision=resolutions[0].revision, main_programs={r.name: r.program for r in resolutions},
+        meta={r.name: dict(r.meta) for r in resolutions if r.meta},
+    )
+
+
+def _encoded(identity: str, system: str, built: NixBuildResult, now: float) -> list[tuple[str, bytes]]:
+    """Blocking: each name's record of ``built``, keyed and encoded."""
+    records = []
+    for name, out in sorted(built.named.items()):
+        if out not in built.closure:
+            continue
+        paths = closure_of([out], built.closure)
+        resolution = Resolution(
+            identity=identity, system=system, name=name, out=out,
+            closure={p: (built.closure[p].references, built.closure[p].nar_size) for p in sorted(paths)},
+            program=built.main_programs.get(name), meta=dict(built.meta.get(name, {})),
+            revision=built.revision, recorded=now,
+        )
+        records.append((resolved_key(identity, system, name), resolution.encode()))
+    return records
 
 
 class KnownPackages:
@@ -53,46 +95,12 @@ class KnownPackages:
         except StorageError as e:
             log.warn("cannot read what names resolved to: {error}", error=str(e))
             return None
-        now = self._clock.seconds()
-        resolutions = []
-        for name, data in zip(names, found, strict=True):
-            resolution = Resolution.decode(data)
-            if resolution is None or (resolution.identity, resolution.system, resolution.name) != (
-                    identity, system, name):
-                return None
-            if ttl is not None and now - resolution.recorded > ttl:
-                return None
-            resolutions.append(resolution)
-        if len({r.revision for r in resolutions}) != 1:
-            return None  # answers from different fetches of a moving package set
-        closure: dict[str, PathInfo] = {}
-        for resolution in resolutions:
-            for path, (references, size) in resolution.closure.items():
-                closure[path] = PathInfo(path, references, size)
-        if not await self._offload(_all_present, list(closure)):
-            return None
-        named = {r.name: r.out for r in resolutions}
-        return NixBuild(
-            roots=tuple(sorted(set(named.values()))), closure=closure, named=named,
-            revision=resolutions[0].revision, main_programs={r.name: r.program for r in resolutions},
-            meta={r.name: dict(r.meta) for r in resolutions if r.meta},
-        )
+        return await self._offload(_assembled, identity, system, names, found, ttl, self._clock.seconds())
 
     async def remember(self, identity: str, system: str, built: NixBuildResult) -> None:
         """Keep what each name of ``built`` resolved to; a storage failure is only logged."""
-        now = self._clock.seconds()
-        writes = []
-        for name, out in sorted(built.named.items()):
-            if out not in built.closure:
-                continue
-            paths = closure_of([out], built.closure)
-            resolution = Resolution(
-                identity=identity, system=system, name=name, out=out,
-                closure={p: (built.closure[p].references, built.closure[p].nar_size) for p in sorted(paths)},
-                program=built.main_programs.get(name), meta=dict(built.meta.get(name, {})),
-                revision=built.revision, recorded=now,
-            )
-            writes.append(self._storage.put(resolved_key(identity, system, name), resolution.encode(), JSON))
+        encoded = await self._offload(_encoded, identity, system, built, self._clock.seconds())
+        writes = [self._storage.put(key, data, JSON) for key, data in encoded]
         try:
             await gather(writes)
         except StorageError as e:
