@@ -93,7 +93,8 @@ in
   # What nixeryd reads, as JSON on standard output (`nix-instantiate --eval --strict
   # --json --read-write-mode -A info`): a channel no builder can write to, unlike
   # standard error, where builders' logs go. With every name resolved: each name's
-  # default output and derivation (written to the store, to be realised next), the
+  # default output and derivation (written to the store, to be realised next; by name, so
+  # a path this host lacks can be built again from it without evaluating anything), the
   # package set's git revision, each package's main program, licence and homepage.
   # Otherwise the names not found, and those whose attributes throw.
   info = builtins.seq pkgs (
@@ -103,6 +104,7 @@ in
       inherit roots revision programs;
       meta = metas;
       drvs = map (r: r.value.drvPath) resolved;
+      derivers = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.drvPath; }) resolved);
     } else {
       notFound = map (r: r.name) unresolved;
       throwing = map (r: r.name) throwing;
@@ -111,6 +113,7 @@ in
       programs = { };
       meta = { };
       drvs = [ ];
+      derivers = { };
     });
 
   # Evaluating it raises the first throwing package's own error: Nix's message for it.

@@ -264,7 +264,14 @@ class NixCounter:
     @property
     def calls(self) -> int:
         """Builds started: evaluations of build.nix's ``info``."""
-        return sum(1 for line in self.log.read_text().splitlines() if "-A info " in line)
+        return len(self.asked)
+
+    @property
+    def asked(self) -> list[list[str]]:
+        """The names each build asked Nix to evaluate."""
+        calls = [line for line in self.log.read_text().splitlines() if "-A info " in line]
+        return [json.loads(line.split("--argstr packages ", 1)[1].split(" --argstr system ", 1)[0])
+                for line in calls]
 
 
 def manifest_digest(daemon: Daemon, name: str) -> str:

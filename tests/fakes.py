@@ -46,6 +46,7 @@ class FakeNix:
     licences: Mapping[str, str] = field(default_factory=dict)  # name -> meta.license
     revision: str | None = None
     calls: list[tuple[str, ...]] = field(default_factory=list)
+    realised: list[tuple[str, ...]] = field(default_factory=list)
     pending: list[Deferred[NixBuild]] = field(default_factory=list)
     _results: list[NixBuild] = field(default_factory=list)
 
@@ -69,6 +70,16 @@ class FakeNix:
         self.pending.append(d)
         self._results.append(result)
         return d
+
+    def realise(self, paths: Sequence[str], *, label: str = "") -> Deferred[bool]:
+        """As ``nix-store --realise`` of outputs with a binary cache: a path moved aside to
+        ``<path>.cached`` is "in the cache" and comes back; any other missing path fails."""
+        self.realised.append(tuple(paths))
+        for path in paths:
+            cached = Path(path + ".cached")
+            if not Path(path).exists() and cached.exists():
+                cached.rename(path)
+        return succeed(all(Path(p).exists() for p in paths))
 
     def release(self) -> None:
         """Fire every held build."""

@@ -29,10 +29,10 @@ class Instance:
     """One nixeryd's images over ``storage``, with or without the memory of known names."""
 
     def __init__(self, nix: FakeNix, storage: MemoryStorage, clock: Clock, source: object,
-                 known: bool = True) -> None:
+                 known: bool = True, store_dir: str = "/nix/store") -> None:
         builder = ImageBuilder(nix=nix, storage=storage, offload=inline, source=source,  # type: ignore[arg-type]
                                clock=clock, popularity={},
-                               known=KnownPackages(storage, inline, clock) if known else None)
+                               known=KnownPackages(storage, inline, clock, store_dir) if known else None)
         self.images = Images(builder, storage, source, clock, cache_ttl=3600)  # type: ignore[arg-type]
 
 
@@ -40,13 +40,14 @@ class KnownPackagesTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
-        store = make_store(Path(self.mktemp()).absolute(), DEPENDENCIES)
+        self.store_dir = Path(self.mktemp()).absolute()
+        store = make_store(self.store_dir, DEPENDENCIES)
         self.store = store
         self.nix = FakeNix(store, DEPENDENCIES, programs={"alpha": "alpha", "beta": "beta"},
                            licences={"alpha": "MIT"}, revision=REV)
         self.storage = MemoryStorage(now=self.clock.seconds)
         self.source = GitSource("https://git.internal/pkgs.git")
-        self.instance = Instance(self.nix, self.storage, self.clock, self.source)
+        self.instance = Instance(self.nix, self.storage, self.clock, self.source, store_dir=str(self.store_dir))
 
     def pull(self, instance: Instance, name: str, tag: str = REV) -> ImageManifests:
         d: Deferred[ImageManifests] = instance.images.manifests(parse_name(name), tag)
@@ -82,13 +83,25 @@ class KnownPackagesTests(SynchronousTestCase):
                     "layers/" + json.loads(known.oci.body)["config"]["digest"][7:])) or b"{}")
                 self.assertEqual(config["config"]["Entrypoint"], [self.store["alpha"] + "/bin/alpha"])
 
-    def test_an_unknown_name_is_nix_s_and_then_known(self) -> None:
-        """One name never resolved: Nix builds the image, and its answer is remembered."""
+    def test_an_unknown_name_is_nix_s_alone_and_then_known(self) -> None:
+        """One name never resolved: Nix is asked for that name alone, its answer is
+        remembered, and the image is what an instance that never saw any name builds."""
         self.pull(self.instance, "alpha")
-        self.pull(self.instance, "alpha/gamma")
-        self.assertEqual(len(self.nix.calls), 2)
+        made = self.pull(self.instance, "alpha/gamma")
+        self.assertEqual(self.nix.calls[1:], [("gamma",)])
+        self.assertEqual(made.oci.body, self.from_nix("alpha/gamma").oci.body)
         self.pull(self.instance, "gamma")
         self.assertEqual(len(self.nix.calls), 2)
+
+    def test_an_unknown_name_not_in_the_set_fails_as_a_whole_build_would(self) -> None:
+        """Nix asked for the unknown name alone says it is not there, as a whole build would."""
+        from nixeryd.build.failures import PackagesNotFound
+
+        self.pull(self.instance, "alpha")
+        failure = self.failureResultOf(self.instance.images.manifests(parse_name("alpha/nosuch"), REV),
+                                       PackagesNotFound)
+        self.assertEqual(self.nix.calls[1:], [("nosuch",)])
+        self.assertIn("nosuch", failure.value.message)
 
     def test_another_package_set_knows_nothing(self) -> None:
         """What names resolved to is per package set: another revision asks Nix."""
@@ -96,15 +109,27 @@ class KnownPackagesTests(SynchronousTestCase):
         self.pull(self.instance, "alpha", tag="d" * 40)
         self.assertEqual(len(self.nix.calls), 2)
 
-    def test_a_path_missing_from_this_host_is_nix_s_to_bring(self) -> None:
-        """An answer naming a store path this host does not have (collected since) is not
-        used: Nix is asked, and brings it back."""
+    def test_a_path_missing_from_this_host_is_realised_without_evaluation(self) -> None:
+        """A store path this host no longer has (collected since) is brought back with
+        ``nix-store --realise`` of the known output: no evaluation, the same image."""
+        self.pull(self.instance, "alpha")
+        self.pull(self.instance, "gamma")
+        os.rename(self.store["gamma"], self.store["gamma"] + ".cached")
+        made = self.pull(self.instance, "alpha/gamma")
+        self.assertEqual(len(self.nix.calls), 2)
+        self.assertEqual(self.nix.realised, [(self.store["gamma"],)])
+        self.assertEqual(made.oci.body, self.from_nix("alpha/gamma").oci.body)
+
+    def test_a_path_no_cache_has_is_nix_s_to_bring(self) -> None:
+        """A missing path Nix cannot realise (no cache has it, no derivation here): Nix
+        builds the image whole, and brings the path back."""
         self.pull(self.instance, "alpha")
         self.pull(self.instance, "gamma")
         gone = self.store["gamma"] + ".gone"
         os.rename(self.store["gamma"], gone)
         self.nix.hold = True
         pending: Deferred[ImageManifests] = self.instance.images.manifests(parse_name("alpha/gamma"), REV)
+        self.assertEqual(self.nix.realised, [(self.store["gamma"],)])
         self.assertEqual(len(self.nix.calls), 3)
         os.rename(gone, self.store["gamma"])  # what Nix does
         self.nix.release()
@@ -114,7 +139,7 @@ class KnownPackagesTests(SynchronousTestCase):
         """A path source moves: what its names resolved to is used for the cache TTL only,
         and answers from different revisions are never mixed."""
         source = PathSource("/srv/pkgs")
-        instance = Instance(self.nix, self.storage, self.clock, source)
+        instance = Instance(self.nix, self.storage, self.clock, source, store_dir=str(self.store_dir))
         self.pull(instance, "alpha", "latest")
         self.pull(instance, "beta", "latest")
         self.pull(instance, "alpha/beta", "latest")
@@ -150,8 +175,11 @@ class KnownPackagesTests(SynchronousTestCase):
         self.pull(self.instance, "gamma")
         report = self.successResultOf(Deferred.fromCoroutine(
             collect(self.storage, keep_seconds=86400, now=self.clock.seconds())))
-        self.assertEqual(report.removed_resolutions, 1)  # alpha; the base packages were recorded again with gamma
+        # alpha and the two base packages: gamma's build asked Nix for gamma alone.
+        self.assertEqual(report.removed_resolutions, 3)
         self.pull(self.instance, "nonroot/alpha")
+        self.assertEqual(self.nix.calls[2], self.nix.calls[0])
+        self.pull(self.instance, "gamma/alpha")
         self.assertEqual(len(self.nix.calls), 3)
 
 

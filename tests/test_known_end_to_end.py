@@ -3,6 +3,8 @@ names already resolved starts no Nix process, and its digest is the one an insta
 never saw those names builds with Nix."""
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 from tests.daemon import Daemon, NixCounter, daemon_environment, manifest_digest
@@ -17,13 +19,28 @@ def test_known_names_make_an_image_without_nix(tmp_path: Path) -> None:
             manifest_digest(daemon, name)
         assert counter.calls == 3
         known = {name: manifest_digest(daemon, name) for name in ("git/hello", "run/hello/git", "shell/hello")}
-        # shell/ needs the shell's packages, which nobody asked for yet: Nix answers that one.
+        # shell/ needs the shell's packages, which nobody asked for yet: Nix is asked for
+        # those alone, not for hello or the base packages it already answered.
         assert counter.calls == 4
+        assert "hello" not in counter.asked[3] and "bashInteractive" in counter.asked[3]
+        assert not {"cacert", "iana-etc"} & set(counter.asked[3])
         status, _, body = daemon.request("/v2/nonroot/htop/hello/git/manifests/latest")
         assert status == 200, body
         assert counter.calls == 4
-        resolved = sorted(p.name for p in (storage / "resolved").iterdir())
-        assert len(resolved) >= 5
+
+        # htop's output collected from this host's store: its recorded derivation builds
+        # it again, with no evaluation.
+        records = [json.loads(p.read_bytes()) for p in (storage / "resolved").iterdir()]
+        assert len(records) >= 5
+        htop = next(r for r in records if r["name"] == "htop")
+        assert htop["deriver"].endswith(".drv")
+        subprocess.run(["nix-store", "--delete", htop["out"]], check=True, capture_output=True,
+                       env=daemon_environment(storage))
+        assert not Path(htop["out"]).exists()
+        known["git/htop"] = manifest_digest(daemon, "git/htop")
+        assert counter.calls == 4
+        assert Path(htop["out"]).exists()
+        assert any("realised without evaluation" in line for line in daemon.output)
     finally:
         daemon.stop()
 

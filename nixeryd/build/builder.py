@@ -33,9 +33,6 @@ from nixeryd.storage.interface import DAMAGED, INTACT, IStorage, staging_failure
 
 log = Logger()
 
-"""Bytes hashed on the reactor thread at most (about 0.1 ms); more go to a thread."""
-
-
 SSL_CERT_FILE = "/etc/ssl/certs/ca-bundle.crt"
 
 
@@ -45,6 +42,8 @@ class Nix(Protocol):
     def build(
         self, source: Mapping[str, str], packages: Sequence[str], system: str, *, label: str = ""
     ) -> Awaitable[NixBuildResult]: ...
+
+    def realise(self, paths: Sequence[str], *, label: str = "") -> Awaitable[bool]: ...
 
 
 class BuildQueueFull(Exception):
@@ -170,16 +169,7 @@ class ImageBuilder:
         try:
             log.info("building {image} for {arch} at {tag}", image=image.name,
                      arch=image.arch.oci, tag=tag)
-            system = image.arch.nix_system
-            built: NixBuildResult | None = None
-            if self._known is not None and identity is not None:
-                built = await self._known.resolve(identity, system, image.packages, ttl)
-                if built is not None:
-                    log.info("every name of {image} is known: no Nix", image=image.name)
-            if built is None:
-                built = await self._nix.build(self._source.nix_source(tag), image.packages, system, label=label)
-                if self._known is not None and identity is not None:
-                    await self._known.remember(identity, system, built)
+            built = await self._resolved(image, tag, label, identity, ttl)
             nix_done = self._clock.seconds()
             manifests = await self._pack(image, tag, built)
         finally:
@@ -192,6 +182,38 @@ class ImageBuilder:
             digest=manifests.oci.digest,
         )
         return manifests
+
+    async def _resolved(self, image: ImageSpec, tag: str, label: str, identity: str | None,
+                        ttl: float | None) -> NixBuildResult:
+        """What the image's names stand for: from what they resolved to before, as far as
+        that goes (names not known yet evaluated alone, paths this host lacks realised
+        without evaluating), else from a whole Nix build."""
+        source, system, names = self._source.nix_source(tag), image.arch.nix_system, image.packages
+        known = self._known
+        if known is None or identity is None:
+            return await self._nix.build(source, names, system, label=label)
+        evaluated: tuple[str, ...] = ()  # the names Nix was asked for alone
+        realised = False
+        while True:
+            found = await known.look_up(identity, system, names, ttl)
+            if found.build is not None:
+                how = (f"Nix evaluated only {', '.join(evaluated)}" if evaluated
+                       else "missing paths realised without evaluation" if realised else "no Nix")
+                log.info("{image} made of known names: {how}", image=image.name, how=how)
+                return found.build
+            if found.unknown and not evaluated and len(found.unknown) < len(set(names)):
+                evaluated = found.unknown
+                partial = await self._nix.build(source, found.unknown, system, label=label)
+                await known.remember(identity, system, partial)
+            elif found.realise and not realised and not found.unknown:
+                realised = True
+                if not await self._nix.realise(found.realise, label=label):
+                    break
+            else:
+                break
+        built = await self._nix.build(source, names, system, label=label)
+        await known.remember(identity, system, built)
+        return built
 
     async def _pack(self, image: ImageSpec, tag: str, built: NixBuildResult) -> ImageManifests:
         base = closure_of((built.named[b] for b in image.base if b in built.named), built.closure)

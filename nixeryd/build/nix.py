@@ -96,6 +96,9 @@ class NixBuildResult(Protocol):
     @property
     def meta(self) -> Mapping[str, Mapping[str, str]]: ...
 
+    @property
+    def derivers(self) -> Mapping[str, str]: ...
+
 
 @dataclass(frozen=True)
 class NixBuild:
@@ -107,6 +110,7 @@ class NixBuild:
     revision: str | None = None  # the package set's git revision, where Nix knows it
     main_programs: Mapping[str, str | None] = field(default_factory=dict)  # name -> meta.mainProgram
     meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # name -> licence, homepage
+    derivers: Mapping[str, str] = field(default_factory=dict)  # name -> its root's derivation
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,20 @@ class NixBuilder:
         if missing:
             raise NixBuildFailed(f"Nix did not build {', '.join(sorted(missing))}")
         return NixBuild(roots=roots, closure=closure, named=info.roots, revision=info.revision,
-                        main_programs=info.programs, meta=info.meta)
+                        main_programs=info.programs, meta=info.meta, derivers=info.derivers)
+
+    async def realise(self, paths: Sequence[str], *, label: str = "") -> bool:
+        """Bring ``paths`` into this host's store without evaluating anything: derivations
+        are built (their inputs are in the store with them), other paths substituted from
+        Nix's caches. False, and the reason logged, when Nix cannot."""
+        deadline = self._reactor.seconds() + self._deadline
+        realised = await self.run(
+            ["nix-store", "--realise", "--timeout", f"{math.ceil(self._timeout):d}", *paths], label, deadline)
+        if realised.exit_code != 0:
+            log.warn("Nix could not bring known paths into the store: {tail}",
+                     tail=tail_text(realised.tail), image=label)
+            return False
+        return True
 
     async def run(self, argv: Sequence[str], label: str, deadline: float) -> NixExit:
         """Run one Nix command in its own process group, killed at ``deadline``."""

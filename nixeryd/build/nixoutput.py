@@ -83,6 +83,7 @@ class Info:
     revision: str | None
     programs: dict[str, str | None]
     meta: dict[str, dict[str, str]]
+    derivers: dict[str, str]  # name -> the derivation of its default output
 
 
 STORE_PATH = re.compile(r"/nix/store/[0-9a-z]{32}-[^/]+")
@@ -102,17 +103,18 @@ def parse_info(data: bytes, overflowed: bool = False) -> Info:
         throwing = [str(n) for n in doc["throwing"]]
         roots = {str(k): str(v) for k, v in doc["roots"].items()}
         derivations = tuple(str(d) for d in doc["drvs"])
+        derivers = {str(k): str(v) for k, v in doc.get("derivers", {}).items()}
         revision = doc["revision"]
         programs = {str(k): v if isinstance(v, str) else None for k, v in doc["programs"].items()}
         meta = {str(k): {f: v[f] for f in ("license", "homepage") if isinstance(v.get(f), str)}
                 for k, v in doc["meta"].items() if isinstance(v, dict)}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise NixBuildFailed(f"unreadable answer from Nix: {e}") from None
-    for path in [*roots.values(), *derivations]:
+    for path in [*roots.values(), *derivations, *derivers.values()]:
         if not STORE_PATH.fullmatch(path):
             raise NixBuildFailed(f"unreadable answer from Nix: {path[:200]!r} is not a store path")
     return Info(tuple(names), tuple(throwing), roots, derivations,
-                revision if isinstance(revision, str) else None, programs, meta)
+                revision if isinstance(revision, str) else None, programs, meta, derivers)
 
 
 def parse_closure(data: bytes) -> dict[str, PathInfo]:

@@ -228,12 +228,14 @@ class Resolution:
     meta: dict[str, str]
     revision: str | None
     recorded: float
+    deriver: str | None = None  # the derivation of ``out``, to build it again without Nix's evaluation
 
     def encode(self) -> bytes:
         return json.dumps({
             "identity": self.identity, "system": self.system, "name": self.name, "out": self.out,
             "closure": {path: [list(refs), size] for path, (refs, size) in sorted(self.closure.items())},
             "program": self.program, "meta": self.meta, "revision": self.revision, "recorded": self.recorded,
+            "deriver": self.deriver,
         }, sort_keys=True).encode()
 
     @classmethod
@@ -248,12 +250,14 @@ class Resolution:
                     return None
                 closure[path] = (tuple(refs), size)
             program, revision, meta = doc["program"], doc["revision"], doc["meta"]
+            deriver = doc.get("deriver")  # not in records written before it was kept
             if not (isinstance(program, (str, type(None))) and isinstance(revision, (str, type(None)))
+                    and isinstance(deriver, (str, type(None)))
                     and isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
                 return None
             resolution = cls(str(doc["identity"]), str(doc["system"]), str(doc["name"]), str(doc["out"]),
                              closure, program, {str(k): v for k, v in meta.items()}, revision,
-                             float(doc["recorded"]))
+                             float(doc["recorded"]), deriver)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
         return resolution if resolution.out in resolution.closure else None
