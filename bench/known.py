@@ -11,7 +11,9 @@ instances on storage of their own:
     combination: no Nix process (counted);
   - one that never saw the names, pulling the same combination: a whole Nix evaluation
     (the store paths are already built, so Nix's share is evaluation, not building).
-Both answer with the same digest. Prints a table.
+Both answer with the same digest. Then a combination with one name never seen: the first
+instance asks Nix for that name alone, a third (that never saw any) evaluates them all.
+Prints a table.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from tests.daemon import Daemon, NixCounter, daemon_environment  # noqa: E402
 
 NAMES = ["p101", "p2203", "p17001"]
+NEW = "p30001"  # never pulled alone
 
 
 def evaluation(pkgs: Path, size: int, depth: int) -> tuple[float, float]:
@@ -66,36 +69,56 @@ def main() -> None:
         (pkgs / "default.nix").write_text(source)
         eval_seconds, eval_mib = evaluation(pkgs, args.size, args.depth)
         combination = "/".join(NAMES)
+        one_new = "/".join([*NAMES[:2], NEW])
 
-        counter = NixCounter(work / "counter")
-        knowing = Daemon(work / "knowing", counter.env(daemon_environment(
-            work / "knowing", NIXERY_PKGS_PATH=str(pkgs), NIXERY_BUILD_DEADLINE="3600")))
-        knowing.start()
-        try:
+        env = {"NIXERY_PKGS_PATH": str(pkgs), "NIXERY_BUILD_DEADLINE": "3600"}
+        knowing = Instance(work / "knowing", env)
+        with knowing:
             for name in NAMES:
-                pull(knowing, name)
-            taught = counter.calls
-            known_seconds, known_digest = pull(knowing, combination)
-            known_calls = counter.calls - taught
-        finally:
-            knowing.stop()
-
-        fresh_counter = NixCounter(work / "fresh-counter")
-        fresh = Daemon(work / "fresh", fresh_counter.env(daemon_environment(
-            work / "fresh", NIXERY_PKGS_PATH=str(pkgs), NIXERY_BUILD_DEADLINE="3600")))
-        fresh.start()
-        try:
-            nix_seconds, nix_digest = pull(fresh, combination)
-            nix_calls = fresh_counter.calls
-        finally:
-            fresh.stop()
+                knowing.pull(name)
+            known_seconds, known_digest, known_calls = knowing.pull(combination)
+            partial_seconds, partial_digest, partial_calls = knowing.pull(one_new)
+        with Instance(work / "fresh", env) as fresh:
+            nix_seconds, nix_digest, nix_calls = fresh.pull(combination)
+        with Instance(work / "fresh-2", env) as fresh:
+            whole_seconds, whole_digest, whole_calls = fresh.pull(one_new)
 
     print(f"package set: {args.size} packages x {args.depth} stages; evaluating one package: "
           f"{eval_seconds:.2f} s, {eval_mib:.0f} MiB peak\n")
-    print(f"{'cold pull of ' + combination:<44}{'seconds':>9}{'Nix evaluations':>17}")
-    print(f"{'with Nix (names never seen)':<44}{nix_seconds:>9.2f}{nix_calls:>17}")
-    print(f"{'without Nix (every name known)':<44}{known_seconds:>9.2f}{known_calls:>17}")
-    print(f"\nspeed-up: {nix_seconds / known_seconds:.1f}x; same digest: {known_digest == nix_digest}")
+    rows = [
+        (f"cold pull of {combination}", "", ""),
+        ("  with Nix (names never seen)", f"{nix_seconds:.2f}", str(nix_calls)),
+        ("  without Nix (every name known)", f"{known_seconds:.2f}", str(known_calls)),
+        (f"cold pull of {one_new}", "", ""),
+        ("  with Nix (names never seen)", f"{whole_seconds:.2f}", str(whole_calls)),
+        (f"  Nix for {NEW} alone (the others known)", f"{partial_seconds:.2f}", str(partial_calls)),
+    ]
+    print(f"{'':<48}{'seconds':>9}{'Nix evaluations':>17}")
+    for label, seconds, calls in rows:
+        print(f"{label:<48}{seconds:>9}{calls:>17}")
+    print(f"\nknown names: {nix_seconds / known_seconds:.1f}x faster, same digest: {known_digest == nix_digest}")
+    print(f"one new name: {whole_seconds / partial_seconds:.1f}x faster, same digest: {partial_digest == whole_digest}")
+
+
+class Instance:
+    """A nixeryd on storage of its own, counting the Nix evaluations of its pulls."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.counter = NixCounter(root / "counter")
+        self.daemon = Daemon(root / "storage", self.counter.env(daemon_environment(root / "storage", **env)))
+
+    def __enter__(self) -> Instance:
+        self.daemon.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.daemon.stop()
+
+    def pull(self, name: str) -> tuple[float, str, int]:
+        """Seconds, digest and Nix evaluations of one cold pull."""
+        before = self.counter.calls
+        seconds, digest = pull(self.daemon, name)
+        return seconds, digest, self.counter.calls - before
 
 
 if __name__ == "__main__":

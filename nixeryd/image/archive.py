@@ -216,9 +216,9 @@ def _header(entry: Entry) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _copy_file(entry: File, stream: _HashedStream) -> None:
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
+def _copy_file(entry: File, stream: _HashedStream, view: memoryview) -> None:
+    """Copy a file's bytes through ``view`` (one buffer for every file of a layer: store
+    paths hold thousands of small files, and a buffer apiece is a map and unmap each)."""
     remaining = entry.size
     with open(entry.source, "rb") as f:
         while remaining > 0:
@@ -238,11 +238,12 @@ def write_entries(
     entries: Iterable[Entry], out: BinaryIO, level: int | None, compression: str, workers: int | None = None
 ) -> BlobInfo:
     stream = _HashedStream(out, level, compression, workers or os.cpu_count() or 1)
+    view = memoryview(bytearray(CHUNK))
     try:
         for entry in entries:
             stream.write(_header(entry))
             if isinstance(entry, File):
-                _copy_file(entry, stream)
+                _copy_file(entry, stream, view)
             elif isinstance(entry, Data):
                 stream.write(entry.data + bytes(-len(entry.data) % _BLOCK))
         stream.write(bytes(2 * _BLOCK))  # end-of-archive marker
