@@ -5,8 +5,9 @@
 
 Builds the benchmark package set (bench/pkgs: documentation, locales, the
 Python standard library; about 340 MB), then packs the same store paths:
-  - with `tar -c | gzip -6` (one stream, as a shell would), `tar -c | pigz -6 -p N`
-    and `tar -c | zstd -3 -T N` (every core on one stream),
+  - with `tar -c | gzip -6` (one stream, as a shell would), and, in nixeryd's order
+    (`tar --sort=name`, so that ratios compare), `| pigz -6 -p N` and `| zstd -3 -T N`
+    (every core on one stream),
   - with nixeryd's writer, every path in one layer, on one thread and on every core
     (one big layer: a toolchain, a TeX or CUDA closure), gzip and zstd,
   - with nixeryd's writer, one layer per path, in one thread and in parallel
@@ -63,8 +64,11 @@ def tar_gzip(paths: list[str], out: str) -> tuple[float, int]:
 
 
 def tar_piped(paths: list[str], out: str, command: str) -> tuple[float, int]:
+    """``tar`` in nixeryd's order (sorted by name: about 11% better zstd ratio than the
+    directory order) piped into ``command``."""
     start = time.perf_counter()
-    subprocess.run(f"tar -cf - {' '.join(paths)} 2>/dev/null | {command} > {out}", shell=True, check=True)
+    subprocess.run(f"tar --sort=name -cf - {' '.join(paths)} 2>/dev/null | {command} > {out}", shell=True,
+                   check=True)
     return time.perf_counter() - start, os.path.getsize(out)
 
 
@@ -105,8 +109,8 @@ def main() -> None:
         seconds, packed = tar_gzip(paths, os.path.join(workdir, "tar.gz"))
         rows.append(("tar -c | gzip -6", seconds, packed))
         cores = os.cpu_count() or 1
-        for name, command in ((f"tar -c | pigz -6 -p{cores}", f"pigz -6 -p{cores}"),
-                              (f"tar -c | zstd -3 -T{cores}", f"zstd -q -3 -T{cores}")):
+        for name, command in ((f"tar --sort=name -c | pigz -6 -p{cores}", f"pigz -6 -p{cores}"),
+                              (f"tar --sort=name -c | zstd -3 -T{cores}", f"zstd -q -3 -T{cores}")):
             seconds, packed = tar_piped(paths, os.path.join(workdir, "piped"), command)
             rows.append((name, seconds, packed))
         for compression in ("gzip", "zstd"):
@@ -121,9 +125,9 @@ def main() -> None:
         rss = peak_rss_packing(big, workdir)
     base = rows[0][1]
     print(f"input: {len(paths)} store paths, {data / 1e6:.0f} MB of file data\n")
-    print(f"{'packer':<44}{'seconds':>9}{'MB/s in':>10}{'ratio':>8}{'speed vs tar|gzip':>19}")
+    print(f"{'packer':<46}{'seconds':>9}{'MB/s in':>10}{'ratio':>8}{'speed vs tar|gzip':>19}")
     for name, seconds, packed in rows:
-        print(f"{name:<44}{seconds:>9.2f}{data / seconds / 1e6:>10.1f}{packed / data:>8.3f}{base / seconds:>18.2f}x")
+        print(f"{name:<46}{seconds:>9.2f}{data / seconds / 1e6:>10.1f}{packed / data:>8.3f}{base / seconds:>18.2f}x")
     print(f"\npeak RSS packing {big_size / 1e9:.2f} GB as one layer: {rss:.0f} MB")
 
 
