@@ -19,6 +19,7 @@ from nixeryd.build.known import KnownPackages
 from nixeryd.build.nix import NixBuilder
 from nixeryd.build.pkgsource import PathSource
 from nixeryd.build.popularity import load_popularity
+from nixeryd.build.substituters import BinaryCaches
 from nixeryd.config import Config, ConfigError
 from nixeryd.core.offload import Offload, thread_pool
 from nixeryd.http.auth import Authenticator, parse_htpasswd, parse_tokens
@@ -40,6 +41,7 @@ threads, system events): no one Twisted type names them all."""
 
 FILE_THREADS = 4
 AUTH_THREADS = 2
+PROBE_THREADS = 4
 REMOTE_THREADS = 10  # the connection pool size of the GCS client (requests') and of boto3
 
 def default_nix_dir() -> str:
@@ -221,9 +223,12 @@ def build_parts(config: Config, reactor: Reactor, popularity: Mapping[str, int])
     files = pool("files", FILE_THREADS)
     remote = pool("remote", REMOTE_THREADS) if config.storage_backend in ("gcs", "s3") else files
     storage = _storage(config, files if config.storage_backend == "filesystem" else remote, reactor)
+    # Binary caches are asked whether they answer on threads of their own: a cache that
+    # does not holds one for seconds.
+    caches = BinaryCaches(reactor, pool("probes", PROBE_THREADS))
     nix = NixBuilder(reactor, _nix_dir(config), config.child_environment,
                      timeout=config.nix_timeout, deadline=config.build_deadline,
-                     conf_dir=nix_conf_dir(config.child_environment), offload=offload)
+                     conf_dir=nix_conf_dir(config.child_environment), offload=offload, caches=caches)
     NixService(nix).setServiceParent(top)
     metrics = Metrics()
     if config.storage_backend == "filesystem":

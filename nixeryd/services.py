@@ -51,10 +51,15 @@ class Listeners(MultiService):
 
 
 class NixService(Service):
-    """Stops running Nix builds when nixeryd stops."""
+    """Finds, once started, which of Nix's binary caches answer (so that the first build
+    need not wait for it); stops running Nix builds when nixeryd stops."""
 
     def __init__(self, nix: NixBuilder) -> None:
         self.nix = nix
+
+    def startService(self) -> None:
+        super().startService()
+        self.nix.prepare()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -33,6 +33,7 @@ from nixeryd.build.nixoutput import (
     parse_info,
     shorten,
 )
+from nixeryd.build.substituters import BinaryCaches, configured_substituters
 from nixeryd.core.offload import Offload, inline
 from nixeryd.image.layers import PathInfo
 
@@ -194,8 +195,10 @@ class NixBuilder:
         killpg: Callable[[int, int], None] = os.killpg,
         conf_dir: str | None = None,
         offload: Offload = inline,
+        caches: BinaryCaches | None = None,
     ) -> None:
         self._reactor = reactor
+        self._caches = caches
         # Nix's JSON answers (a closure of thousands of paths is tens of MB of parsing)
         # are read off the reactor.
         self._offload = offload
@@ -228,6 +231,7 @@ class NixBuilder:
     ) -> NixBuild:
         """Build ``packages`` from ``source`` for ``system``; the closure comes with them."""
         deadline = self._reactor.seconds() + self._deadline
+        env = await self._environment(label, deadline)
         arguments = ["--argstr", "source", json.dumps(dict(source), sort_keys=True),
                      "--argstr", "packages", json.dumps(list(packages)), "--argstr", "system", system]
         # What Nix tells nixeryd comes on standard output, as JSON: no builder runs while
@@ -235,7 +239,7 @@ class NixBuilder:
         evaluated = await self.run(
             ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", self._build_nix,
              "-A", "info", *arguments],
-            label, deadline,
+            label, deadline, env,
         )
         if evaluated.exit_code != 0:
             # Names are resolved under tryEval: what fails here is the package set itself.
@@ -248,7 +252,7 @@ class NixBuilder:
                 # The first throwing attribute's own message, from evaluating it alone.
                 explained = await self.run(
                     ["nix-instantiate", "--eval", "--strict", self._build_nix, "-A", "explain", *arguments],
-                    label, deadline)
+                    label, deadline, env)
                 tail = explained.tail
             raise build_failure(tail, source=source, timeout=self._timeout, not_found=info.not_found,
                                 source_loaded=True)
@@ -256,7 +260,7 @@ class NixBuilder:
             raise NixBuildFailed("Nix built nothing for this image")
         built = await self.run(
             ["nix-store", "--realise", "--timeout", f"{math.ceil(self._timeout):d}", *info.derivations],
-            label, deadline,
+            label, deadline, env,
         )
         if built.exit_code != 0:
             raise build_failure(built.tail, source=source, timeout=self._timeout, not_found=None,
@@ -267,6 +271,7 @@ class NixBuilder:
              "--json", "--recursive", *roots],
             label,
             deadline,
+            env,
         )
         if queried.exit_code != 0:
             raise NixBuildFailed(
@@ -288,15 +293,40 @@ class NixBuilder:
         are built (their inputs are in the store with them), other paths substituted from
         Nix's caches. False, and the reason logged, when Nix cannot."""
         deadline = self._reactor.seconds() + self._deadline
+        env = await self._environment(label, deadline)
         realised = await self.run(
-            ["nix-store", "--realise", "--timeout", f"{math.ceil(self._timeout):d}", *paths], label, deadline)
+            ["nix-store", "--realise", "--timeout", f"{math.ceil(self._timeout):d}", *paths], label, deadline, env)
         if realised.exit_code != 0:
             log.warn("Nix could not bring known paths into the store: {tail}",
                      tail=tail_text(realised.tail), image=label)
             return False
         return True
 
-    async def run(self, argv: Sequence[str], label: str, deadline: float) -> NixExit:
+    def prepare(self) -> None:
+        """Find which binary caches answer now, in the background."""
+        deadline = self._reactor.seconds() + self._deadline
+        Deferred.fromCoroutine(self._environment("start-up", deadline)).addErrback(
+            lambda failure: log.warn("cannot ask Nix for its substituters: {error}", error=failure.getErrorMessage()))
+
+    async def _environment(self, label: str, deadline: float) -> Mapping[str, str]:
+        """Nix's environment for one build: with only the binary caches that answer."""
+        if self._caches is None:
+            return self._environ
+        line = await self._caches.setting(lambda: self._substituters(label, deadline))
+        if not line:
+            return self._environ
+        return {**self._environ, "NIX_CONFIG": self._environ["NIX_CONFIG"] + "\n" + line}
+
+    async def _substituters(self, label: str, deadline: float) -> list[str]:
+        """The substituters Nix uses with nixeryd's settings and the operator's."""
+        shown = await self.run(["nix", "show-config", "--json", "--extra-experimental-features", "nix-command"],
+                               label, deadline)
+        if shown.exit_code != 0:
+            raise NixBuildFailed("nix show-config failed:\n" + tail_text(shown.tail))
+        return await self._offload(configured_substituters, shown.stdout)
+
+    async def run(self, argv: Sequence[str], label: str, deadline: float,
+                  env: Mapping[str, str] | None = None) -> NixExit:
         """Run one Nix command in its own process group, killed at ``deadline``."""
         protocol = NixProcessProtocol(label)
         # setsid: a process group of its own, to stop it whole at the deadline;
@@ -304,7 +334,7 @@ class NixBuilder:
         # should nixeryd die without the chance to stop it.
         transport = self._reactor.spawnProcess(
             protocol, SETSID, [SETSID, "setpriv", "--pdeathsig", "TERM", *argv],
-            env=self._environ, usePTY=False,
+            env=self._environ if env is None else env, usePTY=False,
         )
         pid: int = transport.pid  # None once the process is reaped
         killer = _Killer(self._reactor, self._killpg, pid, self._kill_grace)
