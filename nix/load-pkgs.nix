@@ -5,6 +5,8 @@
 #     or  { type = "channel"; rev = "<40 hex>"; url = "<tarball URL>"; }
 #   { type = "git"; url = "..."; } with an optional `rev` or `ref`
 #   { type = "path"; path = "/absolute/path"; }
+#   { type = "flake"; ref = "<flake reference>"; }: names are looked up in the
+#     flake's packages.<system>, then its legacyPackages.<system>
 # Only Nix builtins are used, so this works for nixpkgs and for small package sets.
 #
 # Gives { pkgs; revision; }: the package set, and the git revision it came
@@ -20,6 +22,11 @@ let
     // (if src ? ref then { ref = src.ref; } else { })
   );
 
+  flake = builtins.getFlake src.ref;
+  # What a flake offers for `system`: its packages before its legacyPackages (nixpkgs'
+  # own flake keeps the whole set there).
+  flakePackages = (flake.legacyPackages.${system} or { }) // (flake.packages.${system} or { });
+
   fetched =
     if src.type == "channel" then
       builtins.fetchTarball (src.url or (archive (src.rev or src.channel)))
@@ -33,6 +40,7 @@ let
   revision =
     if src.type == "git" then git.rev
     else if src.type == "channel" then src.rev or null
+    else if src.type == "flake" then flake.rev or null
     else null;
 
   # What a package set may be given. nixpkgs takes all three (and pure
@@ -47,7 +55,8 @@ let
   };
   imported = import fetched;
   pkgs =
-    if builtins.isFunction imported
+    if src.type == "flake" then flakePackages
+    else if builtins.isFunction imported
     then imported (builtins.intersectAttrs (builtins.functionArgs imported) offered)
     else imported;
 in

@@ -12,7 +12,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
-from nixeryd.build.pkgsource import CHANNEL_URL, ChannelSource, GitSource, PackageSource, PathSource
+from nixeryd.build.pkgsource import (
+    CHANNEL_URL,
+    FLAKE_REF,
+    ChannelSource,
+    FlakeSource,
+    GitSource,
+    PackageSource,
+    PathSource,
+)
 from nixeryd.image.names import AMD64, ARM64, DEFAULT_BASE_PACKAGES, Arch
 
 BACKENDS = ("filesystem", "gcs", "s3")
@@ -210,8 +218,9 @@ class Config:
 
         port = parsed("PORT", lambda v, raw: _int(v, raw, 1, 65535), 8080)
         channel, repo, path = get("NIXERY_CHANNEL"), get("NIXERY_PKGS_REPO"), get("NIXERY_PKGS_PATH")
+        flake = get("NIXERY_PKGS_FLAKE")
         chosen = [name for name, value in [("NIXERY_CHANNEL", channel), ("NIXERY_PKGS_REPO", repo),
-                                           ("NIXERY_PKGS_PATH", path)] if value]
+                                           ("NIXERY_PKGS_FLAKE", flake), ("NIXERY_PKGS_PATH", path)] if value]
         if len(chosen) > 1:
             raise ConfigError(f"{', '.join(chosen)}: set at most one package source")
         source: PackageSource
@@ -219,6 +228,11 @@ class Config:
             source = PathSource(absolute(path))
         elif repo:
             source = GitSource(repo)
+        elif flake:
+            if not FLAKE_REF.fullmatch(flake):
+                raise ConfigError(f"NIXERY_PKGS_FLAKE: must be a flake reference (git+https://…, git+ssh://…, "
+                                  f"git+file:///…, github:owner/repo, path:/…, an http(s) tarball), got {flake!r}")
+            source = FlakeSource(flake)
         else:
             channel_url = get("NIXERY_CHANNEL_URL") or CHANNEL_URL
             if not channel_url.startswith(("http://", "https://", "file://")):

@@ -77,7 +77,8 @@ def test_an_unloadable_package_set_names_the_source_and_its_settings() -> None:
     assert isinstance(error, SourceUnavailable)
     assert error.summary.startswith("cannot load the package set, nixpkgs channel nixos-unstable (NIXERY_CHANNEL): "
                                     "unable to download 'https://github.com/NixOS/nixpkgs/archive/")
-    assert "NIXERY_CHANNEL (fetched from NIXERY_CHANNEL_URL), NIXERY_PKGS_REPO or NIXERY_PKGS_PATH" in error.summary
+    assert ("NIXERY_CHANNEL (fetched from NIXERY_CHANNEL_URL), NIXERY_PKGS_REPO, NIXERY_PKGS_FLAKE or NIXERY_PKGS_PATH"
+            in error.summary)
 
 
 def test_git_says_why_and_the_url_keeps_no_password() -> None:

@@ -45,15 +45,15 @@ def test_example_environment_is_valid() -> None:
             name, value = line.split("=", 1)
             env[name] = value
     assert {"PORT", "NIXERY_CHANNEL", "STORAGE_PATH", "GCS_BUCKET", "NIX_TIMEOUT"} <= set(env)
-    # The example offers a channel, a repository or a path, and a signing key or a keyless
-    # account: one of each at a time.
+    # The example offers a channel, a repository, a flake or a path, and a signing key or a
+    # keyless account: one of each at a time.
     keyless = env.pop("NIXERY_SIGNING_ACCOUNT")
-    for source in ("NIXERY_CHANNEL", "NIXERY_PKGS_REPO", "NIXERY_PKGS_PATH"):
-        others = {"NIXERY_CHANNEL", "NIXERY_PKGS_REPO", "NIXERY_PKGS_PATH"} - {source}
-        Config.from_env({k: v for k, v in env.items() if k not in others})
-    with pytest.raises(ConfigError, match="NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_PKGS_PATH"):
+    sources = {"NIXERY_CHANNEL", "NIXERY_PKGS_REPO", "NIXERY_PKGS_FLAKE", "NIXERY_PKGS_PATH"}
+    for source in sources:
+        Config.from_env({k: v for k, v in env.items() if k not in sources - {source}})
+    with pytest.raises(ConfigError, match="NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_PKGS_FLAKE, NIXERY_PKGS_PATH"):
         Config.from_env(env)
-    one_source = {k: v for k, v in env.items() if k not in ("NIXERY_PKGS_REPO", "NIXERY_PKGS_PATH")}
+    one_source = {k: v for k, v in env.items() if k not in sources - {"NIXERY_CHANNEL"}}
     without_key = {k: v for k, v in one_source.items() if not k.startswith("GCS_SIGNING_")}
     Config.from_env({**without_key, "NIXERY_SIGNING_ACCOUNT": keyless})
     with pytest.raises(ConfigError, match="NIXERY_SIGNING_ACCOUNT, GCS_SIGNING_KEY"):

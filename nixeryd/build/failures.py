@@ -35,7 +35,8 @@ SHOW_TRACE_HINT = "(use '--show-trace'"
 MESSAGE_LINES = 12
 MAX_MESSAGE = 4096
 """Most characters of Nix's output in one error message (it goes to every client)."""
-SOURCE_SETTINGS = "NIXERY_CHANNEL (fetched from NIXERY_CHANNEL_URL), NIXERY_PKGS_REPO or NIXERY_PKGS_PATH"
+SOURCE_SETTINGS = ("NIXERY_CHANNEL (fetched from NIXERY_CHANNEL_URL), NIXERY_PKGS_REPO, NIXERY_PKGS_FLAKE "
+                   "or NIXERY_PKGS_PATH")
 
 
 class NixError(Exception):
@@ -154,6 +155,8 @@ def describe_source(source: Mapping[str, str]) -> str:
         return f"git repository {public_url(source.get('url', '?'))} at {at} (NIXERY_PKGS_REPO)"
     if kind == "path":
         return f"local package set {source.get('path', '?')} (NIXERY_PKGS_PATH)"
+    if kind == "flake":
+        return f"flake {public_url(source.get('ref', '?'))} (NIXERY_PKGS_FLAKE)"
     return "package set"
 
 

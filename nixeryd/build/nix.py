@@ -232,7 +232,9 @@ class NixBuilder:
         """Build ``packages`` from ``source`` for ``system``; the closure comes with them."""
         deadline = self._reactor.seconds() + self._deadline
         env = await self._environment(label, deadline)
-        arguments = ["--argstr", "source", json.dumps(dict(source), sort_keys=True),
+        # Flakes are an experimental feature of Nix still: enabled for the builds that use one.
+        features = ["--extra-experimental-features", "flakes"] if source.get("type") == "flake" else []
+        arguments = [*features, "--argstr", "source", json.dumps(dict(source), sort_keys=True),
                      "--argstr", "packages", json.dumps(list(packages)), "--argstr", "system", system]
         # What Nix tells nixeryd comes on standard output, as JSON: no builder runs while
         # Nix evaluates, and none can write there.

@@ -1,4 +1,4 @@
-"""Where packages come from: a nixpkgs channel or commit, a git repository, a path.
+"""Where packages come from: a nixpkgs channel or commit, a git repository, a flake, a path.
 
 Each source says what to hand the Nix expression, whether an image built from
 it at a tag can be cached for good, and what identifies it in cache keys. Pure.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 _REV = re.compile(r"[0-9a-f]{40}")
 NIXPKGS_URL = "https://github.com/NixOS/nixpkgs"
@@ -135,3 +135,64 @@ class PathSource:
 
     def labels(self, tag: str, revision: str | None) -> dict[str, str]:
         return {}  # a path on the build machine names nothing a reader could fetch
+
+
+FORGES = {"github:": "https://github.com/", "gitlab:": "https://gitlab.com/", "sourcehut:": "https://git.sr.ht/"}
+FLAKE_REF = re.compile(r"(git\+(https?|ssh|file)://|github:|gitlab:|sourcehut:|path:/|tarball\+https?://|https?://)\S+")
+"""The flake references nixeryd takes: git, forges, absolute paths and tarballs."""
+
+
+@dataclass(frozen=True)
+class FlakeSource:
+    """A flake; names are looked up in its ``packages.<system>``, then its
+    ``legacyPackages.<system>``. A git or forge flake whose reference names no ref or
+    revision of its own takes the tag as one (``latest``: its default branch); any other
+    flake is what its reference says, whatever the tag."""
+
+    ref: str
+
+    @property
+    def takes_tags(self) -> bool:
+        if self.ref.startswith(tuple(FORGES)):
+            return self.ref.split(":", 1)[1].split("?", 1)[0].count("/") == 1  # owner/repo alone
+        if self.ref.startswith("git+"):
+            query = parse_qs(urlsplit(self.ref).query)
+            return "ref" not in query and "rev" not in query
+        return False
+
+    def flake_ref(self, tag: str) -> str:
+        """The reference Nix is handed for ``tag``."""
+        if tag == "latest" or not self.takes_tags:
+            return self.ref
+        if self.ref.startswith(tuple(FORGES)):
+            base, _, query = self.ref.partition("?")
+            return f"{base}/{quote(tag, safe='')}" + (f"?{query}" if query else "")
+        return f"{self.ref}{'&' if '?' in self.ref else '?'}{'rev' if is_rev(tag) else 'ref'}={quote(tag, safe='')}"
+
+    def nix_source(self, tag: str) -> dict[str, str]:
+        return {"type": "flake", "ref": self.flake_ref(tag)}
+
+    def pinned(self, tag: str) -> bool:
+        if self.takes_tags:
+            return is_rev(tag)
+        query = parse_qs(urlsplit(self.ref).query)
+        return is_rev(query.get("rev", [""])[0])
+
+    def identity(self, tag: str) -> str:
+        return f"flake:{self.flake_ref(tag)}"
+
+    def describe(self) -> str:
+        tags = " (tags are refs or revisions)" if self.takes_tags else ""
+        return f"flake {public_url(self.ref)}{tags}"
+
+    def labels(self, tag: str, revision: str | None) -> dict[str, str]:
+        return _labels(self.browsable(), revision or (tag if self.takes_tags and is_rev(tag) else None))
+
+    def browsable(self) -> str | None:
+        """Where a reader finds the flake's source, where its reference says."""
+        for prefix, site in FORGES.items():
+            if self.ref.startswith(prefix):
+                return site + "/".join(self.ref[len(prefix):].split("?", 1)[0].split("/")[:2])
+        if self.ref.startswith(("git+https://", "git+http://")):
+            return public_url(urlunsplit(urlsplit(self.ref.removeprefix("git+"))._replace(query="")))
+        return None

@@ -26,8 +26,8 @@ NOISE = re.compile(
 binary caches that do not answer."""
 SOURCE_FIX = (
     "Choose a package set this host can fetch: NIXERY_CHANNEL (a channel or a nixpkgs commit, fetched "
-    "from NIXERY_CHANNEL_URL, which can name an internal mirror), NIXERY_PKGS_REPO (a git repository) or "
-    "NIXERY_PKGS_PATH (a directory on this host), then restart nixeryd."
+    "from NIXERY_CHANNEL_URL, which can name an internal mirror), NIXERY_PKGS_REPO (a git repository), "
+    "NIXERY_PKGS_FLAKE (a flake) or NIXERY_PKGS_PATH (a directory on this host), then restart nixeryd."
 )
 
 
