@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 8080
 STORAGE_PATH ?= $(CURDIR)/var
 
-.PHONY: install system-packages nix-settings serve test clean bench-tools
+.PHONY: install system-packages nix-settings serve test clean bench-tools image
 
 install: system-packages nix-settings $(STAMP)
 
@@ -59,3 +59,10 @@ bench-tools: install
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$p </dev/null; \
 	done
+
+# A container image of nixeryd with Nix inside, from Debian's packages (deploy/image/build.py):
+# build/nixeryd-image.tar, for `docker load`.
+image: install
+	@dpkg-query -W -f='$${Status}' mmdebstrap 2>/dev/null | grep -q "ok installed" || \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends mmdebstrap </dev/null
+	$(SUDO) $(PYTHON) deploy/image/build.py
