@@ -6,14 +6,15 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := nix-bin skopeo busybox-static git ca-certificates podman containerd runc umoci systemd zstd procps util-linux docker.io strace chromium
+SYSTEM_PACKAGES := nix-bin skopeo busybox-static git ca-certificates podman containerd runc umoci systemd zstd procps util-linux docker.io strace chromium openssh-client libwrap0
+SSHD := build/sshd/usr/sbin/sshd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 8080
 STORAGE_PATH ?= $(CURDIR)/var
 
 .PHONY: install system-packages nix-settings serve test clean bench-tools image
 
-install: system-packages nix-settings $(STAMP)
+install: system-packages nix-settings $(STAMP) $(SSHD)
 
 system-packages:
 	@missing=""; \
@@ -33,6 +34,16 @@ system-packages:
 # written: nixeryd hands its Nix processes etc/nix/nix.conf where the host has none.
 nix-settings:
 	@$(SUDO) mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles
+
+# The tests' remote Nix builder is an sshd of their own (in a mount namespace with its own
+# /nix): Debian's sshd, unpacked here rather than installed, so that no SSH service is
+# set up or started on the host.
+$(SSHD):
+	@mkdir -p build/sshd/deb
+	@cd build/sshd/deb && { apt-get download openssh-server >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && apt-get download openssh-server; }; }
+	dpkg-deb -x build/sshd/deb/openssh-server_*.deb build/sshd
+	@rm -rf build/sshd/deb
 
 $(STAMP): pyproject.toml
 	@[ -x $(PYTHON) ] || python3 -m venv $(VENV)

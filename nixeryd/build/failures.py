@@ -19,6 +19,8 @@ DERIVATION_TIMED_OUT = re.compile(
     r"(?:building of '(/nix/store/[^'!]+\.drv)(?:![^']*)?'(?: from \.drv file)? )?timed out after \d+ seconds")
 # How Nix 2.x reports a derivation that failed, and one no builder here can build.
 FAILED_BUILDER = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed(?: with exit code (\d+))?")
+CANNOT_BUILD_ON = re.compile(r"^cannot build on '([^']+)': (?:error: )*(.+)$")
+NO_BUILD_STARTED = "unable to start any build"
 WRONG_PLATFORM = re.compile(
     r"a '([^']+)'(?: with features \{[^}]*\})? is required to build '(/nix/store/[^']+\.drv)', but I am a '([^']+)'"
 )
@@ -87,6 +89,11 @@ class PlatformUnavailable(NixError):
 
 class SourceUnavailable(NixError):
     """The package set could not be fetched or loaded: nothing was built."""
+
+
+class BuildersUnavailable(NixError):
+    """The build was for Nix's remote builders alone, and none of them could take it:
+    one that is down comes back, so asking again later can succeed."""
 
 
 class NixTimedOut(NixError):
@@ -225,6 +232,13 @@ def build_failure(tail: Sequence[str], *, source: Mapping[str, str], timeout: fl
             summary = f"cannot build {derivation_name(drv)}: {last}"
             message = f"{summary}\nlog of {drv}:\n" + tail_text(logged)
             return NixBuildFailed(message, log, summary, drv)
+    if any(NO_BUILD_STARTED in line for line in tail[start:]):
+        unreachable = [m.groups() for line in tail if (m := CANNOT_BUILD_ON.match(line))]
+        if unreachable:
+            machines = "; ".join(f"{uri}: {_clipped(reason)}" for uri, reason in unreachable)
+            summary = (f"no build machine could take the build ({machines}); this host builds nothing itself "
+                       "(max-jobs = 0): check the machines of Nix's builders (NIX_CONFIG) answer")
+            return BuildersUnavailable(summary + "\n" + log, log, summary)
     summary = "Nix failed to build the image: " + error_line(tail)
     return NixBuildFailed(summary + "\n" + log, log, summary)
 
@@ -241,6 +255,8 @@ def failure_record(error: NixError) -> dict[str, Any]:
         doc.update(limit=error.limit, seconds=error.seconds)
     elif isinstance(error, SourceUnavailable):
         kind = "source"
+    elif isinstance(error, BuildersUnavailable):
+        kind = "builders"
     elif isinstance(error, PlatformUnavailable):
         kind = "platform"
         doc.update(wanted=error.wanted, here=error.here)
@@ -265,6 +281,8 @@ def failure_error(doc: dict[str, Any]) -> NixError:
                            float(seconds) if isinstance(seconds, (int, float)) else 0.0)
     if kind == "source":
         return SourceUnavailable(message, tail, summary)
+    if kind == "builders":
+        return BuildersUnavailable(message, tail, summary)
     if kind == "platform":
         return PlatformUnavailable(message, tail, str(doc.get("wanted") or "?"), str(doc.get("here") or "?"))
     derivation = doc.get("derivation")

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from nixeryd.build.builder import BuildQueueFull
 from nixeryd.build.failures import (
+    BuildersUnavailable,
     NixError,
     NixTimedOut,
     PackagesNotFound,
@@ -112,7 +113,7 @@ async def as_registry_errors(name: str, pending: Awaitable[T]) -> T:
         log.error("build of {image} stopped: {message}", image=name, message=e.summary)
         raise RegistryError(503, "UNKNOWN", e.message, {"limit": e.limit, "seconds": e.seconds},
                             retry_after=_retry_after(e)) from None
-    except SourceUnavailable as e:
+    except (SourceUnavailable, BuildersUnavailable) as e:
         log.error("build of {image} failed: {message}", image=name, message=e.summary)
         raise RegistryError(503, "UNKNOWN", e.message, retry_after=_retry_after(e)) from None
     except PlatformUnavailable as e:
