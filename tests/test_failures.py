@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.defer import Deferred, fail
 
 from nixeryd.build.failures import (
+    BuildersUnavailable,
     NixBuildFailed,
     NixError,
     NixTimedOut,
@@ -104,6 +105,33 @@ def test_a_platform_without_a_builder() -> None:
     assert error.summary.startswith("no builder for aarch64-linux: native-tool-1.0 must be built on aarch64-linux")
 
 
+def test_remote_builders_that_cannot_be_reached() -> None:
+    """Nix's words with max-jobs = 0 and its one builder down (Nix 2.8): which machine and
+    why, not Nix's guess about system features."""
+    error = classify([
+        "ssh: connect to host 127.0.0.1 port 2299: Connection refused",
+        "cannot build on 'ssh-ng://root@127.0.0.1': error: cannot open connection to remote store "
+        "'ssh-ng://root@127.0.0.1': error: unexpected end-of-file",
+        "Failed to find a machine for remote build!",
+        "derivation: 23sjyxr0brr6g75dlb2j1x10p6alqvwb-probe.drv",
+        "required (system, features): (x86_64-linux, )",
+        "error: unable to start any build; remote machines may not have all required system features.",
+        "       https://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html",
+    ])
+    assert isinstance(error, BuildersUnavailable)
+    assert error.summary.startswith("no build machine could take the build (ssh-ng://root@127.0.0.1: "
+                                    "cannot open connection to remote store")
+
+
+def test_a_builder_cannot_claim_the_builders_are_down() -> None:
+    """A failing builder whose log says a remote builder is down is still a failing builder."""
+    error = classify([
+        "cannot build on 'ssh-ng://x': error: down",
+        "error: builder for '/nix/store/aaaa-broken-1.0.drv' failed with exit code 1",
+    ])
+    assert isinstance(error, NixBuildFailed) and not isinstance(error, BuildersUnavailable)
+
+
 def test_a_derivation_past_nix_timeout() -> None:
     error = classify(["hangs-1.0: sleeping for good as pid 12",
                       "error: building of '/nix/store/aaaa-hangs-1.0.drv!out' from .drv file "
@@ -138,6 +166,7 @@ async def answered(error: Exception) -> RegistryError:
     (PlatformUnavailable("no builder for aarch64-linux", "", "aarch64-linux", "x86_64-linux"), 422, False),
     (NixTimedOut("building x took longer than NIX_TIMEOUT", limit="NIX_TIMEOUT", seconds=30), 503, True),
     (SourceUnavailable("cannot load the package set"), 503, True),
+    (BuildersUnavailable("no build machine could take the build"), 503, True),
 ])
 def test_statuses(error: NixError, status: int, retry: bool) -> None:
     """A failure of the name is a 4xx; one that asking later can cure is a 503 with
@@ -165,6 +194,7 @@ def test_reason_phrase_cannot_carry_a_header() -> None:
     NixBuildFailed("cannot build a: b\nlog", "log", "cannot build a: b", "/nix/store/x-a.drv"),
     NixTimedOut("past it\nlog", "log", "past it", "NIX_TIMEOUT", 30.0),
     SourceUnavailable("cannot load", "log"),
+    BuildersUnavailable("no build machine", "log"),
     PlatformUnavailable("no builder", "log", "aarch64-linux", "x86_64-linux"),
     PackagesNotFound("'old' is gone", "log", ["old"], "error: 'old' is gone"),
 ])
