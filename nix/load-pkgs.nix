@@ -16,10 +16,12 @@
 let
   archive = name: "https://github.com/NixOS/nixpkgs/archive/${name}.tar.gz";
 
+  # Without a ref, Nix 2.8 fetches `master` from a remote repository, whatever its default
+  # branch: `HEAD` is the default branch.
   git = builtins.fetchGit (
     { url = src.url; }
     // (if src ? rev then { rev = src.rev; allRefs = true; } else { })
-    // (if src ? ref then { ref = src.ref; } else { })
+    // (if src ? ref then { ref = src.ref; } else if src ? rev then { } else { ref = "HEAD"; })
   );
 
   flake = builtins.getFlake src.ref;

@@ -5,6 +5,7 @@ gives outside a container."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -15,7 +16,8 @@ from typing import Iterator
 import pytest
 
 from tests.clients import docker  # noqa: F401 (a fixture)
-from tests.daemon import PKGS, ROOT, Daemon, daemon_environment, free_port, manifest_digest
+from tests.daemon import PKGS, ROOT, Daemon, daemon_environment, free_port, git_package_set, manifest_digest
+from tests.remote_builder import RemoteBuilder
 
 IMAGE = ROOT / "build" / "nixeryd-image.tar"
 
@@ -88,3 +90,41 @@ def test_the_image_serves_what_nixeryd_serves(running: tuple[list[str], int, Pat
         assert manifest_digest(outside, "hello") == in_container
     finally:
         outside.stop()
+
+
+def test_a_private_package_set_over_ssh(docker: list[str], image: Path, tmp_path: Path) -> None:  # noqa: F811
+    """NIXERY_PKGS_REPO over SSH from inside the container, with nothing but a mounted key
+    and GIT_SSH_COMMAND: Nix's fetchGit calls the image's git, which calls its ssh."""
+    server = RemoteBuilder(tmp_path / "git-server").start()  # an sshd on loopback, here serving git
+    try:
+        _, rev = git_package_set(tmp_path / "pkgs.git")
+        secrets = tmp_path / "secrets"
+        secrets.mkdir()
+        shutil.copy(server.root / "client_key", secrets / "id_ed25519")
+        for path in (secrets, secrets / "id_ed25519"):
+            os.chown(path, 10001, 10001)  # the image's user; ssh refuses a key others can read
+        tmp_path.chmod(0o755)
+        loaded = subprocess.run([*docker, "load", "-i", str(image)], capture_output=True, text=True)
+        assert loaded.returncode == 0, loaded.stderr
+        port = free_port()
+        ssh = ("ssh -i /run/secrets/nixeryd/id_ed25519 -o StrictHostKeyChecking=no "
+               f"-o UserKnownHostsFile=/dev/null -p {server.port}")
+        started = subprocess.run([
+            *docker, "run", "-d", "--name", "nixeryd-ssh-test", "--network", "host", "-e", f"PORT={port}",
+            "-e", f"NIXERY_PKGS_REPO=ssh://root@127.0.0.1{tmp_path / 'pkgs.git'}", "-e", f"GIT_SSH_COMMAND={ssh}",
+            "-v", f"{secrets}:/run/secrets/nixeryd:ro", "-v", "/bin/busybox:/bin/busybox:ro", "nixeryd:latest"],
+            capture_output=True, text=True)
+        assert started.returncode == 0, started.stderr
+        try:
+            assert healthy(port)
+            inspected = subprocess.run(
+                ["skopeo", "inspect", "--tls-verify=false", f"docker://127.0.0.1:{port}/hello:latest"],
+                capture_output=True, text=True, timeout=300)
+            assert inspected.returncode == 0, inspected.stderr
+            assert json.loads(inspected.stdout)["Labels"]["org.opencontainers.image.revision"] == rev
+        finally:
+            logs = subprocess.run([*docker, "logs", "nixeryd-ssh-test"], capture_output=True, text=True)
+            print(logs.stdout[-5000:], logs.stderr[-5000:])
+            subprocess.run([*docker, "rm", "-f", "nixeryd-ssh-test"], capture_output=True)
+    finally:
+        server.stop()
