@@ -1,12 +1,14 @@
-"""Binary caches on an internal network: a cold pull substitutes from a cache served over
-loopback HTTP (made with ``nix copy``, signed), and a cache that does not answer is left
-out of every build instead of costing each one Nix's timeouts."""
+"""On an internal network: the package set comes from a mirror (NIXERY_CHANNEL_URL), a
+cold pull substitutes from a binary cache served over loopback HTTP (made with ``nix
+copy``, signed), and a cache that does not answer is left out of every build instead of
+costing each one Nix's timeouts."""
 from __future__ import annotations
 
 import http.server
 import secrets
 import shutil
 import subprocess
+import tarfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -173,3 +175,26 @@ def test_a_cache_that_does_not_answer_costs_builds_nothing(tmp_path: Path) -> No
     finally:
         daemon.stop()
         stalled.close()
+
+
+def test_the_channel_comes_from_an_internal_mirror(tmp_path: Path) -> None:
+    """A channel's tarball (laid out as GitHub's archives are: one top directory) served
+    over loopback HTTP as NIXERY_CHANNEL_URL; images are built from it."""
+    channel = "internal-" + secrets.token_hex(4)  # Nix keeps tarballs by URL for an hour
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    with tarfile.open(mirror / f"{channel}.tar.gz", "w:gz") as tar:
+        tar.add(PKGS, arcname=f"nixpkgs-{channel}")
+    server = CacheServer(mirror)
+    storage = tmp_path / "storage"
+    env = daemon_environment(storage, NIXERY_CHANNEL=channel, NIXERY_CHANNEL_URL=server.url + "/{channel}.tar.gz")
+    del env["NIXERY_PKGS_PATH"]
+    daemon = Daemon(storage, env).start()
+    try:
+        status, _, body = daemon.request("/v2/hello/manifests/latest")
+        assert status == 200, body
+        assert f"/{channel}.tar.gz" in server.requested
+        assert any(f"from {server.url}/{channel}.tar.gz" in line for line in daemon.output)
+    finally:
+        daemon.stop()
+        server.close()
