@@ -6,19 +6,19 @@ The package set is bench/bigset: ``size`` packages in each of ``depth`` bootstra
 an overlay over every package of each stage, so that evaluating one name costs what it
 does in a large package set. First it measures that evaluation alone (``nix-instantiate
 --eval`` of one package's derivation: seconds and peak memory). Then two nixeryd
-instances on storage of their own:
+instances on storage of their own for each combination of names:
   - one that has pulled each name alone first (so every name is known), then pulls the
-    combination: no Nix process (counted);
+    combinations: no Nix process (counted);
   - one that never saw the names, pulling the same combination: a whole Nix evaluation
     (the store paths are already built, so Nix's share is evaluation, not building).
-Both answer with the same digest. Then a combination with one name never seen: the first
-instance asks Nix for that name alone, a third (that never saw any) evaluates them all.
-Prints a table.
+Both answer with the same digest. A combination with one name never seen is asked of Nix
+for that name alone by the first. Prints a row a combination, then the medians.
 """
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,8 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from tests.daemon import Daemon, NixCounter, daemon_environment  # noqa: E402
 
-NAMES = ["p101", "p2203", "p17001"]
+NAMES = ["p101", "p2203", "p17001", "p555", "p40009"]
+"""Each pulled alone first, so that every one is known."""
+COMBINATIONS = ["p101/p2203/p17001", "p555/p2203/p40009", "p101/p555/p17001/p40009"]
 NEW = "p30001"  # never pulled alone
+PARTIAL = [f"p101/p2203/{NEW}"]
 
 
 def evaluation(pkgs: Path, size: int, depth: int) -> tuple[float, float]:
@@ -68,36 +71,31 @@ def main() -> None:
         source = source.replace("size ? 100000", f"size ? {args.size}").replace("depth ? 8", f"depth ? {args.depth}")
         (pkgs / "default.nix").write_text(source)
         eval_seconds, eval_mib = evaluation(pkgs, args.size, args.depth)
-        combination = "/".join(NAMES)
-        one_new = "/".join([*NAMES[:2], NEW])
-
         env = {"NIXERY_PKGS_PATH": str(pkgs), "NIXERY_BUILD_DEADLINE": "3600"}
-        knowing = Instance(work / "knowing", env)
-        with knowing:
+        rows: list[tuple[str, float, int, float, int, bool]] = []
+        with Instance(work / "knowing", env) as knowing:
             for name in NAMES:
                 knowing.pull(name)
-            known_seconds, known_digest, known_calls = knowing.pull(combination)
-            partial_seconds, partial_digest, partial_calls = knowing.pull(one_new)
-        with Instance(work / "fresh", env) as fresh:
-            nix_seconds, nix_digest, nix_calls = fresh.pull(combination)
-        with Instance(work / "fresh-2", env) as fresh:
-            whole_seconds, whole_digest, whole_calls = fresh.pull(one_new)
+            for number, combination in enumerate(COMBINATIONS + PARTIAL):
+                known_seconds, known_digest, known_calls = knowing.pull(combination)
+                # The same combination on an instance that never saw a name: Nix answers.
+                with Instance(work / f"fresh-{number}", env) as fresh:
+                    nix_seconds, nix_digest, nix_calls = fresh.pull(combination)
+                rows.append((combination, nix_seconds, nix_calls, known_seconds, known_calls,
+                             known_digest == nix_digest))
 
     print(f"package set: {args.size} packages x {args.depth} stages; evaluating one package: "
           f"{eval_seconds:.2f} s, {eval_mib:.0f} MiB peak\n")
-    rows = [
-        (f"cold pull of {combination}", "", ""),
-        ("  with Nix (names never seen)", f"{nix_seconds:.2f}", str(nix_calls)),
-        ("  without Nix (every name known)", f"{known_seconds:.2f}", str(known_calls)),
-        (f"cold pull of {one_new}", "", ""),
-        ("  with Nix (names never seen)", f"{whole_seconds:.2f}", str(whole_calls)),
-        (f"  Nix for {NEW} alone (the others known)", f"{partial_seconds:.2f}", str(partial_calls)),
-    ]
-    print(f"{'':<48}{'seconds':>9}{'Nix evaluations':>17}")
-    for label, seconds, calls in rows:
-        print(f"{label:<48}{seconds:>9}{calls:>17}")
-    print(f"\nknown names: {nix_seconds / known_seconds:.1f}x faster, same digest: {known_digest == nix_digest}")
-    print(f"one new name: {whole_seconds / partial_seconds:.1f}x faster, same digest: {partial_digest == whole_digest}")
+    print(f"{'cold pull of':<26}{'names never seen':>18}{'Nix':>5}{'names known':>13}{'Nix':>5}"
+          f"{'speed-up':>10}  same digest")
+    for combination, nix_seconds, nix_calls, known_seconds, known_calls, same in rows:
+        print(f"{combination:<26}{nix_seconds:>17.3f}s{nix_calls:>5}{known_seconds:>12.3f}s{known_calls:>5}"
+              f"{nix_seconds / known_seconds:>9.1f}x  {same}")
+    for label, how, chosen in (("every name known", "no Nix", COMBINATIONS),
+                               (f"one name ({NEW}) new", f"Nix for {NEW} alone", PARTIAL)):
+        picked = [row for row in rows if row[0] in chosen]
+        nix, known = statistics.median(r[1] for r in picked), statistics.median(r[3] for r in picked)
+        print(f"median, {label}: {nix:.3f} s with a whole evaluation, {known:.3f} s with {how}: {nix / known:.1f}x")
 
 
 class Instance:
