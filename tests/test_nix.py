@@ -221,6 +221,27 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
+class SubstituterTests(SynchronousTestCase):
+    def test_a_nix_that_cannot_say_its_substituters_holds_the_first_build_30_seconds(self) -> None:
+        """``nix show-config`` is stopped after SHOW_CONFIG_LIMIT whatever the build's
+        deadline; the build then goes on with Nix's substituters as they are."""
+        from nixeryd.build.nix import SHOW_CONFIG_LIMIT
+        from nixeryd.build.substituters import BinaryCaches
+        from nixeryd.core.offload import inline
+
+        reactor, signals = ProcessReactor(), []
+        builder = NixBuilder(reactor, NIX_DIR, {}, timeout=3, deadline=3600, kill_grace=5,
+                             killpg=lambda pid, sig: signals.append(sig),
+                             caches=BinaryCaches(reactor, inline, lambda url, timeout: True))
+        ensureDeferred(builder.build(PATH_SOURCE, ["hello"], SYSTEM))
+        (shown, args), = reactor.spawned
+        self.assertEqual(args[4:6], ["nix", "show-config"])
+        reactor.advance(SHOW_CONFIG_LIMIT)
+        self.assertEqual(signals, [signal.SIGTERM])
+        shown.processEnded(Failure(ProcessTerminated(signal=signal.SIGTERM)))
+        self.assertEqual(reactor.spawned[1][1][4], "nix-instantiate")
+
+
 class OffloadTests(SynchronousTestCase):
     def test_nix_answers_are_parsed_off_the_reactor(self) -> None:
         """build.nix's info and the closure's JSON are parsed through the offload (a thread

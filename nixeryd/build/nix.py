@@ -40,6 +40,8 @@ from nixeryd.image.layers import PathInfo
 log = Logger()
 
 TAIL_LINES = 40
+SHOW_CONFIG_LIMIT = 30.0
+"""Seconds ``nix show-config`` may take: the first build waits for it."""
 SETSID = "setsid"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DOWNLOAD_SETTINGS = "connect-timeout = 5\nstalled-download-timeout = 10\ndownload-attempts = 2\n"
@@ -321,6 +323,8 @@ class NixBuilder:
 
     async def _substituters(self, label: str, deadline: float) -> list[str]:
         """The substituters Nix uses with nixeryd's settings and the operator's."""
+        # A Nix that cannot answer this in time (a stuck daemon) holds builds up no longer.
+        deadline = min(deadline, self._reactor.seconds() + SHOW_CONFIG_LIMIT)
         shown = await self.run(["nix", "show-config", "--json", "--extra-experimental-features", "nix-command"],
                                label, deadline)
         if shown.exit_code != 0:
