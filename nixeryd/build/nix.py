@@ -40,8 +40,7 @@ from nixeryd.image.layers import PathInfo
 log = Logger()
 
 TAIL_LINES = 40
-SHOW_CONFIG_LIMIT = 30.0
-"""Seconds ``nix show-config`` may take: the first build waits for it."""
+SHOW_CONFIG_LIMIT = 30.0  # seconds ``nix show-config`` may take: the first build waits for it
 SETSID = "setsid"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DOWNLOAD_SETTINGS = "connect-timeout = 5\nstalled-download-timeout = 10\ndownload-attempts = 2\n"
@@ -271,12 +270,8 @@ class NixBuilder:
                                 source_loaded=True)
         roots = tuple(sorted(set(info.roots.values())))
         queried = await self.run(
-            ["nix", "path-info", "--extra-experimental-features", "nix-command",
-             "--json", "--recursive", *roots],
-            label,
-            deadline,
-            env,
-        )
+            ["nix", "path-info", "--extra-experimental-features", "nix-command", "--json", "--recursive", *roots],
+            label, deadline, env)
         if queried.exit_code != 0:
             raise NixBuildFailed(
                 "Nix could not list the image's closure:\n" + tail_text(queried.tail),
@@ -323,8 +318,7 @@ class NixBuilder:
 
     async def _substituters(self, label: str, deadline: float) -> list[str]:
         """The substituters Nix uses with nixeryd's settings and the operator's."""
-        # A Nix that cannot answer this in time (a stuck daemon) holds builds up no longer.
-        deadline = min(deadline, self._reactor.seconds() + SHOW_CONFIG_LIMIT)
+        deadline = min(deadline, self._reactor.seconds() + SHOW_CONFIG_LIMIT)  # a stuck daemon holds none
         shown = await self.run(["nix", "show-config", "--json", "--extra-experimental-features", "nix-command"],
                                label, deadline)
         if shown.exit_code != 0:
