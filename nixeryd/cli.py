@@ -32,6 +32,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         _serve(args[1:])
         return
     options = parser.parse_args(args)
+    if options.command == "settings":
+        from nixeryd.settings import reference
+
+        sys.stdout.write(reference())
+        return
     try:
         from nixeryd.config import Config, ConfigError
 
@@ -76,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                             "exits 1 when something is damaged")
     verify.add_argument("--repair", action="store_true",
                         help="remove what is damaged, so that the next pull rebuilds it")
+    sub.add_parser("settings", help="print every setting, its option, default and meaning (a Markdown table)")
     popularity = sub.add_parser("popularity", help="write popularity data from the package set")
     popularity.add_argument("-o", "--output", default="-", metavar="FILE",
                             help="where to write the JSON (default: standard output)")

@@ -22,6 +22,7 @@ from nixeryd.build.pkgsource import (
     PathSource,
 )
 from nixeryd.image.names import AMD64, ARM64, DEFAULT_BASE_PACKAGES, Arch
+from nixeryd.settings import READABLE
 
 BACKENDS = ("filesystem", "gcs", "s3")
 PLATFORMS = {"linux/amd64": AMD64, "linux/arm64": ARM64, "linux/arm64/v8": ARM64}
@@ -205,8 +206,13 @@ class Config:
     def from_env(cls, environ: Mapping[str, str], *, cwd: str = ".", cpu_count: int = 2) -> Config:
         """The settings in ``environ``; relative paths are taken against ``cwd``."""
 
+        def raw(variable: str) -> str | None:
+            if variable not in READABLE:
+                raise KeyError(f"{variable} is read but not listed in nixeryd.settings")
+            return environ.get(variable)
+
         def get(variable: str) -> str | None:
-            value = environ.get(variable)
+            value = raw(variable)
             return value if value not in (None, "") else None
 
         def parsed(variable: str, parse: Callable[[str, str], T], default: T) -> T:
@@ -238,7 +244,7 @@ class Config:
             if not channel_url.startswith(("http://", "https://", "file://")):
                 raise ConfigError(f"NIXERY_CHANNEL_URL: must be an http(s) or file URL, got {channel_url!r}")
             source = ChannelSource(channel or "nixos-unstable", channel_url)
-        raw_base = environ.get("NIXERY_BASE_PACKAGES")
+        raw_base = raw("NIXERY_BASE_PACKAGES")
         credentials = get("GOOGLE_APPLICATION_CREDENTIALS")
         signing_key = get("GCS_SIGNING_KEY")
         emulator = get("STORAGE_EMULATOR_HOST")

@@ -1,0 +1,56 @@
+"""One list of settings (nixeryd/settings.py): what config reads is in it, what it lists
+is read, README's table is made from it, and every option names a listed setting."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from nixeryd.config import Config
+from nixeryd.settings import NAMES, READABLE, SETTINGS, reference
+from nixeryd.tap import Options
+from tests.daemon import ROOT
+
+READ = re.compile(r'\b(?:get|parsed|raw)\(\s*"((?:NIX|NIXERY|GCS|S3|AWS|STORAGE|GOOGLE|PORT|LISTEN)[A-Z0-9_]*)"')
+
+
+def read_in_code() -> set[str]:
+    return {name for path in (ROOT / "nixeryd").rglob("*.py") for name in READ.findall(path.read_text())}
+
+
+def test_what_the_code_reads_is_listed() -> None:
+    assert read_in_code() <= READABLE, read_in_code() - READABLE
+
+
+def test_what_is_listed_is_read() -> None:
+    ours = {name for setting in SETTINGS if not setting.read_by_others for name in setting.names}
+    assert ours <= read_in_code(), ours - read_in_code()
+
+
+def test_reading_a_setting_not_listed_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check guards every read, not only those the static test sees."""
+    from nixeryd import config
+
+    monkeypatch.setattr(config, "READABLE", READABLE - {"NIX_TIMEOUT"})
+    with pytest.raises(KeyError, match="NIX_TIMEOUT is read but not listed"):
+        Config.from_env({}, cwd="/")
+
+
+def test_readme_s_table_is_the_list() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- settings: made from nixeryd/settings.py")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- end of settings -->")]
+    assert block == reference()
+    shown = subprocess.run([str(ROOT / ".venv" / "bin" / "nixeryd"), "settings"], capture_output=True, text=True,
+                           check=True)
+    assert shown.stdout == reference()
+
+
+def test_every_option_names_a_listed_setting() -> None:
+    options = Options()
+    for long_name, _, _, help_text in options.optParameters:
+        (variable,) = re.findall(r"\(([A-Z][A-Z0-9_]+)\)", help_text)
+        assert variable in NAMES
+        row = next(s for s in SETTINGS if variable in s.names)
+        assert f"--{long_name}" in row.option, (long_name, row.option)
