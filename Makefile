@@ -14,7 +14,10 @@ STORAGE_PATH ?= $(CURDIR)/var
 
 .PHONY: install system-packages nix-settings serve test clean bench-tools image
 
-install: system-packages nix-settings $(STAMP) $(SSHD)
+BOOK := build/docs/index.html
+BOOK_SOURCES := mkdocs.yml $(wildcard docs/*.md docs/.theme/* docs/.hooks.py) nixeryd/settings.py nixeryd/http/look.py
+
+install: system-packages nix-settings $(STAMP) $(SSHD) $(BOOK)
 
 system-packages:
 	@missing=""; \
@@ -48,8 +51,12 @@ $(SSHD):
 $(STAMP): pyproject.toml
 	@[ -x $(PYTHON) ] || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PYTHON) -m pip install -q -e '.[test,docs]' --config-settings editable_mode=compat
 	@touch $(STAMP)
+
+# The documentation book, which every instance serves under /docs/.
+$(BOOK): $(STAMP) $(BOOK_SOURCES)
+	$(VENV)/bin/mkdocs build -q
 
 serve: install
 	@mkdir -p $(STORAGE_PATH)

@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nixeryd",
         description="A container registry that builds images on demand with Nix. "
-        "Settings come from the environment (see README).",
+        "Settings come from the environment (`nixeryd settings` lists them; the book, under /docs/ of "
+        "any instance, says more).",
     )
     from nixeryd import __version__
 

@@ -72,8 +72,8 @@ SETTINGS: tuple[Setting, ...] = (
         '`NIXERY_PATH_RECHECK`',
         '—',
         '`1`',
-        ('seconds within which pulls share one look at a path source\'s files (see "Package sets"); `0` '
-         'looks at every pull'),
+        ("seconds within which pulls share one look at a path source's files (see [Package "
+         'sets](package-sources.md#package-sets)); `0` looks at every pull'),
     ),
     Setting(
         '`NIXERY_STORAGE_BACKEND`',
@@ -149,7 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
         '—',
         '—',
         ('a PEM ECDSA P-256 private key (SEC1 or PKCS #8): every image is signed in the sigstore format '
-         '(see "Signed images")'),
+         '(see [Signed images](security.md#signed-images))'),
     ),
     Setting(
         '`NIXERY_SIGNING_IDENTITY`',
@@ -272,14 +272,15 @@ SETTINGS: tuple[Setting, ...] = (
         'the Nix expressions nixeryd evaluates',
     ),
     Setting(
-        "`NIX_CONFIG`, `NIX_CONF_DIR`, `NIX_REMOTE`, `NIX_SSHOPTS`, `GIT_SSH_COMMAND`, …",
-        "—",
+        '`NIX_CONFIG`, `NIX_CONF_DIR`, `NIX_REMOTE`, `NIX_SSHOPTS`, `GIT_SSH_COMMAND`, …',
+        '—',
         "the host's",
         ("Nix's own settings and the tools it calls, for the Nix processes nixeryd starts (they get its "
-         "whole environment): `NIX_CONFIG` comes after nixeryd's download timeouts, so it can change "
-         "them (binary caches, remote builders: see \"On an internal network\" and \"Running a fleet\"); "
-         "where the host has no `nix.conf`, nixeryd's own `etc/nix/nix.conf` is used"),
-        read_by_others=True,
+         "whole environment): `NIX_CONFIG` comes after nixeryd's download timeouts, so it can change them "
+         '(binary caches, remote builders: see [On an internal '
+         'network](package-sources.md#on-an-internal-network) and [Running a '
+         "fleet](running.md#running-a-fleet)); where the host has no `nix.conf`, nixeryd's own "
+         '`etc/nix/nix.conf` is used'), read_by_others=True,
     ),
     Setting(
         '`NIXERY_LAYER_COMPRESSION`',

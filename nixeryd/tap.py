@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from nixeryd import __version__
 from nixeryd.config import Config, ConfigError
+from nixeryd.http.book import book, book_directory
 from nixeryd.http.connection import PlainHTTPFactory, make_site
 from nixeryd.http.imagepage import ImagePages
 from nixeryd.http.index import Status
@@ -108,6 +109,7 @@ def build_service(config: Config, reactor: Reactor) -> MultiService:
         auth=make_authenticator(config, parts.auth_offload, reactor),
         signatures=signatures,
         pages=ImagePages(parts.images, parts.storage, parts.offload, signing=signatures is not None),
+        book=book(book_directory()),
     )
     site = make_site(api.resource(), parts.metrics, access_log=config.access_log)
     Announce(config).setServiceParent(parts.top)

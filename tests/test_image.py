@@ -82,6 +82,8 @@ def test_the_image_serves_what_nixeryd_serves(running: tuple[list[str], int, Pat
                                        check=True).stdout)[0]["Config"]
     assert config["User"] == "nixeryd" and "/var/lib/nixeryd" in config["Volumes"]
     assert "/healthz" in " ".join(config["Healthcheck"]["Test"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/docs/settings.html", timeout=10) as book:
+        assert b"<code>NIXERY_CHANNEL</code>" in book.read()
 
     # The same image built outside the container, on the same package set: the same digest.
     storage = tmp_path / "storage"

@@ -94,6 +94,9 @@ def root_file_system(wheel_dir: Path, out: Path) -> None:
         'chroot "$1" python3 -m venv /opt/nixeryd',
         'chroot "$1" /opt/nixeryd/bin/pip install -q --no-index --find-links /opt/wheels nixeryd',
         'rm -rf "$1/opt/wheels" "$1/root/.cache"',
+        # The book, which the instance serves under /docs/ (make install built it).
+        f'mkdir -p "$1/opt/nixeryd/share/nixeryd" && cp -r {ROOT / "build" / "docs"} '
+        '"$1/opt/nixeryd/share/nixeryd/docs"',
         f'chroot "$1" groupadd --system --gid {UID} nixeryd',
         f'chroot "$1" useradd --system --uid {UID} --gid {UID} --home-dir {HOME} --create-home '
         '--shell /usr/sbin/nologin nixeryd',
@@ -176,6 +179,8 @@ def main() -> None:
     for tool in ("mmdebstrap",):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: `make image` installs it")
+    if not (ROOT / "build" / "docs" / "index.html").is_file():
+        raise SystemExit("the book is not built: `make install` builds it")
     out = Path(args.output).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nixeryd-image-", dir=out.parent) as tmp:

@@ -38,11 +38,12 @@ def authorized(app: Klein, path: str, methods: Sequence[str]) -> Callable[[H], H
     return declare
 
 
-def public(app: Klein, path: str, methods: Sequence[str]) -> Callable[[H], H]:
-    """Route ``path`` to the handler for anyone (probes, metrics, refusals of writes)."""
+def public(app: Klein, path: str, methods: Sequence[str], *, branch: bool = False) -> Callable[[H], H]:
+    """Route ``path`` (and what is below it, for a ``branch``) to the handler for anyone
+    (probes, metrics, the book, refusals of writes)."""
 
     def declare(handler: H) -> H:
         handler.access = PUBLIC  # type: ignore[attr-defined]
-        return app.route(path, methods=list(methods))(handler)
+        return app.route(path, methods=list(methods), branch=branch)(handler)
 
     return declare

@@ -44,7 +44,8 @@ def layout(title: str, body: str, *, refresh: int | None = None) -> bytes:
 <html lang="en"><head><meta charset="utf-8"/>{meta}
 <meta name="viewport" content="width=device-width, initial-scale=1"/>
 <title>{e(title)}</title><link rel="icon" href="{FAVICON}"/><style>{STYLE}</style></head>
-<body><header><a class="home" href="/">nixeryd</a><nav><a href="/">images</a><a href="/metrics">metrics</a></nav>
+<body><header><a class="home" href="/">nixeryd</a>
+<nav><a href="/">images</a><a href="/docs/index.html">docs</a><a href="/metrics">metrics</a></nav>
 </header>
 {body}
 </body></html>

@@ -56,7 +56,7 @@ def range_answer(header: bytes | None, size: int) -> str:
         return WHOLE
     spans.sort()
     if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)):
-        return WHOLE  # overlapping ranges: the blob, as README says
+        return WHOLE  # overlapping ranges: the blob, as the book says
     return PARTS if satisfiable else NONE
 
 

@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from nixeryd.http.access import authorized, public
 from nixeryd.http.auth import AuthBusy, Authenticator
+from nixeryd.http.book import not_built
 from nixeryd.http.errors import (
     RegistryError,
     as_registry_errors,
@@ -86,8 +87,10 @@ class RegistryAPI:
         auth: Authenticator | None = None,
         signatures: Signatures | None = None,
         pages: ImagePages | None = None,
+        book: IResource | None = None,
     ) -> None:
         self._images = images
+        self._book = book if book is not None else not_built()
         self._signatures = signatures
         self._pages = pages
         self._storage = storage
@@ -124,6 +127,10 @@ class RegistryAPI:
         _set(request, "Content-Type", "text/html; charset=utf-8")
         _set(request, "Content-Length", len(body))
         return body
+
+    @public(app, "/docs/", methods=READ_METHODS, branch=True)  # the book holds nothing of this instance's
+    def docs(self, request: IRequest) -> IResource:
+        return self._book
 
     @public(app, "/healthz", methods=READ_METHODS)
     def healthz(self, request: IRequest) -> bytes:
