@@ -22,7 +22,7 @@ from nixeryd.build.pkgsource import (
     PathSource,
 )
 from nixeryd.image.names import AMD64, ARM64, DEFAULT_BASE_PACKAGES, Arch
-from nixeryd.settings import READABLE
+from nixeryd.settings import READABLE, documented_default
 
 BACKENDS = ("filesystem", "gcs", "s3")
 PLATFORMS = {"linux/amd64": AMD64, "linux/arm64": ARM64, "linux/arm64/v8": ARM64}
@@ -215,14 +215,19 @@ class Config:
             value = raw(variable)
             return value if value not in (None, "") else None
 
-        def parsed(variable: str, parse: Callable[[str, str], T], default: T) -> T:
-            raw = get(variable)
-            return default if raw is None else parse(variable, raw)
+        def parsed(variable: str, parse: Callable[[str, str], T], default: T | None = None) -> T:
+            """The setting, checked by ``parse``; when unset, its default: the one the
+            book documents (nixeryd.settings), checked by the same ``parse``, unless the
+            default is not a value (the number of cores) and is given here."""
+            given = get(variable)
+            if given is not None:
+                return parse(variable, given)
+            return default if default is not None else parse(variable, documented_default(variable))
 
         def absolute(path: str) -> str:
             return os.path.normpath(os.path.join(cwd, path))
 
-        port = parsed("PORT", lambda v, raw: _int(v, raw, 1, 65535), 8080)
+        port = parsed("PORT", lambda v, raw: _int(v, raw, 1, 65535))
         channel, repo, path = get("NIXERY_CHANNEL"), get("NIXERY_PKGS_REPO"), get("NIXERY_PKGS_PATH")
         flake = get("NIXERY_PKGS_FLAKE")
         chosen = [name for name, value in [("NIXERY_CHANNEL", channel), ("NIXERY_PKGS_REPO", repo),
@@ -267,30 +272,28 @@ class Config:
             gcs_signing_account=get("GCS_SIGNING_ACCOUNT"),
             s3_bucket=get("S3_BUCKET"),
             aws_region=get("AWS_REGION") or get("AWS_DEFAULT_REGION") or "us-east-1",
-            s3_presigned_urls=parsed("S3_USE_PRESIGNED_URLS", _boolean, True),
-            access_log=parsed("NIXERY_ACCESS_LOG", _boolean, True),
-            signed_url_ttl=parsed(
-                "NIXERY_SIGNED_URL_TTL", lambda v, raw: _int(v, raw, 1, 604800), 300
-            ),
+            s3_presigned_urls=parsed("S3_USE_PRESIGNED_URLS", _boolean),
+            access_log=parsed("NIXERY_ACCESS_LOG", _boolean),
+            signed_url_ttl=parsed("NIXERY_SIGNED_URL_TTL", lambda v, raw: _int(v, raw, 1, 604800)),
             storage_emulator_host=emulator.rstrip("/") if emulator else None,
-            storage_connect_timeout=parsed("NIXERY_STORAGE_CONNECT_TIMEOUT", _seconds, 5.0),
-            storage_deadline=parsed("NIXERY_STORAGE_DEADLINE", _seconds, 15.0),
-            storage_cooldown=parsed("NIXERY_STORAGE_COOLDOWN", _seconds, 10.0),
+            storage_connect_timeout=parsed("NIXERY_STORAGE_CONNECT_TIMEOUT", _seconds),
+            storage_deadline=parsed("NIXERY_STORAGE_DEADLINE", _seconds),
+            storage_cooldown=parsed("NIXERY_STORAGE_COOLDOWN", _seconds),
             signing_service_account=get("NIXERY_SIGNING_ACCOUNT"),
             image_signing_key=absolute(image_key) if (image_key := get("NIXERY_SIGNING_KEY")) else None,
             image_signing_identity=_identities(get("NIXERY_SIGNING_IDENTITY") or ""),
-            iam_endpoint=(get("NIXERY_IAM_ENDPOINT") or "").rstrip("/") or None,
-            nix_timeout=parsed("NIX_TIMEOUT", _seconds, 60.0),
-            build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds, 3600.0),
-            failure_ttl=parsed("NIXERY_FAILURE_TTL", lambda v, raw: _seconds(v, raw, zero=True), 60.0),
-            lease_ttl=parsed("NIXERY_BUILD_LEASE_TTL", _seconds, 60.0),
-            path_recheck=parsed("NIXERY_PATH_RECHECK", lambda v, raw: _seconds(v, raw, zero=True), 1.0),
+            iam_endpoint=(get("NIXERY_IAM_ENDPOINT") or documented_default("NIXERY_IAM_ENDPOINT")).rstrip("/"),
+            nix_timeout=parsed("NIX_TIMEOUT", _seconds),
+            build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds),
+            failure_ttl=parsed("NIXERY_FAILURE_TTL", lambda v, raw: _seconds(v, raw, zero=True)),
+            lease_ttl=parsed("NIXERY_BUILD_LEASE_TTL", _seconds),
+            path_recheck=parsed("NIXERY_PATH_RECHECK", lambda v, raw: _seconds(v, raw, zero=True)),
             popularity_url=get("NIX_POPULARITY_URL"),
             base_packages=DEFAULT_BASE_PACKAGES if raw_base is None else _packages(raw_base),
-            layer_budget=parsed("NIXERY_LAYER_BUDGET", lambda v, raw: _int(v, raw, 2, 125), 94),
-            cache_ttl=parsed("NIXERY_CACHE_TTL", _seconds, 6 * 3600.0),
+            layer_budget=parsed("NIXERY_LAYER_BUDGET", lambda v, raw: _int(v, raw, 2, 125)),
+            cache_ttl=parsed("NIXERY_CACHE_TTL", _seconds),
             max_builds=parsed("NIXERY_MAX_BUILDS", lambda v, raw: _int(v, raw, 1), max(1, cpu_count)),
-            build_queue=parsed("NIXERY_BUILD_QUEUE", lambda v, raw: _int(v, raw, 0), 64),
+            build_queue=parsed("NIXERY_BUILD_QUEUE", lambda v, raw: _int(v, raw, 0)),
             nix_dir=absolute(nix_dir) if nix_dir else None,
             platforms=parsed("NIXERY_PLATFORMS", _platforms, ()),
             layer_compression=(get("NIXERY_LAYER_COMPRESSION") or "gzip").lower(),

@@ -323,3 +323,14 @@ def reference() -> str:
     rows = ["| variable | option | default | meaning |", "| --- | --- | --- | --- |"]
     rows += [f"| {s.variables} | {s.option} | {s.default} | {s.meaning} |" for s in SETTINGS]
     return "\n".join(rows) + "\n"
+
+
+def documented_default(variable: str) -> str:
+    """The default the reference gives ``variable``, as a value (```60``` is ``60``);
+    nixeryd.config parses it as it parses the setting, so the reference cannot say one
+    default while the code has another."""
+    setting = next(s for s in SETTINGS if variable in s.names)
+    value = setting.default
+    if not (value.startswith("`") and value.endswith("`") and value.count("`") == 2):
+        raise KeyError(f"{variable}: its documented default ({value}) is not a value")
+    return value[1:-1]

@@ -51,3 +51,25 @@ def test_every_option_names_a_listed_setting() -> None:
         assert variable in NAMES
         row = next(s for s in SETTINGS if variable in s.names)
         assert f"--{long_name}" in row.option, (long_name, row.option)
+
+
+def test_every_documented_default_is_the_default() -> None:
+    """Setting a variable to the default the book gives it changes nothing: the book's
+    defaults are the code's (most are parsed from the book's own text)."""
+    import dataclasses
+
+    from nixeryd.settings import documented_default
+
+    def settings(environ: dict[str, str]) -> Config:
+        return dataclasses.replace(Config.from_env(environ, cwd="/srv", cpu_count=2), child_environment={})
+
+    unset = settings({})
+    checked = []
+    for name in sorted(NAMES):
+        try:
+            value = documented_default(name)
+        except KeyError:
+            continue  # not a value: the number of cores, the bundled nix/, an SDK's chain
+        assert settings({name: value}) == unset, name
+        checked.append(name)
+    assert len(checked) >= 20, checked
