@@ -18,7 +18,7 @@ def test_defaults() -> None:
     assert (config.max_builds, config.build_queue) == (8, 64)
     assert (config.build_deadline, config.failure_ttl) == (3600, 60)
     assert (config.storage_connect_timeout, config.storage_deadline, config.storage_cooldown) == (5, 15, 10)
-    assert (config.signing_service_account, config.iam_endpoint) == (None, None)
+    assert (config.signing_service_account, config.iam_endpoint) == (None, "https://iamcredentials.googleapis.com")
 
 
 def test_every_variable() -> None:
