@@ -109,7 +109,7 @@ class NixTimedOut(NixError):
 
 def outcome(error: Exception) -> str:
     """How a build ended, for metrics: ``not_found``, ``timed_out``, ``source``,
-    ``platform`` or ``failed``."""
+    ``platform``, ``builders`` or ``failed``."""
     if isinstance(error, PackagesNotFound):
         return "not_found"
     if isinstance(error, NixTimedOut):
@@ -118,6 +118,8 @@ def outcome(error: Exception) -> str:
         return "source"
     if isinstance(error, PlatformUnavailable):
         return "platform"
+    if isinstance(error, BuildersUnavailable):
+        return "builders"
     return "failed"
 
 
