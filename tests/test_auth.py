@@ -61,17 +61,19 @@ class AuthTests(APITestCase):
 
     def test_every_route_declares_who_may_call_it(self) -> None:
         """Each route of the API is declared authorized or public with the route itself; the
-        public ones are exactly the index, probes, metrics and refusals of writes, and every
-        authorized one answers 401 without credentials."""
+        public ones are exactly the index, probes, metrics, the book and refusals of writes,
+        and every authorized one answers 401 without credentials."""
         from nixeryd.http.access import AUTHORIZED, PUBLIC
 
         declared = {}
         for rule in RegistryAPI.app.url_map.iter_rules():
-            access = getattr(getattr(RegistryAPI, rule.endpoint), "access", None)
+            # Klein names what is below a branch route "<handler>_branch".
+            access = getattr(getattr(RegistryAPI, rule.endpoint.removesuffix("_branch")), "access", None)
             self.assertIn(access, (AUTHORIZED, PUBLIC), rule.rule)
             declared[(rule.rule, tuple(sorted(rule.methods or ())))] = access
         public = {rule for (rule, _), access in declared.items() if access == PUBLIC}
-        self.assertEqual(public, {"/", "/healthz", "/metrics", "/v2/", "/v2/<path:rest>"})
+        self.assertEqual(public, {"/", "/healthz", "/metrics", "/docs/", "/docs/<path:__rest__>", "/v2/",
+                                  "/v2/<path:rest>"})
         self.assertTrue(all(access == AUTHORIZED for (rule, methods), access in declared.items()
                             if "GET" in methods and rule.startswith(("/v2", "/image"))))
         treq = self.api(users=HTPASSWD)
@@ -79,6 +81,8 @@ class AuthTests(APITestCase):
                      "/image/alpha", "/v2/alpha/blobs/sha256:" + "a" * 64,
                      "/v2/alpha/referrers/sha256:" + "a" * 64):
             self.assertEqual(self.call(treq, path)[0].code, 401, path)
+        # The book holds nothing of the instance: open, here not built (404), never 401.
+        self.assertEqual(self.call(treq, "/docs/index.html")[0].code, 404)
 
     def test_an_unknown_user_costs_what_a_wrong_password_does(self) -> None:
         """A refusal takes one bcrypt check at the users' cost whether the user exists or
