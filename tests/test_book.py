@@ -126,3 +126,26 @@ def test_a_reader_sees_the_navigation_the_title_and_the_code(daemon: Daemon, tmp
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 20  # text, code blocks, the header's blue
+
+
+def test_a_directory_of_the_book_is_never_listed(tmp_path: Path) -> None:
+    """A directory without an index (at any depth) is not found, not a listing of files."""
+    from treq.testing import StubTreq
+
+    from nixeryd.http.book import Book
+
+    (tmp_path / "index.html").write_text("<title>book</title>")
+    (tmp_path / "assets" / "deeper").mkdir(parents=True)
+    (tmp_path / "assets" / "deeper" / "secret-name.txt").write_text("x")
+    treq = StubTreq(Book(str(tmp_path)))
+    for path in ("/assets/", "/assets/deeper/"):
+        response = treq.get("http://book" + path)
+        answered: list[object] = []
+        response.addCallback(answered.append)
+        treq.flush()
+        (got,) = answered
+        assert got.code == 404, path  # type: ignore[attr-defined]
+        body: list[bytes] = []
+        got.content().addCallback(body.append)  # type: ignore[attr-defined]
+        treq.flush()
+        assert b"secret-name" not in body[0]

@@ -22,15 +22,11 @@ def book_directory() -> str | None:
 
 
 class Book(static.File):
-    """The book's files; a directory without an index is not found, never listed."""
+    """The book's files; a directory without an index is not found, never listed (what
+    is below it is a ``Book`` too: ``File`` makes its children of its own class)."""
 
     def directoryListing(self) -> resource.Resource:
         return resource.NoResource()
-
-    def createSimilarFile(self, path: str) -> Book:
-        similar = Book(path, self.defaultType, self.ignoredExts, self.registry)
-        similar.processors, similar.indexNames = self.processors, self.indexNames[:]
-        return similar
 
 
 def not_built() -> resource.Resource:
