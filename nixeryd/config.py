@@ -282,7 +282,7 @@ class Config:
             signing_service_account=get("NIXERY_SIGNING_ACCOUNT"),
             image_signing_key=absolute(image_key) if (image_key := get("NIXERY_SIGNING_KEY")) else None,
             image_signing_identity=_identities(get("NIXERY_SIGNING_IDENTITY") or ""),
-            iam_endpoint=(get("NIXERY_IAM_ENDPOINT") or documented_default("NIXERY_IAM_ENDPOINT")).rstrip("/"),
+            iam_endpoint=parsed("NIXERY_IAM_ENDPOINT", lambda v, raw: raw.rstrip("/")),
             nix_timeout=parsed("NIX_TIMEOUT", _seconds),
             build_deadline=parsed("NIXERY_BUILD_DEADLINE", _seconds),
             failure_ttl=parsed("NIXERY_FAILURE_TTL", lambda v, raw: _seconds(v, raw, zero=True)),

@@ -34,6 +34,7 @@ from nixeryd.build.nixoutput import (
     shorten,
 )
 from nixeryd.build.substituters import BinaryCaches, configured_substituters
+from nixeryd.core.cache import when_done
 from nixeryd.core.offload import Offload, inline
 from nixeryd.image.layers import PathInfo
 
@@ -222,9 +223,7 @@ class NixBuilder:
         for killer, done in list(self._running.values()):
             if not killer.fired:
                 killer.start()
-            mine: Deferred[None] = Deferred()
-            done.addBoth(_notify, mine)
-            ended.append(mine)
+            ended.append(when_done(done))
         return DeferredList(ended).addCallback(lambda _: None)
 
     async def build(
@@ -356,11 +355,6 @@ class NixBuilder:
             raise NixTimedOut(summary + "\n" + tail_text(result.tail), tail_text(result.tail), summary,
                               "NIXERY_BUILD_DEADLINE", self._deadline)
         return result
-
-
-def _notify(result: Any, waiter: Deferred[None]) -> Any:
-    waiter.callback(None)
-    return result
 
 
 class _Killer:

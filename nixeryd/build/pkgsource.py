@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
@@ -151,7 +152,7 @@ class FlakeSource:
 
     ref: str
 
-    @property
+    @cached_property  # the warm path asks for an identity on every pull
     def takes_tags(self) -> bool:
         if self.ref.startswith(tuple(FORGES)):
             return self.ref.split(":", 1)[1].split("?", 1)[0].count("/") == 1  # owner/repo alone

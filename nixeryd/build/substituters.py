@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from nixeryd.build.pkgsource import public_url
+from nixeryd.core.cache import when_done
 from nixeryd.core.offload import Offload
 
 log = Logger()
@@ -81,9 +82,7 @@ class BinaryCaches:
         if self._first is None:
             self._first = Deferred.fromCoroutine(self._load_and_probe(load))
         if not self._first.called:
-            waiting: Deferred[None] = Deferred()
-            self._first.addBoth(_notify, waiting)
-            await waiting
+            await when_done(self._first)
         elif self._clock.seconds() - self._probed >= self._interval and self._again is None:
             self._again = Deferred.fromCoroutine(self._probe_all())
             self._again.addBoth(self._probed_again)
@@ -126,8 +125,3 @@ class BinaryCaches:
         for url in sorted(self._down - down):
             log.info("binary cache {url} answers again", url=public_url(url))
         self._down = down
-
-
-def _notify(result: object, waiter: Deferred[None]) -> object:
-    waiter.callback(None)
-    return result

@@ -19,6 +19,19 @@ T = TypeVar("T")
 V = TypeVar("V")
 
 
+def when_done(shared: Deferred[T]) -> Deferred[None]:
+    """A Deferred of the caller's own that fires (with None) when ``shared`` does, leaving
+    ``shared``'s result to the rest of its chain."""
+    done: Deferred[None] = Deferred()
+
+    def notify(result: T | Failure) -> T | Failure:
+        done.callback(None)
+        return result
+
+    shared.addBoth(notify)
+    return done
+
+
 class SingleFlight(Generic[T]):
     """Runs one piece of work per key at a time; every caller asking for a key
     while its work runs gets its own Deferred for the same result.

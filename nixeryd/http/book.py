@@ -3,7 +3,6 @@
 book's directory (Twisted's ``File`` refuses ``..``)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -34,7 +33,5 @@ def not_built() -> resource.Resource:
 
 
 def book(directory: str | None) -> resource.Resource:
-    """The book in ``directory``, or a page saying it was not built."""
-    if directory and os.path.isdir(directory):
-        return Book(directory, defaultType="application/octet-stream")
-    return not_built()
+    """The book in ``directory`` (``book_directory()``'s), or a page saying it was not built."""
+    return Book(directory, defaultType="application/octet-stream") if directory else not_built()
