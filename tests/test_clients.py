@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import urllib.request
+import zlib
 from pathlib import Path
 
 from tests.clients import Service, ctr, run
@@ -37,8 +38,33 @@ def test_skopeo_copy_and_umoci_unpack_run(daemon: Daemon, tmp_path: Path) -> Non
     bundle = tmp_path / "bundle"
     run("umoci", "unpack", "--image", f"{layout}:hello", str(bundle))
     assert run("chroot", str(bundle / "rootfs"), "/bin/hello").strip() == "Hello from nixeryd"
+    # Layers are gzip members a block each: the shell's layer (busybox, 2 MB) is several,
+    # and what umoci unpacked of it is whole.
+    blobs = layout / "blobs" / "sha256"
+    assert max(gzip_members((blobs / layer.removeprefix("sha256:")).read_bytes())
+               for layer in _layers(layout)) > 4
+    shell = next((bundle / "rootfs" / "nix" / "store").glob("*-busybox-1.35/bin/busybox"))
+    assert shell.read_bytes() == Path("/bin/busybox").read_bytes()
     config = json.loads((bundle / "config.json").read_text())
     assert config["process"]["args"] == ["bash"]
+
+
+def gzip_members(data: bytes) -> int:
+    """How many gzip members ``data`` holds, read one after another to its end."""
+    count = 0
+    while data:
+        member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        member.decompress(data)
+        assert member.eof, "a gzip member is cut short"
+        data, count = member.unused_data, count + 1
+    return count
+
+
+def _layers(layout: Path) -> list[str]:
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].removeprefix("sha256:")).read_text())
+    return [layer["digest"] for layer in manifest["layers"]]
 
 
 def test_podman_pull_and_run(daemon: Daemon, tmp_path: Path, short_tmp: Path) -> None:

@@ -1,7 +1,7 @@
 """Deterministic layer archives, hashed while written. Blocking: run in a thread.
 
 Every archive is a PAX tar, gzip-compressed, with entries sorted bytewise by
-path, owner 0:0 without names, mtime 1 (as in the Nix store), and a gzip header
+path, owner 0:0 without names, mtime 1 (as in the Nix store), and gzip headers
 without a file name and with mtime 0: the same input gives the same bytes on
 every machine. The digest (sha256 of the compressed stream), the diffID (sha256
 of the tar) and the size and MD5 of the compressed stream are computed while
@@ -16,17 +16,14 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import struct
 import tarfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Sequence, Union
 
-from zlib_ng import zlib_ng
-
 from nixeryd.core.blobs import BlobInfo
-from nixeryd.image.compress import Compressor, ParallelDeflate, ZstdStream
+from nixeryd.image.compress import Compressor, GzipMembers, ZstdStream
 
 CHUNK = 1024 * 1024
 MTIME = 1
@@ -120,10 +117,10 @@ def _layer_entries(paths: Sequence[str]) -> list[Entry]:
 # --- the hashed gzip stream ------------------------------------------------------
 
 
-PACK_FORMAT = 2
+PACK_FORMAT = 3
 """Raised whenever the bytes a layer is written as change for the same files (2: gzip
-block by block, zstd with workers), so that layer records of the old bytes are not reused
-beside new ones."""
+block by block, zstd with workers; 3: gzip a member a block, by libdeflate), so that layer
+records of the old bytes are not reused beside new ones."""
 COMPRESSIONS = ("gzip", "zstd")
 DEFAULT_LEVELS = {"gzip": 6, "zstd": 3}
 
@@ -139,7 +136,6 @@ class _HashedStream:
         self._out = out
         self._tar_sha = hashlib.sha256()
         self._tar_size = 0
-        self._crc = 0
         self._sha = hashlib.sha256()
         self._md5 = hashlib.md5()
         self._size = 0
@@ -154,13 +150,9 @@ class _HashedStream:
         if self._gzip:
             if not 0 <= level <= 9:
                 raise ValueError(f"gzip level must be within 0..9, got {level}")
-            # zlib-ng: the same DEFLATE format, about twice zlib's speed at the same level,
-            # block by block on every core. Its output is part of every layer's digest, so
-            # its version is pinned.
-            self._compressor = ParallelDeflate(level, workers)
-            xfl = 2 if level == 9 else 4 if level == 1 else 0
-            # magic, deflate, no flags (no name), mtime 0, extra flags, OS "unknown".
-            self._emit(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + bytes([xfl, 255]))
+            # libdeflate, block by block on every core. Its output is part of every layer's
+            # digest, so its version is pinned.
+            self._compressor = GzipMembers(level, workers)
         else:
             if not 1 <= level <= 19:
                 raise ValueError(f"zstd level must be within 1..19, got {level}")
@@ -195,15 +187,11 @@ class _HashedStream:
         """Add uncompressed tar bytes to the stream."""
         self._tar_sha.update(data)
         self._tar_size += len(data)
-        if self._gzip:
-            self._crc = zlib_ng.crc32(data, self._crc)
         self._emit(self._compressor.compress(data))
 
     def finish(self) -> BlobInfo:
         """End the stream and say what was written."""
         self._emit(self._compressor.flush())
-        if self._gzip:
-            self._emit(struct.pack("<II", self._crc & 0xFFFFFFFF, self._tar_size & 0xFFFFFFFF))
         while self._written:
             self._written.popleft().result()
         return BlobInfo(

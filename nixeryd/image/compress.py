@@ -1,28 +1,31 @@
 """Layer compression on every core, in bytes that never depend on the number of cores.
 
-gzip: the tar stream is cut into ``BLOCK``-sized blocks, each deflated on its own (in a
-thread: zlib-ng releases the GIL while it compresses) with the ``WINDOW`` bytes before it
-as its dictionary, as pigz does, and flushed to a byte boundary, so that the blocks'
-outputs joined are one deflate stream. The block size is fixed and every block is primed
-the same way, so one worker and sixty-four give the same bytes, and so the same digests.
+gzip: the tar stream is cut into ``BLOCK``-sized blocks, and each is compressed on its own
+(in a thread: libdeflate lets go of the GIL) as a gzip member of its own; the members one
+after another are the layer. RFC 1952 makes a gzip file a series of members, and every
+gzip reader a registry client uses (Go's, pgzip, zlib's gzip tools, Python's) reads them
+all, as eStargz layers rely on. libdeflate compresses a whole block at once, about 1.35
+times zlib-ng's speed at level 6 with a ratio as good as zlib's own (which zlib-ng's is
+not), at the cost of a window that starts afresh every block: at ``BLOCK`` that costs
+less than the better matching gains. The block size is fixed, so one worker and sixty-four
+give the same bytes, and so the same digests.
 
 zstd: zstd's own worker threads, whose output is the same for any number of workers of
 one or more (and whatever the sizes the stream is handed in).
 """
 from __future__ import annotations
 
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
-from zlib_ng import zlib_ng
+import deflate
 
-BLOCK = 128 * 1024
-"""Bytes of tar deflated as one block: pigz's default, small enough to keep every core
-busy on a layer of a few MB, large enough that priming costs almost no ratio."""
-WINDOW = 32 * 1024
-"""The dictionary each block is primed with: the deflate window."""
+BLOCK = 256 * 1024
+"""Bytes of tar in one gzip member: small enough to keep every core busy on a layer of a
+few MB, large enough that a window started afresh costs almost no ratio (0.5% at 128 KiB,
+0.1% at 256 KiB against one stream) and the 18 bytes of each member's header and trailer
+nothing."""
 
 
 class Compressor(Protocol):
@@ -36,50 +39,50 @@ class Compressor(Protocol):
         """Let go of the workers, whether or not the stream was ended."""
 
 
-def _deflate(block: bytes, window: bytes, level: int, last: bool) -> bytes:
-    if window:
-        compressor = zlib_ng.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9, zlib.Z_DEFAULT_STRATEGY, window)
-    else:
-        compressor = zlib_ng.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
-    return compressor.compress(block) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+def _member(block: bytes, level: int) -> bytearray:
+    return deflate.gzip_compress(block, level)
 
 
-class ParallelDeflate:
-    """A raw deflate stream compressed ``BLOCK`` by ``BLOCK`` on ``workers`` threads (on
-    the calling thread alone for one). At most a few blocks per worker are held at once."""
+class GzipMembers:
+    """A gzip stream compressed ``BLOCK`` by ``BLOCK`` into members on ``workers`` threads
+    (on the calling thread alone for one). At most a few blocks per worker are held at once.
+    Each member's header is libdeflate's: no name, mtime 0, OS unknown."""
 
     def __init__(self, level: int, workers: int) -> None:
         self._level = level
         self._workers = workers
         # Started with the stream's second block: a layer of one block (most of an image's
-        # small layers) is deflated on the calling thread, with no threads to start.
+        # small layers) is compressed on the calling thread, with no threads to start.
         self._pool: ThreadPoolExecutor | None = None
         self._most = 2 * workers + 2
-        self._pending: deque[Future[bytes]] = deque()
+        self._pending: deque[Future[bytearray]] = deque()
         self._buffer = bytearray()
-        self._window = b""
+        self._members = 0
 
     def compress(self, data: bytes | memoryview) -> bytes:
         view = memoryview(data).cast("B")
-        ready: list[bytes] = []
+        ready: list[bytearray] = []
         if self._buffer:
             taken = BLOCK - len(self._buffer)
             self._buffer += view[:taken]
             view = view[taken:]
             if len(self._buffer) < BLOCK:
                 return b""
-            ready.append(self._submit(bytes(self._buffer), last=False))
+            self._submit(bytes(self._buffer), ready, last=False)
             self._buffer.clear()
         while len(view) >= BLOCK:
-            ready.append(self._submit(bytes(view[:BLOCK]), last=False))
+            self._submit(bytes(view[:BLOCK]), ready, last=False)
             view = view[BLOCK:]
         self._buffer += view
         return b"".join(ready)
 
     def flush(self) -> bytes:
         try:
-            ready = [self._submit(bytes(self._buffer), last=True)]
-            self._buffer.clear()
+            ready: list[bytearray] = []
+            # An empty stream is one empty member; otherwise no member is empty.
+            if self._buffer or not self._members:
+                self._submit(bytes(self._buffer), ready, last=True)
+                self._buffer.clear()
             while self._pending:
                 ready.append(self._pending.popleft().result())
             return b"".join(ready)
@@ -92,19 +95,17 @@ class ParallelDeflate:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def _submit(self, block: bytes, last: bool) -> bytes:
-        """Hand a block to a worker; the outputs of the blocks done, in order."""
-        window = self._window
-        self._window = block[-WINDOW:] if len(block) >= WINDOW else (window + block)[-WINDOW:]
+    def _submit(self, block: bytes, ready: list[bytearray], last: bool) -> None:
+        """Hand a block to a worker; add to ``ready`` the members done, in order."""
+        self._members += 1
         if self._pool is None and self._workers > 1 and not (last and not self._pending):
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nixeryd-deflate")
         if self._pool is None:
-            return _deflate(block, window, self._level, last)
-        self._pending.append(self._pool.submit(_deflate, block, window, self._level, last))
-        done = []
+            ready.append(_member(block, self._level))
+            return
+        self._pending.append(self._pool.submit(_member, block, self._level))
         while self._pending and (self._pending[0].done() or len(self._pending) > self._most):
-            done.append(self._pending.popleft().result())
-        return b"".join(done)
+            ready.append(self._pending.popleft().result())
 
 
 class ZstdStream:
