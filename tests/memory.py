@@ -44,6 +44,7 @@ class MemoryStorage:
     """Every object held in memory; blobs are served from the bytes."""
 
     backend = "memory"
+    checks_md5 = True
 
     def __init__(self, offload: Offload = inline, now: Callable[[], float] = time.time) -> None:
         self._offload = offload

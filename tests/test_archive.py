@@ -80,6 +80,18 @@ def test_hashes_match_written_bytes(store: Path) -> None:
     assert info.diff_id != info.digest
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_md5_left_out_on_request(store: Path, compression: str) -> None:
+    """Without ``md5`` the layer is the same bytes, digest and diffID, its MD5 not made."""
+    path = str(make_package(store, "aaaa-foo"))
+    with_md5, without = io.BytesIO(), io.BytesIO()
+    full = write_layer([path], with_md5, compression=compression)
+    bare = write_layer([path], without, compression=compression, md5=False)
+    assert with_md5.getvalue() == without.getvalue()
+    assert full.md5 == hashlib.md5(with_md5.getvalue()).hexdigest() and bare.md5 is None
+    assert (bare.digest, bare.diff_id, bare.size) == (full.digest, full.diff_id, full.size)
+
+
 def test_gzip_header_is_deterministic(store: Path) -> None:
     """The gzip header has mtime 0 and no file name, whatever the output file is called."""
     target = store.parent.parent / "named-output.tar.gz"

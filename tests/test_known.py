@@ -213,3 +213,31 @@ class LayoutChangeTests(SynchronousTestCase):
         fresh = Instance(nix, storage, clock, source, known=False)
         self.successResultOf(fresh.images.manifests(image, REV))
         self.assertEqual(len(nix.calls), 2)
+
+
+def test_layers_are_packed_with_an_md5_only_for_storages_that_check_one(tmp_path: Path) -> None:
+    """A filesystem storage checks no MD5: its layers are packed without one (their records
+    say null); a storage that checks them (buckets, and the in-memory one here) gets each
+    layer's real MD5 in its record."""
+    import hashlib
+
+    from nixeryd.storage.filesystem import FilesystemStorage
+    from nixeryd.storage.records import LAYERS
+
+    clock = Clock()
+    store = make_store(tmp_path / "store", DEPENDENCIES)
+    source = GitSource("https://git.internal/pkgs.git")
+    memory = MemoryStorage(now=clock.seconds)
+    disk = FilesystemStorage(str(tmp_path / "var"), inline)
+    for storage in (memory, disk):
+        instance = Instance(FakeNix(store, DEPENDENCIES, revision=REV), storage, clock,  # type: ignore[arg-type]
+                            source, store_dir=str(tmp_path / "store"))
+        d: Deferred[ImageManifests] = instance.images.manifests(parse_name("alpha"), REV)
+        assert d.called
+    records = [json.loads(data) for key, data in memory._objects.items() if key.startswith(LAYERS + "/")]
+    assert records and all(
+        r["md5"] == hashlib.md5(memory._objects["layers/" + r["digest"][7:]]).hexdigest() for r in records)
+    on_disk = [json.loads(p.read_bytes()) for p in (tmp_path / "var" / LAYERS).iterdir()]
+    assert len(on_disk) == len(records)
+    # Every store path's layer is packed without an MD5; the symlink layer keeps its own.
+    assert sum(r["md5"] is None for r in on_disk) == len(on_disk) - 1

@@ -228,6 +228,20 @@ class StorageContract:
         with self.assertRaises(ValueError):
             self.storage.check_blob("../" + hexdigest[3:], 1, None)
 
+    def test_blob_packed_without_an_md5(self) -> None:
+        """A blob written without an MD5 (packed for a storage that checks none) is
+        committed all the same; a storage that checks MD5s reads it from the staged bytes,
+        so the stored blob is intact against its real MD5 and damaged against another."""
+        data = b"packed without an md5 " * 700
+        path, info = self.stage(data)
+        hexdigest = info.digest.removeprefix("sha256:")
+        self.result(self.storage.commit_blob(path, BlobInfo(info.digest, info.diff_id, info.size, None)))
+        self.assertEqual(self.located_bytes(self.result(self.storage.locate_blob(hexdigest))), data)
+        self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, info.md5)), INTACT)
+        if self.storage.checks_md5:
+            other = hashlib.md5(b"other").hexdigest()
+            self.assertEqual(self.result(self.storage.check_blob(hexdigest, info.size, other)), DAMAGED)
+
     def test_hash_blob(self) -> None:
         """hash_blob reads the whole stored blob: its sha256 and size, or None when absent."""
         data = os.urandom(3 * 1024 * 1024 + 7)

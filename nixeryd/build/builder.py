@@ -278,10 +278,11 @@ class ImageBuilder:
 
     def _layer(self, layer: Layer) -> Deferred[BlobInfo]:
         paths, key, compression = layer.paths, self._record_key(layer.key), self.compression
+        md5 = bool(self._storage.checks_md5)
         return self._layers.run(
             key,
             lambda: self._packed(
-                key, lambda out: archive.write_layer(paths, out, compression=compression)
+                key, lambda out: archive.write_layer(paths, out, compression=compression, md5=md5)
             ),
         )
 

@@ -17,7 +17,7 @@ class BlobInfo:
     digest: str  # "sha256:<hex>" of the bytes as stored (compressed for layers)
     diff_id: str  # "sha256:<hex>" of the uncompressed tar; equals digest for non-layer blobs
     size: int  # bytes as stored
-    md5: str  # hex MD5 of the bytes as stored
+    md5: str | None  # hex MD5 of the bytes as stored; None where the storage checks none
 
 
 def blob_info(data: bytes) -> BlobInfo:

@@ -26,6 +26,7 @@ from nixeryd.core.blobs import BlobInfo
 from nixeryd.image.compress import Compressor, GzipMembers, ZstdStream
 
 CHUNK = 1024 * 1024
+GATHER = 64 * 1024
 MTIME = 1
 PARENT_DIR_MODE = 0o555
 _BLOCK = tarfile.BLOCKSIZE
@@ -122,22 +123,24 @@ PACK_FORMAT = 3
 block by block, zstd with workers; 3: gzip a member a block, by libdeflate), so that layer
 records of the old bytes are not reused beside new ones."""
 COMPRESSIONS = ("gzip", "zstd")
-DEFAULT_LEVELS = {"gzip": 6, "zstd": 3}
+DEFAULT_LEVELS = {"gzip": 6}
+"""gzip's level where none is asked for; zstd's parameters are ``compress.ZSTD_DEFAULT``."""
 
 
 class _HashedStream:
     """A compressed stream (gzip or zstd) written to ``out``, hashing both sides as it goes."""
 
-    def __init__(self, out: BinaryIO, level: int | None, compression: str = "gzip", workers: int = 1) -> None:
+    def __init__(self, out: BinaryIO, level: int | None, compression: str = "gzip", workers: int = 1,
+                 md5: bool = True) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-        level = DEFAULT_LEVELS[compression] if level is None else level
         self._gzip = compression == "gzip"
         self._out = out
         self._tar_sha = hashlib.sha256()
         self._tar_size = 0
+        self._gathered = bytearray()
         self._sha = hashlib.sha256()
-        self._md5 = hashlib.md5()
+        self._md5 = hashlib.md5() if md5 else None
         self._size = 0
         self._compressor: Compressor
         # zstd's workers outrun the thread assembling the tar: the compressed side is hashed
@@ -148,13 +151,14 @@ class _HashedStream:
         if not self._gzip and workers > 1:
             self._behind = ThreadPoolExecutor(1, thread_name_prefix="nixeryd-hash")
         if self._gzip:
+            level = DEFAULT_LEVELS["gzip"] if level is None else level
             if not 0 <= level <= 9:
                 raise ValueError(f"gzip level must be within 0..9, got {level}")
             # libdeflate, block by block on every core. Its output is part of every layer's
             # digest, so its version is pinned.
             self._compressor = GzipMembers(level, workers)
         else:
-            if not 1 <= level <= 19:
+            if level is not None and not 1 <= level <= 19:
                 raise ValueError(f"zstd level must be within 1..19, got {level}")
             self._compressor = ZstdStream(level, workers)
 
@@ -180,17 +184,35 @@ class _HashedStream:
 
     def _output(self, data: bytes) -> None:
         self._sha.update(data)
-        self._md5.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
         self._out.write(data)
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Add uncompressed tar bytes to the stream."""
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Add uncompressed tar bytes to the stream. Headers and small files are gathered
+        and hashed and compressed ``GATHER`` at a time: a store path's thousands of small
+        files cost a call of each apiece otherwise."""
+        size = len(data)
+        self._tar_size += size
+        if size < GATHER:
+            self._gathered += data
+            if len(self._gathered) < GATHER:
+                return
+            data = self._gathered
+        elif self._gathered:
+            self._push(self._gathered)
+        self._push(data)
+
+    def _push(self, data: bytes | bytearray | memoryview) -> None:
         self._tar_sha.update(data)
-        self._tar_size += len(data)
         self._emit(self._compressor.compress(data))
+        if data is self._gathered:
+            self._gathered.clear()
 
     def finish(self) -> BlobInfo:
         """End the stream and say what was written."""
+        if self._gathered:
+            self._push(self._gathered)
         self._emit(self._compressor.flush())
         while self._written:
             self._written.popleft().result()
@@ -198,7 +220,7 @@ class _HashedStream:
             digest="sha256:" + self._sha.hexdigest(),
             diff_id="sha256:" + self._tar_sha.hexdigest(),
             size=self._size,
-            md5=self._md5.hexdigest(),
+            md5=None if self._md5 is None else self._md5.hexdigest(),
         )
 
 
@@ -261,26 +283,33 @@ def _tarfile_header(entry: Entry) -> bytes:
 
 def _copy_file(entry: File, stream: _HashedStream, view: memoryview) -> None:
     """Copy a file's bytes through ``view`` (one buffer for every file of a layer: store
-    paths hold thousands of small files, and a buffer apiece is a map and unmap each)."""
+    paths hold thousands of small files, and a buffer apiece is a map and unmap each).
+    Each read asks for one byte more than is left, so that a file of the size it was
+    listed with is read, and known not to have grown, in one call."""
     remaining = entry.size
-    with open(entry.source, "rb") as f:
-        while remaining > 0:
-            n = f.readinto(view[: min(CHUNK, remaining)])
-            if not n:
+    with open(entry.source, "rb", buffering=0) as f:
+        while True:
+            wanted = min(CHUNK, remaining + 1)
+            n = f.readinto(view[:wanted])
+            if n > remaining:
+                raise ValueError(f"{entry.source} grew while it was archived")
+            if n:
+                stream.write(view[:n])
+                remaining -= n
+            elif remaining:
                 raise ValueError(f"{entry.source} shrank while it was archived")
-            stream.write(view[:n])
-            remaining -= n
-        if f.read(1):
-            raise ValueError(f"{entry.source} grew while it was archived")
+            if not remaining and n < wanted:
+                break  # a short read of a regular file is its end
     padding = -entry.size % _BLOCK
     if padding:
         stream.write(bytes(padding))
 
 
 def write_entries(
-    entries: Iterable[Entry], out: BinaryIO, level: int | None, compression: str, workers: int | None = None
+    entries: Iterable[Entry], out: BinaryIO, level: int | None, compression: str, workers: int | None = None,
+    md5: bool = True,
 ) -> BlobInfo:
-    stream = _HashedStream(out, level, compression, workers or os.cpu_count() or 1)
+    stream = _HashedStream(out, level, compression, workers or os.cpu_count() or 1, md5)
     view = memoryview(bytearray(CHUNK))
     try:
         for entry in entries:
@@ -303,7 +332,7 @@ def write_entries(
 
 def write_layer(
     paths: Sequence[str], out: BinaryIO, *, level: int | None = None, compression: str = "gzip",
-    workers: int | None = None,
+    workers: int | None = None, md5: bool = True,
 ) -> BlobInfo:
     """Write one deterministic tar.gz of ``paths`` (absolute local paths) to ``out``.
 
@@ -311,6 +340,7 @@ def write_layer(
     (``nix/store/<hash>-foo/bin/foo``), after directory entries for its parents
     (``nix/``, ``nix/store/``, mode 0o555). Modes of files and directories are
     kept as on disk. It is compressed on ``workers`` threads (every core when not given);
-    the bytes are the same for any number.
+    the bytes are the same for any number. The MD5 of what is written is left out (None)
+    unless ``md5``.
     """
-    return write_entries(_layer_entries(paths), out, level, compression, workers)
+    return write_entries(_layer_entries(paths), out, level, compression, workers, md5)

@@ -66,6 +66,7 @@ class FilesystemStorage:
     """Objects as files under ``root``; blobs are served from disk."""
 
     backend = "filesystem"
+    checks_md5 = False
 
     def __init__(self, root: str, offload: Offload) -> None:
         """Create the layout under ``root`` and remove leftovers of a crash.

@@ -254,8 +254,7 @@ class GCSStorage(RemoteStorage):
         from google.api_core.exceptions import BadRequest, NotFound, PreconditionFailed
 
         try:
-            check_staged(staged, info)
-            md5 = md5_base64(info.md5)
+            md5 = md5_base64(check_staged(staged, info))
             existing = self._stat(key)
             if existing is not None and existing.md5_hash == md5:
                 log.info("blob {digest} is already in the bucket; upload skipped",

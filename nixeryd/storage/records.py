@@ -127,7 +127,7 @@ def decode_layer(data: bytes | None) -> BlobInfo | None:
     try:
         doc = json.loads(data or b"")
         return BlobInfo(digest=str(doc["digest"]), diff_id=str(doc["diff_id"]), size=int(doc["size"]),
-                        md5=str(doc["md5"]))
+                        md5=None if doc["md5"] is None else str(doc["md5"]))
     except (ValueError, KeyError, TypeError):
         return None
 

@@ -71,12 +71,16 @@ class HashingSink:
         return len(data)
 
 
-def check_staged(staged: str, info: BlobInfo) -> None:
+def check_staged(staged: str, info: BlobInfo) -> str:
     """Blocking: the staged file has the size its blob was written with, or nothing is
-    committed from it."""
+    committed from it. Its MD5 in hex: the one it was written with, else read from it."""
     size = os.path.getsize(staged)
     if size != info.size:
         raise StorageError(f"staged blob {info.digest} has {size} bytes, expected {info.size}; not committed")
+    if info.md5 is not None:
+        return info.md5
+    with open(staged, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 class RemoteStorage:
@@ -86,6 +90,7 @@ class RemoteStorage:
     URL; when ``url_blocks``, in a thread and reused for ``url_lifetime`` seconds)."""
 
     backend = "remote"
+    checks_md5 = True
 
     def __init__(
         self,

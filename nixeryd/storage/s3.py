@@ -295,29 +295,29 @@ class S3Storage(RemoteStorage):
         the existing object's metadata (skip when its size and MD5 are ours), then one
         upload carrying the MD5, conditional on the object found (none, or the damaged one)."""
         try:
-            check_staged(staged, info)
+            md5 = check_staged(staged, info)
             existing = self._head(key)
             if existing is not None and int(existing.get("ContentLength", -1)) == info.size and \
-                    _etag_md5(existing) in (info.md5, None):
+                    _etag_md5(existing) in (md5, None):
                 log.info("blob {digest} is already in the bucket; upload skipped",
                          digest=info.digest, backend=self.backend)
                 return
             condition = {"IfNoneMatch": "*"} if existing is None else {"IfMatch": str(existing["ETag"])}
             try:
                 with open(staged, "rb") as body:
-                    answer = self._put(key, body, BLOB_TYPE, info.md5, **condition)
+                    answer = self._put(key, body, BLOB_TYPE, md5, **condition)
             except Exception as e:
                 if _is(e, _CONFLICT):
                     # Another instance committed the same blob first: theirs must match ours.
                     winner = self._head(key)
                     if winner is None or int(winner.get("ContentLength", -1)) != info.size or \
-                            _etag_md5(winner) not in (info.md5, None):
+                            _etag_md5(winner) not in (md5, None):
                         raise StorageError(f"a conflicting object is stored as {key}") from None
                     return
                 if _is(e, ("400", "BadDigest", "InvalidDigest")):
                     raise StorageError(f"upload of {info.digest} was refused ({_code(e)}); not committed") from None
                 raise
-            self._check_arrived(key, answer, info.md5)
+            self._check_arrived(key, answer, md5)
         finally:
             self.discard(staged)
 
