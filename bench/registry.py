@@ -131,7 +131,7 @@ def main() -> None:
     errors = (n["errors"] + nb["errors"], d["errors"] + db["errors"])
     print(f"{'non-2xx responses (manifest, blob)':<40}{errors[0]:>12.0f}{errors[1]:>14.0f}")
     print(f"\ncold pull of docs/pystdlib ({pull:.1f}s with skopeo): build {total_build:.1f}s, "
-          f"of which Nix {nix_seconds:.1f}s and nixeryd {total_build - nix_seconds:.1f}s")
+          f"of which Nix {nix_seconds:.2f}s and nixeryd {total_build - nix_seconds:.2f}s")
 
 
 if __name__ == "__main__":

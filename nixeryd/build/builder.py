@@ -175,7 +175,7 @@ class ImageBuilder:
         finally:
             self._slots.release()
         log.info(
-            "built {image} in {seconds:.1f}s ({nix_seconds:.1f}s in Nix): {digest}",
+            "built {image} in {seconds:.2f}s ({nix_seconds:.2f}s in Nix): {digest}",
             image=image.name,
             seconds=self._clock.seconds() - started,
             nix_seconds=nix_done - started,
