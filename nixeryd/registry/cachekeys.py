@@ -8,10 +8,11 @@ from typing import Sequence
 
 from nixeryd.image.names import Arch, ImageSpec
 
-IMAGE_LAYOUT = 4
+IMAGE_LAYOUT = 5
 """What images hold beyond their packages, and how their layers are written; raised when
 that changes (2: /etc/passwd, /etc/group, /etc/nsswitch.conf; 3: an SBOM; 4: layers
-compressed block by block on every core), so that cached images are built again."""
+compressed block by block on every core; 5: gzip a member a block by libdeflate, zstd with
+parameters of nixeryd's own), so that cached images are built again."""
 
 
 def image_cache_key(image: ImageSpec, source_identity: str, layout: int = IMAGE_LAYOUT) -> str:
