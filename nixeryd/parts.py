@@ -42,6 +42,9 @@ threads, system events): no one Twisted type names them all."""
 FILE_THREADS = 4
 AUTH_THREADS = 2
 PROBE_THREADS = 4
+PACKING_NICE = 10
+"""The niceness of packing threads: at 10 the kernel gives a thread at the process's own
+about nine tenths of a core against one of them."""
 REMOTE_THREADS = 10  # the connection pool size of the GCS client (requests') and of boto3
 
 def default_nix_dir() -> str:
@@ -211,15 +214,17 @@ def build_parts(config: Config, reactor: Reactor, popularity: Mapping[str, int])
     """Storage, Nix, builder and caches, wired from ``config``; no listening yet."""
     top = MultiService()
 
-    def pool(name: str, threads: int) -> Offload:
+    def pool(name: str, threads: int, nice: int = 0) -> Offload:
         threads_pool = ThreadPool(minthreads=0, maxthreads=threads, name="nixeryd-" + name)
         ThreadPoolService(threads_pool).setServiceParent(top)
-        return thread_pool(reactor, threads_pool)
+        return thread_pool(reactor, threads_pool, nice)
 
     # Work is split by kind, so that one kind never queues behind another: packing and
     # hashing (CPU: zlib and hashlib release the GIL), local file I/O, and calls to a
     # remote bucket (requests' connection pool keeps REMOTE_THREADS connections).
-    offload = pool("cpu", max(2, os.cpu_count() or 1))
+    # Packing runs niced: a warm pull's few milliseconds on the reactor thread come before
+    # a cold image's seconds of compression on every core.
+    offload = pool("cpu", max(2, os.cpu_count() or 1), nice=PACKING_NICE)
     files = pool("files", FILE_THREADS)
     remote = pool("remote", REMOTE_THREADS) if config.storage_backend in ("gcs", "s3") else files
     storage = _storage(config, files if config.storage_backend == "filesystem" else remote, reactor)

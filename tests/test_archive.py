@@ -666,3 +666,49 @@ def test_headers_made_here_are_tarfile_s_bytes(kind: str, name: str, target: str
     else:
         entry = archive.Symlink(name, target)
     assert archive._header(entry) == archive._tarfile_header(entry)
+
+
+def test_a_layer_packed_beside_another_compresses_on_its_own_thread(tmp_path: Path) -> None:
+    """A layer packed alone compresses on every core; one packed while another is being
+    packed compresses on its own thread (the cores are busy already, and compression
+    workers on top leave the GIL to the assembling threads): the same bytes either way."""
+    import random
+    import threading
+
+    pkg = tmp_path / "nix" / "store" / ("2" * 32 + "-side-1.0")
+    pkg.mkdir(parents=True)
+    (pkg / "data").write_bytes(random.Random(3).randbytes(3_000_000))
+    started, release = threading.Event(), threading.Event()
+
+    class Holding(io.BytesIO):
+        def write(self, data: Any) -> int:
+            started.set()
+            assert release.wait(60)
+            return super().write(data)
+
+    class Watching(io.BytesIO):
+        seen: set[str]
+
+        def write(self, data: Any) -> int:
+            self.seen |= {thread.name for thread in threading.enumerate()}
+            return super().write(data)
+
+    def workers_seen(out: Watching) -> set[str]:
+        return {name for name in out.seen if name.startswith("nixeryd-deflate")}
+
+    first = threading.Thread(target=write_layer, args=([str(pkg)], Holding()), kwargs={"workers": 1})
+    first.start()
+    try:
+        assert started.wait(60)
+        beside = Watching()
+        beside.seen = set()
+        write_layer([str(pkg)], beside)
+    finally:
+        release.set()
+        first.join(60)
+    assert workers_seen(beside) == set()
+    alone = Watching()
+    alone.seen = set()
+    write_layer([str(pkg)], alone)
+    assert len(workers_seen(alone)) == (os.cpu_count() or 1) > 1
+    assert alone.getvalue() == beside.getvalue()

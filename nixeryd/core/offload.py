@@ -6,6 +6,9 @@ production, an inline call in unit tests.
 """
 from __future__ import annotations
 
+import os
+import threading
+from functools import partial
 from typing import Callable, ParamSpec, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -29,10 +32,30 @@ def inline(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Deferred
     return maybeDeferred(fn, *args, **kwargs)
 
 
-def thread_pool(reactor: IReactorFromThreads, pool: ThreadPool) -> Offload:
-    """An Offload that runs work in ``pool`` and fires on the reactor thread."""
+def thread_pool(reactor: IReactorFromThreads, pool: ThreadPool, nice: int = 0) -> Offload:
+    """An Offload that runs work in ``pool`` and fires on the reactor thread. With ``nice``,
+    the pool's threads (and the threads they start: compression workers) run at that
+    niceness, so that the reactor thread, at the process's own, wins the cores when it has
+    requests to answer."""
 
     def offload(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]:
+        if nice:
+            return deferToThreadPool(reactor, pool, _niced, nice, partial(fn, *args, **kwargs))
         return deferToThreadPool(reactor, pool, fn, *args, **kwargs)
 
     return offload
+
+
+_thread = threading.local()
+
+
+def _niced(nice: int, call: Callable[[], R]) -> R:
+    """Run ``call`` on this thread, made ``nice`` first (once a thread: Linux keeps a
+    niceness a thread, and the threads a thread starts take its own)."""
+    if getattr(_thread, "nice", 0) != nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass  # a niceness this process may not set: the work runs all the same
+        _thread.nice = nice
+    return call()

@@ -17,6 +17,7 @@ import hashlib
 import os
 import stat
 import tarfile
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -305,11 +306,37 @@ def _copy_file(entry: File, stream: _HashedStream, view: memoryview) -> None:
         stream.write(bytes(padding))
 
 
+class _Packing:
+    """How many layers this process is packing; taken with ``with``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.layers = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+_packing = _Packing()
+"""A layer packed alone compresses on every core; layers packed side by side (an image's,
+or two images') compress each on its own thread: they keep the cores busy between them,
+and compression workers on top would leave the assembling threads, which hold the GIL
+most of their time, to starve the reactor's."""
+
+
 def write_entries(
     entries: Iterable[Entry], out: BinaryIO, level: int | None, compression: str, workers: int | None = None,
     md5: bool = True,
 ) -> BlobInfo:
-    stream = _HashedStream(out, level, compression, workers or os.cpu_count() or 1, md5)
+    with _packing:
+        alone = _packing.layers == 0
+        _packing.layers += 1
+    if workers is None:
+        workers = (os.cpu_count() or 1) if alone else 1
+    stream = _HashedStream(out, level, compression, workers, md5)
     view = memoryview(bytearray(CHUNK))
     try:
         for entry in entries:
@@ -325,6 +352,8 @@ def write_entries(
         return stream.finish()
     finally:
         stream.close()
+        with _packing:
+            _packing.layers -= 1
 
 
 # --- public ----------------------------------------------------------------------
@@ -339,8 +368,9 @@ def write_layer(
     Each path is archived under its absolute name without the leading "/"
     (``nix/store/<hash>-foo/bin/foo``), after directory entries for its parents
     (``nix/``, ``nix/store/``, mode 0o555). Modes of files and directories are
-    kept as on disk. It is compressed on ``workers`` threads (every core when not given);
-    the bytes are the same for any number. The MD5 of what is written is left out (None)
+    kept as on disk. It is compressed on ``workers`` threads (when not given: every core
+    for a layer packed alone, one where others are packing); the bytes are the same for
+    any number. The MD5 of what is written is left out (None)
     unless ``md5``.
     """
     return write_entries(_layer_entries(paths), out, level, compression, workers, md5)
