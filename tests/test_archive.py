@@ -696,6 +696,9 @@ def test_a_layer_packed_beside_another_compresses_on_its_own_thread(tmp_path: Pa
     def workers_seen(out: Watching) -> set[str]:
         return {name for name in out.seen if name.startswith("nixeryd-deflate")}
 
+    # A layer that never started (a level out of range) leaves no count of layers packing.
+    with pytest.raises(ValueError):
+        write_layer([str(pkg)], io.BytesIO(), level=10)
     first = threading.Thread(target=write_layer, args=([str(pkg)], Holding()), kwargs={"workers": 1})
     first.start()
     try:

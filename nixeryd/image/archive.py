@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Sequence, Union
+from typing import BinaryIO, Callable, Iterable, Sequence, Union
 
 from nixeryd.core.blobs import BlobInfo
 from nixeryd.image.compress import Compressor, GzipMembers, ZstdStream
@@ -132,7 +132,7 @@ class _HashedStream:
     """A compressed stream (gzip or zstd) written to ``out``, hashing both sides as it goes."""
 
     def __init__(self, out: BinaryIO, level: int | None, compression: str = "gzip", workers: int = 1,
-                 md5: bool = True) -> None:
+                 md5: bool = True, share: Callable[[], bool] | None = None) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         self._gzip = compression == "gzip"
@@ -157,7 +157,7 @@ class _HashedStream:
                 raise ValueError(f"gzip level must be within 0..9, got {level}")
             # libdeflate, block by block on every core. Its output is part of every layer's
             # digest, so its version is pinned.
-            self._compressor = GzipMembers(level, workers)
+            self._compressor = GzipMembers(level, workers, share)
         else:
             if level is not None and not 1 <= level <= 19:
                 raise ValueError(f"zstd level must be within 1..19, got {level}")
@@ -319,25 +319,32 @@ class _Packing:
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
+    def shared(self) -> bool:
+        """Whether other layers are being packed too."""
+        return self.layers > 1
+
 
 _packing = _Packing()
 """A layer packed alone compresses on every core; layers packed side by side (an image's,
-or two images') compress each on its own thread: they keep the cores busy between them,
-and compression workers on top would leave the assembling threads, which hold the GIL
-most of their time, to starve the reactor's."""
+or two images') compress each on its own thread, for as long as they are side by side:
+they keep the cores busy between them, and compression workers on top would leave the
+assembling threads, which hold the GIL most of their time, to starve the reactor's."""
 
 
 def write_entries(
     entries: Iterable[Entry], out: BinaryIO, level: int | None, compression: str, workers: int | None = None,
     md5: bool = True,
 ) -> BlobInfo:
-    with _packing:
-        alone = _packing.layers == 0
-        _packing.layers += 1
+    share: Callable[[], bool] | None = None
     if workers is None:
-        workers = (os.cpu_count() or 1) if alone else 1
-    stream = _HashedStream(out, level, compression, workers, md5)
+        # gzip asks block by block (a big layer whose neighbours are done takes every core
+        # again); zstd's workers are set for the whole stream.
+        share = _packing.shared
+        workers = (os.cpu_count() or 1) if _packing.layers == 0 or compression == "gzip" else 1
+    stream = _HashedStream(out, level, compression, workers, md5, share)
     view = memoryview(bytearray(CHUNK))
+    with _packing:
+        _packing.layers += 1
     try:
         for entry in entries:
             stream.write(_header(entry))
@@ -351,9 +358,9 @@ def write_entries(
             stream.write(bytes(padding))
         return stream.finish()
     finally:
-        stream.close()
         with _packing:
             _packing.layers -= 1
+        stream.close()
 
 
 # --- public ----------------------------------------------------------------------
@@ -369,8 +376,8 @@ def write_layer(
     (``nix/store/<hash>-foo/bin/foo``), after directory entries for its parents
     (``nix/``, ``nix/store/``, mode 0o555). Modes of files and directories are
     kept as on disk. It is compressed on ``workers`` threads (when not given: every core
-    for a layer packed alone, one where others are packing); the bytes are the same for
-    any number. The MD5 of what is written is left out (None)
+    while it is the only layer packing, its own thread while others are); the bytes are
+    the same for any number. The MD5 of what is written is left out (None)
     unless ``md5``.
     """
     return write_entries(_layer_entries(paths), out, level, compression, workers, md5)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from typing import Callable, Protocol
 
 import deflate
 
@@ -45,12 +45,14 @@ def _member(block: bytes, level: int) -> bytearray:
 
 class GzipMembers:
     """A gzip stream compressed ``BLOCK`` by ``BLOCK`` into members on ``workers`` threads
-    (on the calling thread alone for one). At most a few blocks per worker are held at once.
-    Each member's header is libdeflate's: no name, mtime 0, OS unknown."""
+    (on the calling thread alone for one, and, with ``share``, whenever ``share()`` says the
+    cores are wanted elsewhere). At most a few blocks per worker are held at once. Each
+    member's header is libdeflate's: no name, mtime 0, OS unknown."""
 
-    def __init__(self, level: int, workers: int) -> None:
+    def __init__(self, level: int, workers: int, share: Callable[[], bool] | None = None) -> None:
         self._level = level
         self._workers = workers
+        self._share = share
         # Started with the stream's second block: a layer of one block (most of an image's
         # small layers) is compressed on the calling thread, with no threads to start.
         self._pool: ThreadPoolExecutor | None = None
@@ -98,6 +100,12 @@ class GzipMembers:
     def _submit(self, block: bytes, ready: list[bytearray], last: bool) -> None:
         """Hand a block to a worker; add to ``ready`` the members done, in order."""
         self._members += 1
+        if self._share is not None and self._share():
+            # Compressed here, after the members handed out before it.
+            while self._pending:
+                ready.append(self._pending.popleft().result())
+            ready.append(_member(block, self._level))
+            return
         if self._pool is None and self._workers > 1 and not (last and not self._pending):
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nixeryd-deflate")
         if self._pool is None:
