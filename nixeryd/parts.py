@@ -43,8 +43,8 @@ FILE_THREADS = 4
 AUTH_THREADS = 2
 PROBE_THREADS = 4
 PACKING_NICE = 10
-"""The niceness of packing threads: at 10 the kernel gives a thread at the process's own
-about nine tenths of a core against one of them."""
+"""How much nicer than the process packing threads run: 10 steps nicer, the kernel gives a
+thread at the process's own about nine tenths of a core against one of them."""
 REMOTE_THREADS = 10  # the connection pool size of the GCS client (requests') and of boto3
 
 def default_nix_dir() -> str:

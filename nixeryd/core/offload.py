@@ -34,9 +34,9 @@ def inline(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Deferred
 
 def thread_pool(reactor: IReactorFromThreads, pool: ThreadPool, nice: int = 0) -> Offload:
     """An Offload that runs work in ``pool`` and fires on the reactor thread. With ``nice``,
-    the pool's threads (and the threads they start: compression workers) run at that
-    niceness, so that the reactor thread, at the process's own, wins the cores when it has
-    requests to answer."""
+    the pool's threads (and the threads they start: compression workers) run that much
+    nicer than the process, so that the reactor thread wins the cores when it has requests
+    to answer."""
 
     def offload(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]:
         if nice:
@@ -50,12 +50,13 @@ _thread = threading.local()
 
 
 def _niced(nice: int, call: Callable[[], R]) -> R:
-    """Run ``call`` on this thread, made ``nice`` first (once a thread: Linux keeps a
-    niceness a thread, and the threads a thread starts take its own)."""
-    if getattr(_thread, "nice", 0) != nice:
+    """Run ``call`` on this thread, made ``nice`` nicer than it was first (once a thread:
+    Linux keeps a niceness a thread, and the threads a thread starts take its own)."""
+    if not getattr(_thread, "niced", False):
+        me = threading.get_native_id()
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + nice))
         except OSError:
             pass  # a niceness this process may not set: the work runs all the same
-        _thread.nice = nice
+        _thread.niced = True
     return call()
