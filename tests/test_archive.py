@@ -577,13 +577,14 @@ def test_a_package_thousands_of_directories_deep(deep_store: Path) -> None:
 def test_a_file_changing_while_packed_fails_the_layer(store: Path, change: bytes | None, word: str) -> None:
     """A file that grows or shrinks between being listed and being copied fails the layer,
     rather than giving a tar whose header and bytes disagree."""
-    from nixeryd.image.archive import _layer_entries, write_entries
+    from nixeryd.image.archive import write_entries
+    from nixeryd.image.entries import layer_entries
 
     pkg = make_package(store, "eeee-changing")
     target = next(p for p in pkg.rglob("*") if p.is_file() and not p.is_symlink())
     original = target.read_bytes()
     assert original
-    entries = _layer_entries([str(pkg)])
+    entries = layer_entries([str(pkg)])
     if change is None:
         target.write_bytes(original[:-1])
     else:
@@ -654,17 +655,17 @@ def test_headers_made_here_are_tarfile_s_bytes(kind: str, name: str, target: str
                                                 size: int) -> None:
     """Tar headers made without tarfile (the common case's short way) are byte for byte
     what tarfile writes, for short, long, non-ASCII names and numbers too big for ustar."""
-    from nixeryd.image import archive
+    from nixeryd.image import archive, entries
 
-    entry: archive.Entry
+    entry: entries.Entry
     if kind == "dir":
-        entry = archive.Dir(name, mode, owner)
+        entry = entries.Dir(name, mode, owner)
     elif kind == "file":
-        entry = archive.File(name, mode, size, "/nonexistent")
+        entry = entries.File(name, mode, size, "/nonexistent")
     elif kind == "data":
-        entry = archive.Data(name, mode, b"x" * (size % 4096))
+        entry = entries.Data(name, mode, b"x" * (size % 4096))
     else:
-        entry = archive.Symlink(name, target)
+        entry = entries.Symlink(name, target)
     assert archive._header(entry) == archive._tarfile_header(entry)
 
 
@@ -715,3 +716,33 @@ def test_a_layer_packed_beside_another_compresses_on_its_own_thread(tmp_path: Pa
     write_layer([str(pkg)], alone)
     assert len(workers_seen(alone)) == (os.cpu_count() or 1) > 1
     assert alone.getvalue() == beside.getvalue()
+
+
+def test_entries_walked_a_path_at_a_time_come_in_the_whole_sorted_order(tmp_path: Path) -> None:
+    """Paths walked one by one ahead of the packing give exactly the entries, in exactly
+    the order, of all of them listed and sorted at once: for store paths, for siblings whose
+    names sort around "/" ("x-1", "x.1", "x/1", "x0"), for paths in different parents, and
+    for paths one of which is a prefix of another (listed whole then)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nixeryd.image.entries import layer_entries, streamed_entries
+
+    root = tmp_path / "t"
+    for top in ("nix/store/" + "a" * 32 + "-one", "nix/store/" + "b" * 32 + "-two", "opt/x", "opt/x-1",
+                "opt/x.1", "opt/x0", "srv/y"):
+        for inner in ("", "/bin", "/bin-x", "/bin.x", "/bin/sub", "/lib0"):
+            (root / (top + inner)).mkdir(parents=True, exist_ok=True)
+            (root / (top + inner) / "f").write_bytes(b"f")
+            (root / (top + inner) / "f-1").write_bytes(b"g")
+    cases = [
+        ["nix/store/" + "b" * 32 + "-two", "nix/store/" + "a" * 32 + "-one"],
+        ["opt/x0", "opt/x.1", "srv/y", "opt/x/bin"],
+        ["srv/y", "nix/store/" + "a" * 32 + "-one", "opt/x.1"],
+        ["opt/x", "opt/x-1"],  # a prefix of another
+        ["opt/x", "opt/x/bin", "opt/x0"],  # inside another
+        ["opt/x0", "opt/x0"],
+    ]
+    with ThreadPoolExecutor(1) as walker:
+        for case in cases:
+            paths = [str(root / path) for path in case]
+            assert list(streamed_entries(paths, walker)) == layer_entries(paths), case

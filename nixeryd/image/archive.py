@@ -15,105 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import tarfile
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Sequence, Union
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 from nixeryd.core.blobs import BlobInfo
 from nixeryd.image.compress import Compressor, GzipMembers, ZstdStream
+from nixeryd.image.entries import Data, Dir, Entry, File, streamed_entries
 
 CHUNK = 1024 * 1024
 GATHER = 64 * 1024
 MTIME = 1
-PARENT_DIR_MODE = 0o555
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
-
-
-# --- entries -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dir:
-    name: str  # without leading or trailing "/"
-    mode: int
-    owner: int = 0  # uid and gid alike
-
-
-@dataclass(frozen=True)
-class Data:
-    """A small regular file whose bytes nixeryd makes (/etc/passwd and the like)."""
-
-    name: str
-    mode: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class File:
-    name: str
-    mode: int
-    size: int
-    source: str  # absolute path on the local disk
-
-
-@dataclass(frozen=True)
-class Symlink:
-    name: str
-    target: str
-
-
-Entry = Union[Dir, File, Symlink, Data]
-
-
-def sort_key(entry: Entry) -> bytes:
-    return os.fsencode(entry.name)
-
-
-def _entry_for(path: str, name: str) -> Entry:
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
-        return Dir(name, stat.S_IMODE(st.st_mode))
-    if stat.S_ISREG(st.st_mode):
-        return File(name, stat.S_IMODE(st.st_mode), st.st_size, path)
-    if stat.S_ISLNK(st.st_mode):
-        return Symlink(name, os.readlink(path))
-    raise ValueError(
-        f"cannot archive {path}: only regular files, symlinks and directories are allowed"
-    )
-
-
-def _walk(top: str) -> Iterable[Entry]:
-    """Every entry at and below ``top`` (not following symlinks), named without the leading "/"."""
-    stack = [top]
-    while stack:
-        path = stack.pop()
-        entry = _entry_for(path, path.lstrip("/"))
-        yield entry
-        if isinstance(entry, Dir):
-            with os.scandir(path) as it:
-                stack.extend(os.path.join(path, child.name) for child in it)
-
-
-def _layer_entries(paths: Sequence[str]) -> list[Entry]:
-    entries: dict[str, Entry] = {}
-    for path in paths:
-        if not os.path.isabs(path):
-            raise ValueError(f"layer paths must be absolute, got {path!r}")
-        path = os.path.normpath(path)
-        if path == "/":
-            raise ValueError("cannot archive the root directory")
-        parent = os.path.dirname(path)
-        while parent != "/":
-            entries.setdefault(parent.lstrip("/"), Dir(parent.lstrip("/"), PARENT_DIR_MODE))
-            parent = os.path.dirname(parent)
-        for entry in _walk(path):
-            entries[entry.name] = entry
-    return sorted(entries.values(), key=sort_key)
 
 
 # --- the hashed gzip stream ------------------------------------------------------
@@ -380,4 +296,8 @@ def write_layer(
     the same for any number. The MD5 of what is written is left out (None)
     unless ``md5``.
     """
-    return write_entries(_layer_entries(paths), out, level, compression, workers, md5)
+    walker = ThreadPoolExecutor(1, thread_name_prefix="nixeryd-walk")
+    try:
+        return write_entries(streamed_entries(paths, walker), out, level, compression, workers, md5)
+    finally:
+        walker.shutdown(wait=True, cancel_futures=True)

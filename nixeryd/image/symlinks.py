@@ -9,7 +9,8 @@ import stat
 from typing import BinaryIO, Iterable, Mapping, Sequence
 
 from nixeryd.core.blobs import BlobInfo
-from nixeryd.image.archive import Data, Dir, Entry, Symlink, sort_key, write_entries
+from nixeryd.image.archive import write_entries
+from nixeryd.image.entries import Data, Dir, Entry, Symlink, sort_key
 
 SYMLINK_LAYER_DIR_MODE = 0o755
 TMP_MODE = 0o1777
