@@ -643,11 +643,12 @@ def test_block_edges_make_one_gzip_stream(length: int) -> None:
 _names = st.one_of(
     st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=130),
     st.text(min_size=1, max_size=60).filter(lambda s: "\0" not in s),
-    st.sampled_from(["a" * 99, "a" * 100, "b" * 101, "nix/store/" + "c" * 90, "é", "dir/"]),
+    st.sampled_from(["a" * 99, "a" * 100, "b" * 101, "nix/store/" + "c" * 90, "é", "dir/", "x" * 986,
+                     "y" * 987, "z" * 989, "u" * 990, "t" * 991, "w" * 9990, "v" * 9991]),
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(kind=st.sampled_from(["dir", "file", "data", "symlink"]), name=_names, target=_names,
        mode=st.integers(0, 0o177777), owner=st.sampled_from([0, 1000, 8**7 - 1, 8**7, 2**31]),
        size=st.sampled_from([0, 1, 511, 8**11 - 1, 8**11, 2**40]))

@@ -163,15 +163,36 @@ def _header(entry: Entry) -> bytes:
         name, kind, mode, owner, size, target = entry.name, b"0", entry.mode, 0, len(entry.data), ""
     else:
         name, kind, mode, owner, size, target = entry.name, b"2", 0o777, 0, 0, entry.target
-    if not (len(name) <= 100 and len(target) <= 100 and name.isascii() and target.isascii()
-            and size < 8**11 and owner < 8**7 and name.endswith("/") == (kind == b"5")):
+    if not (name.isascii() and target.isascii() and size < 8**11 and owner < 8**7
+            and name.endswith("/") == (kind == b"5")):
         return _tarfile_header(entry)
-    encoded, numbers, link = name.encode(), b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (
-        mode & 0o7777, owner, owner, size, MTIME), target.encode()
+    encoded, link = name.encode(), target.encode()
+    block = _ustar(encoded[:100], mode, owner, size, MTIME, kind, link[:100])
+    if len(encoded) <= 100 and len(link) <= 100:
+        return block
+    # A name or link too long for ustar: in a pax header before it, the block keeping
+    # their first hundred bytes.
+    records = (_pax_record(b"path", encoded) if len(encoded) > 100 else b"") + (
+        _pax_record(b"linkpath", link) if len(link) > 100 else b"")
+    pax = _ustar(b"././@PaxHeader", 0, 0, len(records), 0, b"x", b"")
+    return b"".join((pax, records, bytes(-len(records) % _BLOCK), block))
+
+
+def _ustar(name: bytes, mode: int, owner: int, size: int, mtime: int, kind: bytes, link: bytes) -> bytes:
+    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode & 0o7777, owner, owner, size, mtime)
     # The checksum is the sum of the block's bytes, its own field counted as spaces.
-    checksum = _FIXED_SUM + sum(encoded) + sum(numbers) + kind[0] + sum(link)
-    return b"".join((encoded.ljust(100, _NUL), numbers, b"%06o\0 " % checksum, kind,
+    checksum = _FIXED_SUM + sum(name) + sum(numbers) + kind[0] + sum(link)
+    return b"".join((name.ljust(100, _NUL), numbers, b"%06o\0 " % checksum, kind,
                      link.ljust(100, _NUL), _USTAR_TAIL))
+
+
+def _pax_record(keyword: bytes, value: bytes) -> bytes:
+    """``"<length> <keyword>=<value>\\n"``, the length counting its own digits."""
+    rest = len(keyword) + len(value) + 3
+    length = rest + 1
+    while length != rest + len(str(length)):
+        length = rest + len(str(length))
+    return b"%d %s=%s\n" % (length, keyword, value)
 
 
 def _tarfile_header(entry: Entry) -> bytes:
