@@ -222,9 +222,10 @@ def build_parts(config: Config, reactor: Reactor, popularity: Mapping[str, int])
     # Work is split by kind, so that one kind never queues behind another: packing and
     # hashing (CPU: zlib and hashlib release the GIL), local file I/O, and calls to a
     # remote bucket (requests' connection pool keeps REMOTE_THREADS connections).
-    # Packing runs niced: a warm pull's few milliseconds on the reactor thread come before
-    # a cold image's seconds of compression on every core.
-    offload = pool("cpu", max(2, os.cpu_count() or 1), nice=PACKING_NICE)
+    offload = pool("cpu", max(2, os.cpu_count() or 1))
+    # Big layers are packed niced: a warm pull's few milliseconds on the reactor thread come
+    # before a cold image's seconds of compression on every core.
+    packing = pool("packing", max(2, os.cpu_count() or 1), nice=PACKING_NICE)
     files = pool("files", FILE_THREADS)
     remote = pool("remote", REMOTE_THREADS) if config.storage_backend in ("gcs", "s3") else files
     storage = _storage(config, files if config.storage_backend == "filesystem" else remote, reactor)
@@ -253,6 +254,7 @@ def build_parts(config: Config, reactor: Reactor, popularity: Mapping[str, int])
         metrics=metrics,
         compression=config.layer_compression,
         known=KnownPackages(storage, files, reactor),
+        packing=packing,
     )
     images = Images(
         builder, storage, config.source, reactor,

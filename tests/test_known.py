@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from nixeryd.build.builder import ImageBuilder
@@ -241,3 +243,32 @@ def test_layers_are_packed_with_an_md5_only_for_storages_that_check_one(tmp_path
     assert len(on_disk) == len(records)
     # Every store path's layer is packed without an MD5; the symlink layer keeps its own.
     assert sum(r["md5"] is None for r in on_disk) == len(on_disk) - 1
+
+
+def test_big_layers_are_packed_on_the_packing_threads_small_ones_on_the_others(tmp_path: Path) -> None:
+    """Layers of BIG_LAYER bytes or more are packed by the builder's ``packing`` offload
+    (niced threads in the daemon); smaller layers, the symlink layer and everything else
+    by its ordinary one: a pull of known names, made of small layers, never waits on them."""
+    from nixeryd.build.builder import BIG_LAYER
+    from nixeryd.core.offload import Offload
+
+    store = make_store(tmp_path / "store", DEPENDENCIES)
+    (Path(store["beta"]) / "big").write_bytes(os.urandom(BIG_LAYER))
+    calls: dict[str, list[str]] = {"ordinary": [], "packing": []}
+
+    def recording(kind: str) -> Offload:
+        def offload(fn: Any, /, *args: Any, **kwargs: Any) -> Deferred[Any]:
+            calls[kind].append("layer" if getattr(fn, "__name__", "") == "_write_to" else "other")
+            return inline(fn, *args, **kwargs)
+        return offload  # type: ignore[return-value]
+
+    clock = Clock()
+    storage = MemoryStorage(now=clock.seconds)
+    builder = ImageBuilder(nix=FakeNix(store, DEPENDENCIES), storage=storage,  # type: ignore[arg-type]
+                           offload=recording("ordinary"), packing=recording("packing"),
+                           source=GitSource("https://git.internal/pkgs.git"), clock=clock, popularity={})
+    built: list[object] = []
+    Deferred.fromCoroutine(builder.build(parse_name("alpha/beta"), REV)).addBoth(built.append)
+    assert built and not isinstance(built[0], Failure), built
+    assert calls["packing"] == ["layer"]
+    assert calls["ordinary"].count("layer") >= 2  # the small layers and the symlink layer

@@ -50,6 +50,12 @@ class BuildQueueFull(Exception):
     """Every build slot is busy and the queue behind them is full."""
 
 
+BIG_LAYER = 8 * 1024 * 1024
+"""Layers of this many bytes of store paths or more are packed by the builder's ``packing``
+threads (niced: they give way to warm pulls); smaller ones, which a pull of known names
+is made of, on its ordinary ones."""
+
+
 def _message(error: Exception) -> str:
     message = getattr(error, "message", None)
     return message if isinstance(message, str) else f"{type(error).__name__}: {error}"
@@ -106,12 +112,15 @@ class ImageBuilder:
         activity: Activity | None = None,
         blobs: BlobStore | None = None,
         known: KnownPackages | None = None,
+        packing: Offload | None = None,
     ) -> None:
+        """``packing`` packs layers of ``BIG_LAYER`` bytes or more (``offload`` when not given)."""
         self._nix = nix
         self._storage = storage
         self._known = known
         self.blobs = blobs if blobs is not None else BlobStore(storage, offload)
         self._offload = offload
+        self._packing = packing if packing is not None else offload
         self._source = source
         self._clock = clock
         self._popularity = popularity
@@ -282,7 +291,8 @@ class ImageBuilder:
         return self._layers.run(
             key,
             lambda: self._packed(
-                key, lambda out: archive.write_layer(paths, out, compression=compression, md5=md5)
+                key, lambda out: archive.write_layer(paths, out, compression=compression, md5=md5),
+                self._packing if layer.size >= BIG_LAYER else self._offload,
             ),
         )
 
@@ -298,7 +308,7 @@ class ImageBuilder:
             ),
         )
 
-    async def _packed(self, key: str, write: Callable[..., BlobInfo]) -> BlobInfo:
+    async def _packed(self, key: str, write: Callable[..., BlobInfo], offload: Offload | None = None) -> BlobInfo:
         """A layer's blob: reused when a build record and its blob exist, else packed now."""
         known = self._built.get(key)
         if known is None:
@@ -315,7 +325,7 @@ class ImageBuilder:
             self._built.pop(key)
         staged = self._storage.staging_path()
         try:
-            info: BlobInfo = await self._offload(_write_to, staged, write)
+            info: BlobInfo = await (offload or self._offload)(_write_to, staged, write)
             await self._storage.commit_blob(staged, info)
         except OSError as e:
             self._storage.discard(staged)

@@ -317,8 +317,16 @@ def write_layer(
     the same for any number. The MD5 of what is written is left out (None)
     unless ``md5``.
     """
-    walker = ThreadPoolExecutor(1, thread_name_prefix="nixeryd-walk")
-    try:
-        return write_entries(streamed_entries(paths, walker), out, level, compression, workers, md5)
-    finally:
-        walker.shutdown(wait=True, cancel_futures=True)
+    return write_entries(streamed_entries(paths, _walker()), out, level, compression, workers, md5)
+
+
+_walkers: list[ThreadPoolExecutor] = []
+
+
+def _walker() -> ThreadPoolExecutor:
+    """The threads that list layers' paths, started once for the process (a pool a layer
+    costs a thread's start and end, which is most of a small layer's time)."""
+    with _packing:
+        if not _walkers:
+            _walkers.append(ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="nixeryd-walk"))
+        return _walkers[0]

@@ -100,6 +100,12 @@ def _walked(top: str) -> list[Entry]:
     return sorted(_walk(top), key=sort_key)
 
 
+def _done(entries: list[Entry]) -> Future[list[Entry]]:
+    future: Future[list[Entry]] = Future()
+    future.set_result(entries)
+    return future
+
+
 def streamed_entries(paths: Sequence[str], walker: ThreadPoolExecutor) -> Iterator[Entry]:
     """``layer_entries(paths)``, in the same order, walked a path at a time on ``walker``
     ahead of the caller: the first path's entries are packed while the others are listed.
@@ -107,8 +113,8 @@ def streamed_entries(paths: Sequence[str], walker: ThreadPoolExecutor) -> Iterat
     (store paths never are: their hashes have one length); otherwise all are listed first."""
     tops = sorted({_top(path) for path in paths}, key=os.fsencode)
     encoded = [os.fsencode(top) for top in tops]
-    if any(later.startswith(earlier) for earlier, later in zip(encoded, encoded[1:], strict=False)):
-        yield from layer_entries(paths)
+    if len(tops) < 2 or any(later.startswith(earlier) for earlier, later in zip(encoded, encoded[1:], strict=False)):
+        yield from layer_entries(paths)  # one path: nothing to list ahead of the packing
         return
     parents: dict[str, Entry] = {}
     for top in tops:
@@ -116,7 +122,9 @@ def streamed_entries(paths: Sequence[str], walker: ThreadPoolExecutor) -> Iterat
         while parent != "/":
             parents.setdefault(parent.lstrip("/"), Dir(parent.lstrip("/"), PARENT_DIR_MODE))
             parent = os.path.dirname(parent)
-    walks: deque[Future[list[Entry]]] = deque(walker.submit(_walked, top) for top in tops)
+    # The first path here, at once; the others on the walker's threads meanwhile.
+    walks: deque[Future[list[Entry]]] = deque(walker.submit(_walked, top) for top in tops[1:])
+    walks.appendleft(_done(_walked(tops[0])))
     units: list[tuple[bytes, Entry | None]] = [(sort_key(entry), entry) for entry in parents.values()]
     units += [(os.fsencode(top.lstrip("/")), None) for top in tops]
     for _, parent_entry in sorted(units, key=lambda unit: unit[0]):
