@@ -40,7 +40,7 @@ PACK_FORMAT = 3
 block by block, zstd with workers; 3: gzip a member a block, by libdeflate), so that layer
 records of the old bytes are not reused beside new ones."""
 COMPRESSIONS = ("gzip", "zstd")
-DEFAULT_LEVELS = {"gzip": 6}
+GZIP_LEVEL = 6
 """gzip's level where none is asked for; zstd's parameters are ``compress.ZSTD_DEFAULT``."""
 
 
@@ -68,7 +68,7 @@ class _HashedStream:
         if not self._gzip and workers > 1:
             self._behind = ThreadPoolExecutor(1, thread_name_prefix="nixeryd-hash")
         if self._gzip:
-            level = DEFAULT_LEVELS["gzip"] if level is None else level
+            level = GZIP_LEVEL if level is None else level
             if not 0 <= level <= 9:
                 raise ValueError(f"gzip level must be within 0..9, got {level}")
             # libdeflate, block by block on every core. Its output is part of every layer's

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from typing import Iterable, Iterator, Sequence, Union
 
 PARENT_DIR_MODE = 0o555
@@ -83,14 +83,20 @@ def _top(path: str) -> str:
     return path
 
 
+def _parents(top: str) -> Iterator[Dir]:
+    """The directories above ``top``, as a layer holds them."""
+    parent = os.path.dirname(top)
+    while parent != "/":
+        yield Dir(parent.lstrip("/"), PARENT_DIR_MODE)
+        parent = os.path.dirname(parent)
+
+
 def layer_entries(paths: Sequence[str]) -> list[Entry]:
     """Every entry of a layer of ``paths``, parents first, sorted bytewise by name."""
     entries: dict[str, Entry] = {}
     for path in map(_top, paths):
-        parent = os.path.dirname(path)
-        while parent != "/":
-            entries.setdefault(parent.lstrip("/"), Dir(parent.lstrip("/"), PARENT_DIR_MODE))
-            parent = os.path.dirname(parent)
+        for parent in _parents(path):
+            entries.setdefault(parent.name, parent)
         for entry in _walk(path):
             entries[entry.name] = entry
     return sorted(entries.values(), key=sort_key)
@@ -98,12 +104,6 @@ def layer_entries(paths: Sequence[str]) -> list[Entry]:
 
 def _walked(top: str) -> list[Entry]:
     return sorted(_walk(top), key=sort_key)
-
-
-def _done(entries: list[Entry]) -> Future[list[Entry]]:
-    future: Future[list[Entry]] = Future()
-    future.set_result(entries)
-    return future
 
 
 def streamed_entries(paths: Sequence[str], walker: ThreadPoolExecutor) -> Iterator[Entry]:
@@ -116,19 +116,14 @@ def streamed_entries(paths: Sequence[str], walker: ThreadPoolExecutor) -> Iterat
     if len(tops) < 2 or any(later.startswith(earlier) for earlier, later in zip(encoded, encoded[1:], strict=False)):
         yield from layer_entries(paths)  # one path: nothing to list ahead of the packing
         return
-    parents: dict[str, Entry] = {}
-    for top in tops:
-        parent = os.path.dirname(top)
-        while parent != "/":
-            parents.setdefault(parent.lstrip("/"), Dir(parent.lstrip("/"), PARENT_DIR_MODE))
-            parent = os.path.dirname(parent)
+    parents = {parent.name: parent for top in tops for parent in _parents(top)}
     # The first path here, at once; the others on the walker's threads meanwhile.
-    walks: deque[Future[list[Entry]]] = deque(walker.submit(_walked, top) for top in tops[1:])
-    walks.appendleft(_done(_walked(tops[0])))
+    later = [walker.submit(_walked, top) for top in tops[1:]]
+    walks = chain([_walked(tops[0])], (walk.result() for walk in later))
     units: list[tuple[bytes, Entry | None]] = [(sort_key(entry), entry) for entry in parents.values()]
     units += [(os.fsencode(top.lstrip("/")), None) for top in tops]
     for _, parent_entry in sorted(units, key=lambda unit: unit[0]):
         if parent_entry is not None:
             yield parent_entry
         else:
-            yield from walks.popleft().result()
+            yield from next(walks)
